@@ -1,0 +1,44 @@
+"""The ``minference`` torch.compile backend: rewrite attention, then hand the graph to Inductor.
+
+    model = torch.compile(model, backend="minference", options={"dense_below": 32768})
+
+Registered through the ``torch_dynamo_backends`` entry point, so the name works after
+``pip install`` without importing mcompile. Dynamo calls ``minference_backend(gm, example_inputs)``
+plus ``options=`` or ``mode=`` when the user gave one.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+import torch
+
+from .config import Compiler, MInferenceConfig
+from .passes.rewrite import RewriteReport, rewrite_attention
+
+log = logging.getLogger(__name__)
+
+
+def compile_graph(gm: torch.fx.GraphModule, example_inputs, config: MInferenceConfig) -> Callable:
+    """Lower the rewritten graph with the configured compiler."""
+    if config.compiler == Compiler.EAGER:
+        return gm.forward
+    if config.compiler == Compiler.AOT_EAGER:
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs, config_patches=config.inductor_patches())
+
+
+def minference_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional[dict] = None,
+                       mode: Optional[str] = None,
+                       report_sink: Optional[Callable[[RewriteReport], None]] = None) -> Callable:
+    """torch.compile backend: sparse attention for long prefill, Inductor for everything."""
+    config = MInferenceConfig.from_options(options, mode)
+    report = rewrite_attention(gm, config)
+    log.info("mcompile: %d of %d attentions rewritten (pattern database: %s)", report.rewritten,
+             len(report.sites), report.pattern_db)
+    if report_sink is not None:
+        report_sink(report)
+    return compile_graph(gm, example_inputs, config)

@@ -1,0 +1,106 @@
+"""MInferenceConfig: the validated form of ``torch.compile(..., options={...})``."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping, Optional
+
+from .patterns import DEFAULT_VERTICAL_SLASH, Pattern
+
+# Prompts shorter than this stay dense. Below about 32K tokens dense attention (cuDNN / flash)
+# is faster than sparse attention plus estimation: MInference itself measured 0.41-0.49x of
+# cuDNN at 32K on real heads and only pays off from roughly 64K-128K; with the default budget
+# (1000 verticals + 6096 slashes) a pattern at 16K tokens still keeps most causal keys.
+DEFAULT_DENSE_BELOW = 32768
+
+
+class Compiler(str, enum.Enum):
+    """What runs the rewritten graph."""
+
+    INDUCTOR = "inductor"  # torch._inductor.compile_fx (the default, as with backend="inductor")
+    AOT_EAGER = "aot_eager"  # AOTAutograd, then eager kernels (debugging lowering problems)
+    EAGER = "eager"  # the rewritten FX graph as is (debugging the rewrite)
+
+
+def _choices(enum_cls) -> list[str]:
+    return [e.value for e in enum_cls]
+
+
+@dataclass(frozen=True)
+class MInferenceConfig:
+    """Options of the ``minference`` backend.
+
+    pattern_db: a path to a pattern database (JSON), the name of one shipped in the package,
+        "auto" (the shipped database whose model fingerprint matches the graph, else the
+        default pattern), or None (the default pattern for every head).
+    default_pattern: the pattern of heads the database does not cover, e.g.
+        ``{"kind": "vertical_slash", "vertical": 1000, "slash": 6096}``, ``{"kind": "a_shape",
+        "sink": 128, "local": 4096}``, ``{"kind": "block_sparse", "blocks": 100}``, ``{"kind": "dense"}``.
+    dense_below: prompts shorter than this many tokens run dense attention; 0 forces sparse.
+    compiler: "inductor", "aot_eager" or "eager".
+    mode: an Inductor mode ("default", "reduce-overhead", "max-autotune", ...), as for
+        backend="inductor".
+    inductor_config: Inductor config patches passed to compile_fx.
+    """
+
+    pattern_db: Optional[str] = "auto"
+    default_pattern: Pattern = DEFAULT_VERTICAL_SLASH
+    dense_below: int = DEFAULT_DENSE_BELOW
+    compiler: Compiler = Compiler.INDUCTOR
+    mode: Optional[str] = None
+    inductor_config: tuple = field(default_factory=tuple)  # sorted (key, value) pairs
+
+    def __post_init__(self):
+        if self.pattern_db is not None and not isinstance(self.pattern_db, str):
+            raise ValueError(f"pattern_db must be a path, a database name, 'auto' or None, got {self.pattern_db!r}")
+        if isinstance(self.default_pattern, Mapping):
+            object.__setattr__(self, "default_pattern", Pattern.from_dict(self.default_pattern))
+        if not isinstance(self.default_pattern, Pattern):
+            raise ValueError(f"default_pattern must be a dict such as {DEFAULT_VERTICAL_SLASH.to_dict()}")
+        if not isinstance(self.dense_below, int) or isinstance(self.dense_below, bool) or self.dense_below < 0:
+            raise ValueError(f"dense_below must be an int >= 0, got {self.dense_below!r}")
+        try:
+            object.__setattr__(self, "compiler", Compiler(self.compiler))
+        except ValueError:
+            raise ValueError(f"compiler must be one of {_choices(Compiler)}, got {self.compiler!r}") from None
+        if self.mode is not None:
+            import torch._inductor
+
+            modes = sorted(torch._inductor.list_mode_options())
+            if self.mode not in modes:
+                raise ValueError(f"mode must be one of {modes}, got {self.mode!r}")
+        patches = self.inductor_config
+        if isinstance(patches, Mapping):
+            patches = tuple(sorted(patches.items()))
+        if not isinstance(patches, tuple):
+            raise ValueError(f"inductor_config must be a dict of Inductor config patches, got {patches!r}")
+        object.__setattr__(self, "inductor_config", patches)
+
+    @classmethod
+    def from_options(cls, options: Optional[Mapping[str, Any]] = None, mode: Optional[str] = None) -> "MInferenceConfig":
+        """Build from torch.compile's ``options`` (and ``mode``); unknown keys are an error."""
+        options = dict(options or {})
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown minference option(s) {unknown}; valid options: {valid}")
+        if mode is not None:
+            if options.get("mode") not in (None, mode):
+                raise ValueError(f"mode given twice: {mode!r} and options['mode']={options['mode']!r}")
+            options["mode"] = mode
+        return cls(**options)
+
+    def inductor_patches(self) -> dict:
+        """Config patches for compile_fx: the mode's options, then the explicit patches."""
+        patches = {}
+        if self.mode is not None:
+            import torch._inductor
+
+            patches.update(torch._inductor.list_mode_options(self.mode))
+        patches.update(dict(self.inductor_config))
+        return patches
+
+    def cache_key(self) -> str:
+        """Everything that changes the rewritten graph (part of the compile cache key)."""
+        return repr((self.pattern_db, self.default_pattern, self.dense_below))

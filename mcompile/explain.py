@@ -1,0 +1,89 @@
+"""``mcompile.explain``: what the backend would do to a model, attention by attention."""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .backend import minference_backend
+from .passes.rewrite import RewriteReport, SiteReport
+from .patterns import Pattern, max_density
+
+
+def _pattern_summary(patterns: tuple) -> str:
+    if not patterns:
+        return "-"
+    counts = Counter(p.describe() for p in patterns)
+    return ", ".join(f"{n}x {d}" if n > 1 else d for d, n in counts.most_common())
+
+
+@dataclass(frozen=True)
+class Explanation:
+    reports: tuple  # one RewriteReport per compiled graph
+    length: Optional[int]
+
+    @property
+    def sites(self) -> list[SiteReport]:
+        return [s for r in self.reports for s in r.sites]
+
+    @property
+    def rewritten(self) -> int:
+        return sum(r.rewritten for r in self.reports)
+
+    def density(self, site: SiteReport, length: Optional[int] = None) -> Optional[float]:
+        """Upper bound of the kept fraction of causal keys, averaged over the site's heads."""
+        n = length or self.length
+        if not site.rewritten or not n:
+            return None
+        return sum(max_density(p, n) for p in site.patterns) / len(site.patterns)
+
+    def graph_code(self, graph: int = 0) -> str:
+        """The rewritten FX graph (print_readable form)."""
+        return self.reports[graph].code
+
+    def table(self, length: Optional[int] = None) -> str:
+        n = length or self.length
+        head = f"{'graph':>5} {'layer':>5}  {'attention':<10} {'heads':<9} {'result':<9} {'<=density@' + str(n):>15}  detail"
+        lines = [head, "-" * len(head)]
+        for g, report in enumerate(self.reports):
+            for s in report.sites:
+                d = self.density(s, n)
+                dens = f"{100 * d:.1f}%" if d is not None else "-"
+                detail = f"{_pattern_summary(s.patterns)} [{s.pattern_source}]" if s.rewritten else s.reason
+                if s.key_padding:
+                    detail += " +padding"
+                heads = f"{s.heads}/{s.kv_heads}x{s.head_dim}" if s.heads else "?"
+                layer = "?" if s.layer is None else str(s.layer)
+                lines.append(f"{g:>5} {layer:>5}  {s.kind:<10} {heads:<9} {'sparse' if s.rewritten else 'dense':<9} "
+                             f"{dens:>15}  {detail}")
+        lines.append(f"{self.rewritten} of {len(self.sites)} attentions rewritten in {len(self.reports)} graph(s); "
+                     f"pattern database: {', '.join(sorted({r.pattern_db for r in self.reports})) or '-'}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def explain(model: torch.nn.Module, *args, options: Optional[dict] = None, length: Optional[int] = None,
+            dynamic: Optional[bool] = None, **kwargs) -> Explanation:
+    """Compile ``model`` with the minference backend on ``args``/``kwargs`` and report, per
+    attention: rewritten or not and why, layer, patterns per head, and the upper bound of the
+    kept density at ``length`` (default: the input's sequence length).
+
+    The rewritten graph runs once, uncompiled, to let Dynamo finish tracing.
+    """
+    reports: list[RewriteReport] = []
+    opts = dict(options or {})
+    opts["compiler"] = "eager"
+    backend = functools.partial(minference_backend, options=opts, report_sink=reports.append)
+    compiled = torch.compile(model, backend=backend, dynamic=dynamic)
+    with torch.no_grad():
+        compiled(*args, **kwargs)
+    if length is None:
+        first = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+        length = int(first.shape[-1]) if first is not None and first.dim() >= 1 else None
+    return Explanation(tuple(reports), length)

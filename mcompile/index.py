@@ -1,0 +1,146 @@
+"""The sparse index: one format that every pattern produces and one attention consumes.
+
+Attention is causal, queries and keys share positions ``0..N-1``, and queries are cut into
+blocks of ``BLOCK`` rows (block ``m`` holds queries ``[m*BLOCK, (m+1)*BLOCK)``). For each
+batch element ``b`` and query head ``h`` the index keeps three kinds of key sets; the kept
+keys of a query are their union, intersected with ``key <= query`` and the key padding mask.
+
+1. **Diagonal runs** ``runs[b, h, r] = (d_lo, d_hi)``, ``r < run_count[b, h]``: sorted, disjoint
+   ranges of diagonals (``d = query - key``). Query block ``m`` computes the key tile
+   ``[m*BLOCK - d_hi, (m+1)*BLOCK - d_lo)`` of every run: a contiguous band, the same for all
+   rows of the block. Runs are stored once per head, not per query block, because a slash
+   set is shift-invariant: the index costs O(budget), not O(N x budget). Neighbouring runs are
+   at least ``BLOCK`` diagonals apart, which makes their tiles disjoint in every block.
+   A-shape's local window is one run ``(0, local-1)``; a dense head is ``(0, N-1)``.
+2. **Columns** ``columns[b, h, c]``, sorted ascending, padded with ``SENTINEL``;
+   ``column_count[b, h, m]`` is how many are ``< (m+1)*BLOCK``. Vertical lines and A-shape's
+   sink. A column that falls inside a run's tile of block ``m`` is computed by that tile;
+   ``diag_prefix`` lets a kernel skip it: ``diag_prefix[b, h, x]`` is the number of diagonals
+   ``< x`` covered by runs, so column ``j`` is inside a tile of block ``m`` iff
+   ``diag_prefix[min(hi, N-1) + 1] - diag_prefix[max(lo, 0)] > 0`` with
+   ``lo = m*BLOCK - j`` and ``hi = (m+1)*BLOCK - 1 - j``.
+3. **Key blocks** ``blocks[b, h, m, i]``, ``i < block_count[b, h, m]``: sorted key-block numbers
+   (keys ``[n*BLOCK, (n+1)*BLOCK)``) for query block ``m``. Block-sparse heads use these and
+   no runs or columns, so the three sets never overlap within a head.
+
+Worked example, N = 8 and BLOCK = 4 (two query blocks), runs = [(0, 1)], columns = [0]::
+
+    block 0 (rows 0-3): run tile keys [0-1, 4-0) = [-1, 4) -> [0, 4)
+    block 1 (rows 4-7): run tile keys [4-1, 8-0) = [3, 8); column 0 is outside it
+                      k0 k1 k2 k3 k4 k5 k6 k7
+        q0 (block 0)   x
+        q1             x  x
+        q2             x  x  x
+        q3             x  x  x  x
+        q4 (block 1)   c  .  .  x  x                 x: run tile, c: column
+        q5             c  .  .  x  x  x
+        q6             c  .  .  x  x  x  x
+        q7             c  .  .  x  x  x  x  x
+
+Every query sees itself as long as some run contains diagonal 0, which every pattern
+guarantees (vertical-slash always keeps the nearest diagonals, block-sparse the diagonal
+block); a query whose keys are all padded gets a zero output, like PyTorch's SDPA.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+BLOCK = 64  # query rows per block and key tile width of the index (MInference's 64x64 tiles)
+SENTINEL = 2**31 - 1  # pads sorted int32 lists; larger than any position
+
+
+class SparseIndex(NamedTuple):
+    """Per (batch, query head) sparse index; see the module docstring for the meaning."""
+
+    runs: torch.Tensor  # (B, H, R, 2) int32, diagonal ranges [d_lo, d_hi], SENTINEL-padded
+    run_count: torch.Tensor  # (B, H) int32
+    diag_prefix: torch.Tensor  # (B, H, N + 1) int32, covered diagonals below x
+    columns: torch.Tensor  # (B, H, C) int32, sorted, SENTINEL-padded
+    column_count: torch.Tensor  # (B, H, NB) int32, columns < (m + 1) * BLOCK
+    blocks: torch.Tensor  # (B, H, NB, KB) int32, sorted key blocks, SENTINEL-padded
+    block_count: torch.Tensor  # (B, H, NB) int32
+
+
+def num_blocks(n):
+    """Query blocks of a sequence of ``n`` tokens (works on SymInts)."""
+    return (n + BLOCK - 1) // BLOCK
+
+
+def runs_to_diag_prefix(runs: torch.Tensor, run_count: torch.Tensor, n: int) -> torch.Tensor:
+    """Exclusive prefix count of diagonals covered by runs: (B, H, R, 2) -> (B, H, n + 1)."""
+    b, h, r, _ = runs.shape
+    valid = torch.arange(r, device=runs.device) < run_count[..., None].long()  # (B, H, R)
+    lo = torch.where(valid, runs[..., 0].long(), n).clamp(max=n)
+    hi = torch.where(valid, runs[..., 1].long() + 1, n).clamp(max=n)
+    delta = torch.zeros(b, h, n + 2, dtype=torch.int32, device=runs.device)
+    one = torch.ones_like(lo, dtype=torch.int32)
+    delta.scatter_add_(2, lo, one)
+    delta.scatter_add_(2, hi, -one)
+    covered = (delta[..., :n].cumsum(-1) > 0).to(torch.int32)  # (B, H, n)
+    prefix = torch.zeros(b, h, n + 1, dtype=torch.int32, device=runs.device)
+    prefix[..., 1:] = covered.cumsum(-1)
+    return prefix
+
+
+def column_counts(columns: torch.Tensor, n: int) -> torch.Tensor:
+    """Columns below each query block's end: (B, H, C) sorted -> (B, H, NB) int32."""
+    b, h, _ = columns.shape
+    ends = (torch.arange(num_blocks(n), device=columns.device, dtype=torch.int64) + 1) * BLOCK
+    ends = ends.expand(b, h, -1).contiguous()
+    return torch.searchsorted(columns.long().contiguous(), ends).to(torch.int32)
+
+
+def block_mask_rows(index: SparseIndex, row_start: int, row_end: int, n: int,
+                    key_padding: torch.Tensor | None = None) -> torch.Tensor:
+    """Kept (query, key) pairs for query rows ``[row_start, row_end)``: (B, H, rows, n) bool.
+
+    ``row_start`` must be a multiple of ``BLOCK``. This is the definition of the format;
+    the attention kernels must compute exactly these entries.
+    """
+    device = index.runs.device
+    b, h = index.run_count.shape
+    m0, m1 = row_start // BLOCK, num_blocks(row_end)
+    blk = torch.arange(m0, m1, device=device)  # (M,)
+    keys = torch.arange(n, device=device)  # (n,)
+    # Runs: column j is in a run tile of block m iff a covered diagonal lies in [lo, hi].
+    lo = (blk[:, None] * BLOCK - keys[None, :]).clamp(min=0)  # (M, n)
+    hi = ((blk[:, None] + 1) * BLOCK - 1 - keys[None, :]).clamp(max=n - 1)
+    prefix = index.diag_prefix.long()
+    span = prefix[..., (hi + 1).clamp(min=0).flatten()] - prefix[..., lo.flatten()]
+    keep = (span > 0).view(b, h, m1 - m0, n) & (hi >= lo)
+    # Columns.
+    col = torch.zeros(b, h, n + 1, dtype=torch.bool, device=device)
+    col.scatter_(2, index.columns.long().clamp(max=n), True)
+    keep = keep | col[..., None, :n]
+    # Key blocks.
+    if index.blocks.shape[-1] > 0:
+        nb = num_blocks(n)
+        kb = torch.zeros(b, h, m1 - m0, nb + 1, dtype=torch.bool, device=device)
+        kb.scatter_(3, index.blocks[:, :, m0:m1].long().clamp(max=nb), True)
+        keep = keep | kb[..., keys // BLOCK]
+    # Rows of each block, then causality and padding.
+    rows = torch.arange(row_start, row_end, device=device)
+    keep = keep[:, :, rows // BLOCK - m0]  # (B, H, rows, n)
+    keep = keep & (keys[None, :] <= rows[:, None])
+    if key_padding is not None:
+        keep = keep & key_padding[:, None, None, :].bool()
+    return keep
+
+
+def index_to_mask(index: SparseIndex, n: int, key_padding: torch.Tensor | None = None) -> torch.Tensor:
+    """The whole (B, H, n, n) boolean mask an index stands for (tests and plots; O(n^2))."""
+    return block_mask_rows(index, 0, n, n, key_padding)
+
+
+def kept_fraction(index: SparseIndex, n: int, key_padding: torch.Tensor | None = None) -> torch.Tensor:
+    """Fraction of causal (query, key) pairs the index keeps, per (batch, head); O(n^2) memory
+    is avoided by walking query blocks."""
+    b, h = index.run_count.shape
+    kept = torch.zeros(b, h, dtype=torch.float64, device=index.runs.device)
+    step = BLOCK * max(1, 4096 // BLOCK)
+    for start in range(0, n, step):
+        kept += block_mask_rows(index, start, min(n, start + step), n, key_padding).sum((-1, -2))
+    return kept / (n * (n + 1) / 2)

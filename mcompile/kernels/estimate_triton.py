@@ -1,0 +1,292 @@
+"""Index estimation on the GPU: vertical-slash scores without the (B, H, 64, N) score tensor.
+
+Math (per batch b and vertical-slash head h; the last ``lq = min(LAST_Q, N)`` queries sit at
+positions ``P + i``, ``P = N - lq``; a key j is allowed for row i iff ``j <= P + i`` and
+``key_padding[b, j]``)::
+
+    p[i, j]      = softmax_j(scale * q[P + i] . k[j])   over allowed j (0 elsewhere; all-padded rows 0)
+    vertical[j]  = sum_i p[i, j]
+    slash[d]     = sum_i p[i, P + i - d]                (d = query - key)
+
+Two passes over the keys, both in 64-query x key tiles on tensor cores, both base 2:
+
+1. ``_vs_stats_kernel``: each program walks its share of the 64-key tiles
+   ``[P - 64 t, P - 64 t + 64)`` keeping a running row max and sum of exp; the per-program
+   partials (B * Hs, SPLITS, 64) are merged in PyTorch.
+2. ``_vs_scores_kernel``: tile t owns diagonals ``[64 t, 64 t + 64)`` and computes the
+   128-key window ``[P - 64 t - 63, P - 64 t + 65)`` that holds every (row, diagonal) entry
+   of them::
+
+            window column c ->   0 ........ 63 ........ 126 127
+       row 0   diag 64t + u at c = 63 - u      (u = 0..63)
+       row 63  diag 64t + u at c = 126 - u
+
+   ``tl.gather`` reads the skewed entries ``c = 63 + i - u`` and sums them over i (slash);
+   summing the window's columns 63..126 over i gives the vertical scores of the keys
+   ``[P - 64 t, P - 64 t + 64)``, which no other tile writes. No atomics, no scratch.
+
+Grid of both: ``(SPLITS, B * Hs)`` over the Hs vertical-slash heads, each program taking a
+contiguous range of tiles. The index is then assembled as ``estimate_index_ref`` does, with
+its PyTorch top-k and run-merging helpers, vectorised over heads and without host syncs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ..index import BLOCK, SENTINEL, SparseIndex, column_counts, num_blocks, runs_to_diag_prefix
+from ..patterns import LAST_Q, LOCAL_DIAGONALS, SINK_COLUMNS, PatternKind
+from .estimate import _topk_sorted, block_scores, diagonals_to_runs, estimate_index_ref, index_capacity  # noqa: F401
+
+LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E): scores are kept in base 2
+NEG_INIT = tl.constexpr(-1.0e30)  # finite running-max start: all-masked rows stay 0, never NaN
+HEAD_DIMS = (16, 32, 64, 128)  # pow2 head dims the kernels are built for
+TILE = 64  # keys per pass-1 tile and diagonals per pass-2 tile; equals LAST_Q rows
+WINDOW = 2 * TILE  # pass-2 key window: 64 diagonals x 64 rows span 127 keys
+# Programs to aim for per launch (several waves on a 132-SM H100); each takes a contiguous
+# range of tiles of one head, so partials stay (B * Hs, SPLITS, 64).
+TARGET_PROGRAMS = 1024
+NUM_WARPS = 4  # one warpgroup per 64-row tile
+NUM_STAGES = 2
+
+assert LAST_Q == TILE, "the kernels hold the LAST_Q estimation queries in one 64-row tile"
+
+
+@triton.jit
+def _load_rows(Q, b64, h64, P, LQ, stride_qb, stride_qh, stride_qn, stride_qd,
+               HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):
+    i = tl.arange(0, ROWS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ptrs = (Q + b64 * stride_qb + h64 * stride_qh + (P + i).to(tl.int64)[:, None] * stride_qn
+            + offs_d[None, :] * stride_qd)
+    return tl.load(ptrs, mask=(i < LQ)[:, None], other=0.0)
+
+
+@triton.jit
+def _window_logits(q, k_base, kp_base, keys, pos, row_ok, N, stride_kn, stride_kd, stride_kpn,
+                   qk_scale, HEAD_DIM: tl.constexpr, HAS_PADDING: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    """Base-2 logits of the rows against ``keys``, -inf where a key is not allowed."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_seq = (keys >= 0) & (keys < N)
+    keys64 = keys.to(tl.int64)
+    k = tl.load(k_base + keys64[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=in_seq[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    allowed = in_seq[None, :] & (keys[None, :] <= pos[:, None]) & row_ok[:, None]
+    if HAS_PADDING:
+        allowed = allowed & (tl.load(kp_base + keys64 * stride_kpn, mask=in_seq, other=0) != 0)[None, :]
+    return tl.where(allowed, s, float("-inf"))
+
+
+@triton.jit
+def _vs_stats_kernel(Q, K, KP, Heads, MPart, LPart,
+                     stride_qb, stride_qh, stride_qn, stride_qd,
+                     stride_kb, stride_kh, stride_kn, stride_kd, stride_kpb, stride_kpn,
+                     N, P, LQ, GROUP, HS, NUM_TILES, TILES_PER_PROG, SPLITS, qk_scale,
+                     HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, HAS_PADDING: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+    split = tl.program_id(0)
+    bs = tl.program_id(1)
+    b64 = (bs // HS).to(tl.int64)
+    h = tl.load(Heads + bs % HS)
+    q = _load_rows(Q, b64, h.to(tl.int64), P, LQ, stride_qb, stride_qh, stride_qn, stride_qd,
+                   HEAD_DIM, ROWS)
+    k_base = K + b64 * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
+    kp_base = KP + b64 * stride_kpb
+    i = tl.arange(0, ROWS)
+    pos = P + i
+    row_ok = i < LQ
+    m_i = tl.full([ROWS], NEG_INIT, dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    t0 = split * TILES_PER_PROG
+    t1 = tl.minimum(t0 + TILES_PER_PROG, NUM_TILES)
+    for t in range(t0, t1):
+        keys = P - t * ROWS + tl.arange(0, ROWS)
+        s = _window_logits(q, k_base, kp_base, keys, pos, row_ok, N, stride_kn, stride_kd,
+                           stride_kpn, qk_scale, HEAD_DIM, HAS_PADDING, DOT_PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
+        m_i = m_new
+    out = (bs * SPLITS + split).to(tl.int64) * ROWS + i
+    tl.store(MPart + out, m_i)
+    tl.store(LPart + out, l_i)
+
+
+@triton.jit
+def _vs_scores_kernel(Q, K, KP, Heads, RowMax, RowInv, Vertical, Slash,
+                      stride_qb, stride_qh, stride_qn, stride_qd,
+                      stride_kb, stride_kh, stride_kn, stride_kd, stride_kpb, stride_kpn,
+                      N, P, LQ, GROUP, HS, NUM_TILES, TILES_PER_PROG, qk_scale,
+                      HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, WINDOW: tl.constexpr,
+                      HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    split = tl.program_id(0)
+    bs = tl.program_id(1)
+    b64 = (bs // HS).to(tl.int64)
+    h = tl.load(Heads + bs % HS)
+    q = _load_rows(Q, b64, h.to(tl.int64), P, LQ, stride_qb, stride_qh, stride_qn, stride_qd,
+                   HEAD_DIM, ROWS)
+    k_base = K + b64 * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
+    kp_base = KP + b64 * stride_kpb
+    i = tl.arange(0, ROWS)
+    pos = P + i
+    row_ok = i < LQ
+    row_max = tl.load(RowMax + bs.to(tl.int64) * ROWS + i)
+    row_inv = tl.load(RowInv + bs.to(tl.int64) * ROWS + i)  # 1 / sum, 0 for rows with no key
+    c = tl.arange(0, WINDOW)
+    u = tl.arange(0, ROWS)
+    skew = (ROWS - 1) + i[:, None] - u[None, :]  # window column of (row i, diagonal 64t + u)
+    out_base = bs.to(tl.int64) * N
+    t0 = split * TILES_PER_PROG
+    t1 = tl.minimum(t0 + TILES_PER_PROG, NUM_TILES)
+    for t in range(t0, t1):
+        keys = P - t * ROWS - (ROWS - 1) + c
+        s = _window_logits(q, k_base, kp_base, keys, pos, row_ok, N, stride_kn, stride_kd,
+                           stride_kpn, qk_scale, HEAD_DIM, HAS_PADDING, DOT_PRECISION)
+        p = tl.math.exp2(s - row_max[:, None]) * row_inv[:, None]  # masked entries: exp2(-inf) = 0
+        owned = (c >= ROWS - 1) & (c < WINDOW - 1) & (keys >= 0) & (keys < N)
+        tl.store(Vertical + out_base + keys, tl.sum(p, 0), mask=owned)
+        diag = t * ROWS + u
+        tl.store(Slash + out_base + diag, tl.sum(tl.gather(p, skew, 1), 0), mask=diag < N)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _num_splits(num_tiles: int, rows_of_programs: int) -> int:
+    return max(1, min(num_tiles, triton.cdiv(TARGET_PROGRAMS, max(1, rows_of_programs))))
+
+
+def _device_ints(values: Sequence[int], device: torch.device, dtype=torch.int32) -> torch.Tensor:
+    """A small per-head table on ``device`` without a blocking copy (pinned, non_blocking)."""
+    t = torch.tensor(list(values), dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def vertical_slash_scores_triton(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch.Tensor],
+                                 scale: float, heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column and diagonal scores (B, Hs, N) fp32 of the query heads ``heads`` (int32, (Hs,)).
+
+    Equals ``vertical_slash_scores(q, k, key_padding, scale)[:, heads]`` up to fp32 rounding.
+    """
+    b, h, n, d = q.shape
+    hk = k.shape[1]
+    if d not in HEAD_DIMS or k.shape[-1] != d:
+        raise ValueError(f"estimate kernels support head dims {HEAD_DIMS}, got q {d}, k {k.shape[-1]}")
+    hs = heads.numel()
+    vertical = torch.empty(b, hs, n, dtype=torch.float32, device=q.device)
+    slash = torch.empty_like(vertical)
+    if b * hs == 0 or n == 0:
+        return vertical, slash
+    lq = min(LAST_Q, n)
+    p0 = n - lq
+    num_tiles = triton.cdiv(n, TILE)
+    splits = _num_splits(num_tiles, b * hs)
+    per_prog = triton.cdiv(num_tiles, splits)
+    splits = triton.cdiv(num_tiles, per_prog)  # no idle programs
+    if key_padding is None:
+        kp, kp_strides, has_padding = heads, (0, 0), False  # never read
+    else:
+        kp = (key_padding if key_padding.dtype == torch.bool else key_padding != 0).view(torch.uint8)
+        kp_strides, has_padding = kp.stride(), True
+    common = (*q.stride(), *k.stride(), *kp_strides)
+    meta = dict(HEAD_DIM=d, ROWS=TILE, HAS_PADDING=has_padding,
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    launch = {} if _interpreting() else dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    qk_scale = float(scale) * LOG2E
+    heads = heads.to(torch.int32).contiguous()
+
+    m_part = torch.empty(b * hs, splits, TILE, dtype=torch.float32, device=q.device)
+    l_part = torch.empty_like(m_part)
+    _vs_stats_kernel[(splits, b * hs)](
+        q, k, kp, heads, m_part, l_part, *common,
+        n, p0, lq, h // hk, hs, num_tiles, per_prog, splits, qk_scale, **meta, **launch)
+    row_max = m_part.max(1).values  # (B * Hs, 64)
+    row_sum = (l_part * torch.exp2(m_part - row_max[:, None])).sum(1)
+    row_inv = torch.where(row_sum > 0, 1.0 / row_sum, 0.0).contiguous()
+    _vs_scores_kernel[(splits, b * hs)](
+        q, k, kp, heads, row_max.contiguous(), row_inv, vertical, slash, *common,
+        n, p0, lq, h // hk, hs, num_tiles, per_prog, qk_scale, WINDOW=WINDOW, **meta, **launch)
+    return vertical, slash
+
+
+def _check(q, k, key_padding, kinds, p0, p1):
+    if q.dim() != 4 or k.dim() != 4 or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
+        raise ValueError(f"q (B, H, N, D) and k (B, Hk, N, D) expected, got {tuple(q.shape)} and {tuple(k.shape)}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key heads ({k.shape[1]})")
+    if not (len(kinds) == len(p0) == len(p1) == q.shape[1]):
+        raise ValueError(f"need one pattern per query head ({q.shape[1]}), got {len(kinds)}/{len(p0)}/{len(p1)}")
+    if key_padding is not None and tuple(key_padding.shape) != (q.shape[0], q.shape[2]):
+        raise ValueError(f"key_padding must be (B, N) = {(q.shape[0], q.shape[2])}, got {tuple(key_padding.shape)}")
+
+
+def estimate_index_triton(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch.Tensor],
+                          kinds: Sequence[int], p0: Sequence[int], p1: Sequence[int],
+                          scale: float, dense: bool = False) -> SparseIndex:
+    """Same contract and result as ``estimate_index_ref``; vertical-slash scores come from the
+    fused kernels above, everything else from the same PyTorch helpers."""
+    _check(q, k, key_padding, kinds, p0, p1)
+    b, h, n, _ = q.shape
+    dev = q.device
+    r_cap, c_cap, kb_cap = index_capacity(n, kinds, p0, p1)
+    nb = num_blocks(n)
+    kinds_l = [int(PatternKind.DENSE)] * h if dense else [int(x) for x in kinds]
+    heads_of = {kd: [i for i, x in enumerate(kinds_l) if x == kd] for kd in PatternKind}
+
+    # Dense: one run over every diagonal. A-shape: `sink` columns and one run of `local` diagonals.
+    static = [x in (PatternKind.DENSE, PatternKind.A_SHAPE) for x in kinds_l]
+    local = [n if x == PatternKind.DENSE else min(p1[i], n) for i, x in enumerate(kinds_l)]
+    sink = [min(p0[i], n) if x == PatternKind.A_SHAPE else 0 for i, x in enumerate(kinds_l)]
+    table = _device_ints(static + local + sink, dev).view(3, h)
+    static_t, local_t, sink_t = table[0].bool(), table[1], table[2]
+    runs = torch.full((b, h, r_cap, 2), SENTINEL, dtype=torch.int32, device=dev)
+    runs[:, :, 0, 0] = torch.where(static_t, 0, SENTINEL)
+    runs[:, :, 0, 1] = torch.where(static_t, local_t - 1, SENTINEL)
+    run_count = static_t.to(torch.int32).expand(b, h).contiguous()
+    slot = torch.arange(c_cap, dtype=torch.int32, device=dev)
+    columns = torch.where(slot < sink_t[:, None], slot, SENTINEL).expand(b, h, c_cap).contiguous()
+    blocks = torch.full((b, h, nb, kb_cap), SENTINEL, dtype=torch.int32, device=dev)
+    block_count = torch.zeros(b, h, nb, dtype=torch.int32, device=dev)
+
+    vs = heads_of[PatternKind.VERTICAL_SLASH]
+    if vs:
+        nv_l = [min(p0[i], n) for i in vs]
+        ns_l = [min(p1[i], n) for i in vs]
+        vs_table = _device_ints(vs + nv_l + ns_l, dev).view(3, len(vs))
+        sel, nv, ns = vs_table[0], vs_table[1].long(), vs_table[2].long()
+        vertical, slash = vertical_slash_scores_triton(q, k, key_padding, scale, sel)
+        vertical[..., :SINK_COLUMNS] = float("inf")
+        slash[..., :LOCAL_DIAGONALS] = float("inf")
+        cols = _topk_sorted(vertical, nv, max(nv_l))
+        diags = _topk_sorted(slash, ns, max(ns_l))
+        r, rc = diagonals_to_runs(diags)
+        sel = sel.long()
+        columns[:, sel, :cols.shape[-1]] = cols
+        runs[:, sel, :r.shape[-2]] = r
+        run_count[:, sel] = rc
+
+    bs = heads_of[PatternKind.BLOCK_SPARSE]
+    if bs:
+        budget_l = [min(p0[i], nb) for i in bs]
+        bs_table = _device_ints(bs + budget_l, dev).view(2, len(bs))
+        sel, budget = bs_table[0].long(), bs_table[1].long()
+        scores = block_scores(q, k, scale)[:, sel]  # (B, Hb, NB, NB)
+        picked = _topk_sorted(scores, budget, max(budget_l))  # (B, Hb, NB, kmax)
+        rows = torch.arange(nb, device=dev)
+        count = torch.minimum(budget[:, None], rows[None, :] + 1).to(torch.int32)  # (Hb, NB)
+        # topk returns the valid (block-causal) entries first; drop the rest.
+        picked = torch.where(picked <= rows[:, None], picked, SENTINEL).sort(-1).values
+        blocks[:, sel, :, :picked.shape[-1]] = picked
+        block_count[:, sel] = count.expand(b, -1, -1)
+
+    return SparseIndex(runs, run_count, runs_to_diag_prefix(runs, run_count, n), columns,
+                       column_counts(columns, n), blocks, block_count)

@@ -1,0 +1,396 @@
+"""Sparse causal FlashAttention forward over a SparseIndex (Triton; format in mcompile/index.py).
+
+Math (per batch b, query head h, with G = H // Hk query heads per KV head)::
+
+    out[b, h, i] = sum_j softmax_j(scale * q[b, h, i] . k[b, h // G, j]) v[b, h // G, j]
+
+over the keys j the index keeps for query i, intersected with ``j <= i`` and
+``key_padding[b, j]``. Softmax is online (FlashAttention-2) in fp32 and base 2
+(``exp2(x * log2 e)``). A query with no kept key gets zeros (``l == 0 -> 0``), as SDPA does.
+
+Layout: q (B, H, N, D), k (B, Hk, N, D), v (B, Hk, N, Dv), any strides (K/V are never
+repeated for GQA); key_padding (B, N) bool; out (B, H, N, Dv) contiguous in q's dtype.
+
+Grid: ``(NB, B * H)``, one program per query block of ``BLOCK`` = 64 rows. Programs take
+query blocks from the last one down, so the blocks with the most keys start first. Each
+program walks the three key sets of its block (which the format keeps disjoint)::
+
+    (a) key blocks   blocks[b, h, m, :block_count]   64-key tiles [n*64, n*64 + 64)
+    (b) runs         runs[b, h, :run_count]          keys [m*64 - d_hi, (m+1)*64 - d_lo)
+                                                      in contiguous BLOCK_N-key tiles
+    (c) columns      columns[b, h, :column_count[m]] gathered BLOCK_N at a time; a column
+                                                      inside a run tile of this block is
+                                                      masked (that tile computed it)
+
+Masks are built only where needed: a contiguous tile whose last key is <= the block's first
+query and < the interval end needs none; for a tile crossing the diagonal::
+
+                 keys ->            x: computed unmasked   /: causal mask (key <= query)
+        q m*64   x x x x / . . .
+                 x x x x x / . .
+        q +63    x x x x x x x /
+
+Columns below ``m*64`` need only their per-column mask (inside a run tile, padding); the
+columns ``column_count[m-1] .. column_count[m]`` of the block's own range get the causal one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..index import BLOCK, SparseIndex, num_blocks
+from .sparse_attention import sparse_attention_ref  # noqa: F401  (the reference this kernel matches)
+
+LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E): the kernel's softmax works in base 2
+# Start of the running row max: finite, so a row whose keys are all masked computes
+# exp2(-inf - NEG_INIT) = 0 and exp2(NEG_INIT - NEG_INIT) = 1, never NaN; real scores are far above it.
+NEG_INIT = tl.constexpr(-1.0e30)
+HEAD_DIMS = (16, 32, 64, 128)  # head dims the kernel is built for (16/32 mainly for tests)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_CAPABILITY = (8, 0)  # tensor-core tl.dot on fp16/bf16 needs Ampere or newer
+# Bytes of pipelined K/V tiles a config may keep in shared memory (H100/H200 have 227 KiB per
+# block; the rest holds Q, the P tile and layout conversions).
+SMEM_BUDGET = 160 * 1024
+INTERPRET_BLOCK_N = 64  # key tile width under TRITON_INTERPRET, where autotuning is skipped
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------
+# Autotune configs
+# ----------------------------------------------------------------------------------------------
+
+def _configs():
+    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bn in (64, 128) for w in (4, 8) for s in (2, 3)]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop configs whose K/V pipeline overflows shared memory at this head dim, and 8 warps
+    on a 64x64 tile (two warpgroups on one 64-row wgmma leave each half idle)."""
+    args = {**named_args, **kwargs}
+    d, dv = args["HEAD_DIM"], args["HEAD_DV"]
+    elem = 4 if args.get("DOT_PRECISION") == "ieee" else 2
+    kept = []
+    for c in configs:
+        bn = c.kwargs["BLOCK_N"]
+        if c.num_stages * bn * (d + dv) * elem > SMEM_BUDGET:
+            continue
+        if bn == 64 and c.num_warps == 8:
+            continue
+        kept.append(c)
+    return kept or configs[:1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _online_update(acc, l_i, m_i, qk, v, DOT_PRECISION: tl.constexpr):
+    """Fold one masked score tile (base-2 logits) into the running max, sum and output."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _contiguous_tile(acc, l_i, m_i, q, k_base, v_base, kp_base, start, end, rows,
+                     stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
+                     HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr, TILE: tl.constexpr,
+                     MASKED: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Keys [start, start + TILE). MASKED: keep key < end and key <= row; otherwise the caller
+    proved the whole tile is below the diagonal and before ``end`` (<= N)."""
+    offs = tl.arange(0, TILE)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DV)
+    keys = start + offs
+    keys64 = keys.to(tl.int64)  # row offsets can pass 2**31 at N = 1M with strided layouts
+    k_ptrs = k_base + keys64[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = v_base + keys64[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    if MASKED:
+        in_range = keys < end
+        k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        keep = in_range[None, :] & (keys[None, :] <= rows[:, None])
+        if HAS_PADDING:
+            pad = tl.load(kp_base + keys64 * stride_kpn, mask=in_range, other=0)
+            keep = keep & (pad != 0)[None, :]
+        qk = tl.where(keep, qk, float("-inf"))
+    elif HAS_PADDING:
+        pad = tl.load(kp_base + keys64 * stride_kpn)
+        qk = tl.where((pad != 0)[None, :], qk, float("-inf"))
+    return _online_update(acc, l_i, m_i, qk, v, DOT_PRECISION)
+
+
+@triton.jit
+def _column_tile(acc, l_i, m_i, q, k_base, v_base, kp_base, col_base, pre_base, c0, c_end,
+                 row0, rows, N, stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
+                 BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr,
+                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """Columns[c0 : min(c0 + BLOCK_N, c_end)], K/V rows gathered by index. A column inside a
+    run tile of this block is dropped (the run tile computed it). CAUSAL: the chunk may hold
+    columns >= the block's first row."""
+    idx = c0 + tl.arange(0, BLOCK_N)
+    valid = idx < c_end
+    j = tl.load(col_base + idx, mask=valid, other=0)
+    # Covered by a run tile iff a run diagonal lies in [lo, hi] (index.py).
+    lo = tl.maximum(row0 - j, 0)
+    hi = row0 + BLOCK_M - 1 - j
+    span_ok = valid & (hi >= lo)
+    hi_c = tl.minimum(hi, N - 1)
+    covered = (tl.load(pre_base + hi_c + 1, mask=span_ok, other=0)
+               - tl.load(pre_base + lo, mask=span_ok, other=0)) > 0
+    keep = valid & (j < N) & ~covered
+    j64 = j.to(tl.int64)
+    if HAS_PADDING:
+        keep = keep & (tl.load(kp_base + j64 * stride_kpn, mask=keep, other=0) != 0)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DV)
+    k = tl.load(k_base + j64[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=keep[:, None], other=0.0)
+    v = tl.load(v_base + j64[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                mask=keep[:, None], other=0.0)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    mask = keep[None, :]
+    if CAUSAL:
+        mask = mask & (j[None, :] <= rows[:, None])
+    qk = tl.where(mask, qk, float("-inf"))
+    return _online_update(acc, l_i, m_i, qk, v, DOT_PRECISION)
+
+
+@triton.jit
+def _sparse_attention_kernel(
+        Q, K, V, Out, KP,
+        Runs, RunCount, DiagPrefix, Columns, ColumnCount, Blocks, BlockCount,
+        stride_qb, stride_qh, stride_qn, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_ob, stride_oh, stride_on, stride_od,
+        stride_kpb, stride_kpn,
+        N, H, GROUP, NB, R, C, KB, qk_scale,
+        HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, KB_POW2: tl.constexpr, HAS_PADDING: tl.constexpr,
+        HAS_COLUMNS: tl.constexpr, HAS_BLOCKS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    m = NB - 1 - tl.program_id(0)  # heaviest query blocks first
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    row0 = m * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DV)
+
+    b64 = b.to(tl.int64)
+    q_ptrs = (Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + row0.to(tl.int64) * stride_qn
+              + tl.arange(0, BLOCK_M)[:, None] * stride_qn + offs_d[None, :] * stride_qd)
+    q = tl.load(q_ptrs, mask=(rows < N)[:, None], other=0.0)
+    k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
+    kp_base = KP + b64 * stride_kpb
+
+    acc = tl.zeros([BLOCK_M, HEAD_DV], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], NEG_INIT, dtype=tl.float32)
+    bh64 = bh.to(tl.int64)
+
+    # (a) Key blocks, sorted: those before block m are below the diagonal (no mask), the rest
+    # (block m itself, and any later one, which masks to nothing) get the causal mask.
+    if HAS_BLOCKS:
+        blk_base = Blocks + (bh64 * NB + m) * KB
+        cnt = tl.load(BlockCount + bh64 * NB + m)
+        slot = tl.arange(0, KB_POW2)
+        listed = tl.load(blk_base + slot, mask=slot < cnt, other=NB)
+        n_below = tl.sum((listed < m).to(tl.int32), 0)
+        for i in range(0, n_below):
+            start = tl.load(blk_base + i) * BLOCK_M
+            acc, l_i, m_i = _contiguous_tile(
+                acc, l_i, m_i, q, k_base, v_base, kp_base, start, N, rows,
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
+                HEAD_DIM, HEAD_DV, BLOCK_M, False, HAS_PADDING, DOT_PRECISION)
+        for i in range(n_below, cnt):
+            start = tl.load(blk_base + i) * BLOCK_M
+            acc, l_i, m_i = _contiguous_tile(
+                acc, l_i, m_i, q, k_base, v_base, kp_base, start, tl.minimum(start + BLOCK_M, N),
+                rows, stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
+                HEAD_DIM, HEAD_DV, BLOCK_M, True, HAS_PADDING, DOT_PRECISION)
+
+    # (b) Runs: one contiguous key interval each; full tiles ending at or before the block's
+    # first query (and the interval end) go unmasked, the last one or two tiles are masked.
+    run_count = tl.load(RunCount + bh64)
+    run_base = Runs + bh64 * R * 2
+    for r in range(0, run_count):
+        d_lo = tl.load(run_base + 2 * r)
+        d_hi = tl.load(run_base + 2 * r + 1)
+        lo = tl.maximum(row0 - d_hi, 0)
+        hi = tl.minimum(row0 + BLOCK_M - d_lo, N)
+        n_free = tl.maximum(tl.minimum(hi, row0 + 1) - lo, 0) // BLOCK_N
+        for t in range(0, n_free):
+            acc, l_i, m_i = _contiguous_tile(
+                acc, l_i, m_i, q, k_base, v_base, kp_base, lo + t * BLOCK_N, hi, rows,
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
+                HEAD_DIM, HEAD_DV, BLOCK_N, False, HAS_PADDING, DOT_PRECISION)
+        for start in range(lo + n_free * BLOCK_N, hi, BLOCK_N):
+            acc, l_i, m_i = _contiguous_tile(
+                acc, l_i, m_i, q, k_base, v_base, kp_base, start, hi, rows,
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
+                HEAD_DIM, HEAD_DV, BLOCK_N, True, HAS_PADDING, DOT_PRECISION)
+
+    # (c) Columns below (m+1)*64; those below m*64 (column_count[m-1] of them) need no
+    # causal mask, so chunks wholly among them skip it.
+    if HAS_COLUMNS:
+        c_end = tl.load(ColumnCount + bh64 * NB + m)
+        c_prev = tl.load(ColumnCount + bh64 * NB + m - 1, mask=m > 0, other=0)
+        col_base = Columns + bh64 * C
+        pre_base = DiagPrefix + bh64 * (N + 1)
+        n_free = c_prev // BLOCK_N
+        for t in range(0, n_free):
+            acc, l_i, m_i = _column_tile(
+                acc, l_i, m_i, q, k_base, v_base, kp_base, col_base, pre_base, t * BLOCK_N, c_end,
+                row0, rows, N, stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
+                BLOCK_M, HEAD_DIM, HEAD_DV, BLOCK_N, False, HAS_PADDING, DOT_PRECISION)
+        for c0 in range(n_free * BLOCK_N, c_end, BLOCK_N):
+            acc, l_i, m_i = _column_tile(
+                acc, l_i, m_i, q, k_base, v_base, kp_base, col_base, pre_base, c0, c_end,
+                row0, rows, N, stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
+                BLOCK_M, HEAD_DIM, HEAD_DV, BLOCK_N, True, HAS_PADDING, DOT_PRECISION)
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # no kept key: acc is 0, output 0
+    out = acc / l_safe[:, None]
+    o_ptrs = (Out + b64 * stride_ob + h.to(tl.int64) * stride_oh + row0.to(tl.int64) * stride_on
+              + tl.arange(0, BLOCK_M)[:, None] * stride_on + offs_dv[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(rows < N)[:, None])
+
+
+_sparse_attention_tuned = triton.autotune(
+    configs=_configs(), key=["HEAD_DIM", "HEAD_DV"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_sparse_attention_kernel)
+
+
+# ----------------------------------------------------------------------------------------------
+# Capability and launcher
+# ----------------------------------------------------------------------------------------------
+
+def capability(q: torch.Tensor) -> Optional[str]:
+    """None when the kernel can run on q (B, H, N, D); otherwise a short reason."""
+    if q.device.type != "cuda" and not (q.device.type == "cpu" and _interpreting()):
+        return f"device {q.device.type} (the Triton kernel runs on CUDA)"
+    if q.dtype not in DTYPES:
+        return f"dtype {q.dtype} (supported: fp16, bf16, fp32)"
+    if q.dim() != 4:
+        return f"q must be (B, H, N, D), got {q.dim()} dims"
+    if q.shape[-1] not in HEAD_DIMS:
+        return f"head dim {q.shape[-1]} (supported: {', '.join(map(str, HEAD_DIMS))})"
+    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < MIN_CAPABILITY:
+        major, minor = torch.cuda.get_device_capability(q.device)
+        return f"compute capability {major}.{minor} (needs >= {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]})"
+    return None
+
+
+def _check_contract(q, k, v, index: SparseIndex, key_padding):
+    reason = capability(q)
+    if reason is not None:
+        raise ValueError(f"sparse_attention_triton cannot run: {reason}")
+    if k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"k and v must be (B, Hk, N, D), got {tuple(k.shape)} and {tuple(v.shape)}")
+    b, h, n, d = q.shape
+    hk = k.shape[1]
+    if k.shape != (b, hk, n, d):
+        raise ValueError(f"k must be (B={b}, Hk, N={n}, D={d}), got {tuple(k.shape)}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v {tuple(v.shape)} must match k {tuple(k.shape)} in (B, Hk, N)")
+    if v.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"value head dim {v.shape[-1]} unsupported (supported: {HEAD_DIMS})")
+    if hk == 0 or h % hk:
+        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hk})")
+    if k.dtype != q.dtype or v.dtype != q.dtype or k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must share dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} "
+                         f"on {q.device}/{k.device}/{v.device}")
+    nb = num_blocks(n)
+    expected = {
+        "runs": (b, h, None, 2), "run_count": (b, h), "diag_prefix": (b, h, n + 1),
+        "columns": (b, h, None), "column_count": (b, h, nb), "blocks": (b, h, nb, None),
+        "block_count": (b, h, nb),
+    }
+    for name, shape in expected.items():
+        t = getattr(index, name)
+        if t.dtype != torch.int32 or t.device != q.device:
+            raise ValueError(f"index.{name} must be int32 on {q.device}, got {t.dtype} on {t.device}")
+        if t.dim() != len(shape) or any(e is not None and e != s for e, s in zip(shape, t.shape)):
+            want = tuple("*" if e is None else e for e in shape)
+            raise ValueError(f"index.{name} must have shape {want} for q {tuple(q.shape)}, got {tuple(t.shape)}")
+    if key_padding is not None and (tuple(key_padding.shape) != (b, n) or key_padding.device != q.device):
+        raise ValueError(f"key_padding must be (B={b}, N={n}) on {q.device}, got "
+                         f"{tuple(key_padding.shape)} on {key_padding.device}")
+
+
+def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SparseIndex,
+                            scale: float, key_padding: Optional[torch.Tensor] = None,
+                            block_n: Optional[int] = None) -> torch.Tensor:
+    """q (B, H, N, D), k/v (B, Hk, N, D), key_padding (B, N) bool -> (B, H, N, Dv) in q's dtype.
+
+    Same contract as ``sparse_attention_ref``. ``block_n`` pins the key tile width (64 or 128)
+    instead of autotuning; under TRITON_INTERPRET it defaults to ``INTERPRET_BLOCK_N``.
+    """
+    _check_contract(q, k, v, index, key_padding)
+    if block_n is not None and block_n not in (64, 128):
+        raise ValueError(f"block_n must be 64 or 128, got {block_n}")
+    b, h, n, d = q.shape
+    hk, dv = k.shape[1], v.shape[-1]
+    out = torch.empty(b, h, n, dv, dtype=q.dtype, device=q.device)
+    if n == 0 or b * h == 0:
+        return out
+    nb = num_blocks(n)
+    runs, run_count, diag_prefix, columns, column_count, blocks, block_count = (
+        t.contiguous() for t in index)
+    r, c, kb = runs.shape[2], columns.shape[2], blocks.shape[3]
+    if key_padding is None:
+        kp, kp_strides, has_padding = run_count, (0, 0), False  # never read
+    else:
+        kp = (key_padding if key_padding.dtype == torch.bool else key_padding != 0).view(torch.uint8)
+        kp_strides, has_padding = kp.stride(), True
+    # Empty index tensors are never read (HAS_COLUMNS / HAS_BLOCKS); pass a real allocation.
+    if c == 0:
+        columns = run_count
+    if kb == 0:
+        blocks = run_count
+    args = (q, k, v, out, kp, runs, run_count, diag_prefix, columns, column_count, blocks, block_count,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *kp_strides,
+            n, h, h // hk, nb, r, c, kb, float(scale) * LOG2E)
+    meta = dict(HEAD_DIM=d, HEAD_DV=dv, BLOCK_M=BLOCK, KB_POW2=triton.next_power_of_2(max(kb, 1)),
+                HAS_PADDING=has_padding, HAS_COLUMNS=c > 0, HAS_BLOCKS=kb > 0,
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    grid = (nb, b * h)
+    if block_n is None and _interpreting():
+        block_n = INTERPRET_BLOCK_N
+    if block_n is None:
+        _sparse_attention_tuned[grid](*args, **meta)
+    else:
+        _sparse_attention_kernel[grid](*args, **meta, BLOCK_N=block_n, num_warps=4, num_stages=2)
+    return out
+
+
+def tuned_block_n(q: torch.Tensor, v: torch.Tensor) -> Optional[int]:
+    """BLOCK_N the autotuner chose for this head dim and dtype (None before the first run)."""
+    for key, config in _sparse_attention_tuned.cache.items():
+        if key[:2] == (q.shape[-1], v.shape[-1]) and str(q.dtype) in key:
+            return config.kwargs["BLOCK_N"]
+    return None

@@ -1,0 +1,247 @@
+"""Prove from how a mask was built that it is causal (optionally ANDed with key padding).
+
+The mask of an attention is an FX subgraph over position ranges (``arange``), comparisons,
+conjunctions, a 2-D padding mask and broadcasting. ``prove_mask`` interprets that subgraph
+abstractly: every node becomes a value of this small domain, and anything outside it stops the
+proof with the reason.
+
+- ``Positions(dim, offset)``: an integer tensor equal to ``index along dim + offset``
+  (``dim`` None while it is still a 1-D range, before it is broadcast into place).
+- ``Predicate(bounds, padding)``: a boolean tensor, the conjunction of ``key - query <= c``
+  bounds (``c = 0`` is causal), ``key - query >= c`` bounds (sliding windows), and
+  ``padding[b, key]`` for 2-D mask nodes. ``Predicate()`` is all-true.
+- ``Additive(predicate)``: ``where(predicate, 0, very negative)``, the float form of a mask.
+
+The attention mask has layout (B, H, Q, K): dim 0 is the batch, 2 the query, 3 the key.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.fx as fx
+
+Q_DIM, K_DIM, B_DIM, MASK_DIMS = 2, 3, 0, 4
+MASKED_BELOW = -1e4  # an additive value at or below this is a masked entry (exp underflows to 0)
+
+
+@dataclass(frozen=True)
+class Positions:
+    dim: Optional[int]
+    offset: int
+
+
+@dataclass(frozen=True)
+class Predicate:
+    upper: frozenset = frozenset()  # c in "key - query <= c"
+    lower: frozenset = frozenset()  # c in "key - query >= c"
+    padding: Optional[fx.Node] = None  # 2-D (B, K) bool node
+
+    def __and__(self, other: "Predicate") -> "Predicate":
+        if self.padding is not None and other.padding is not None and self.padding is not other.padding:
+            raise _Unproven("two different padding masks")
+        return Predicate(self.upper | other.upper, self.lower | other.lower, self.padding or other.padding)
+
+
+@dataclass(frozen=True)
+class Additive:
+    predicate: Predicate
+
+
+@dataclass(frozen=True)
+class PaddingSource:
+    node: fx.Node  # a 2-D boolean (B, K) tensor from a graph input
+
+
+Value = Union[Positions, Predicate, Additive, PaddingSource, int, float]
+
+
+class _Unproven(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class MaskProof:
+    """``causal`` is True when the mask keeps exactly key <= query (and padding, if any)."""
+
+    causal: bool
+    key_padding: Optional[fx.Node] = None
+    reason: str = ""
+
+
+def _fn_name(node: fx.Node) -> str:
+    t = node.target
+    if node.op == "call_method":
+        return str(t)
+    return getattr(t, "__name__", str(t))
+
+
+_IDENTITY = {"to", "expand", "contiguous", "bool", "clone", "detach", "expand_as", "_to_copy"}
+_AND = {"and_", "__and__", "logical_and", "bitwise_and", "mul", "__mul__"}
+_CMP = {"le": (1, 0), "lt": (1, -1), "ge": (-1, 0), "gt": (-1, -1),
+        "__le__": (1, 0), "__lt__": (1, -1), "__ge__": (-1, 0), "__gt__": (-1, -1)}
+
+
+def _example(node: fx.Node):
+    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+
+
+class _Interpreter:
+    def __init__(self):
+        self.memo: dict = {}
+
+    def value(self, arg) -> Value:
+        if isinstance(arg, (bool, int, float)):
+            return arg
+        if isinstance(arg, torch.SymInt):
+            raise _Unproven("a symbolic position offset (a cached prefix)")
+        if not isinstance(arg, fx.Node):
+            raise _Unproven(f"unsupported mask argument {arg!r}")
+        if arg not in self.memo:
+            self.memo[arg] = self._eval(arg)
+        return self.memo[arg]
+
+    def _eval(self, node: fx.Node) -> Value:
+        if node.op == "placeholder":
+            ex = _example(node)
+            if ex is not None and ex.dim() == 2:
+                return PaddingSource(node)
+            raise _Unproven(f"the mask comes from graph input {node.name!r}, whose structure is unknown")
+        if node.op not in ("call_function", "call_method"):
+            raise _Unproven(f"the mask depends on {node.op} {node.target}")
+        name = _fn_name(node)
+        args = node.args
+        if name == "arange":
+            return self._arange(node)
+        if name == "tensor" and args and isinstance(args[0], (int, float)) and not isinstance(args[0], bool):
+            return float(args[0])  # a scalar constant, e.g. the 0 of where(mask, 0, min)
+        if name in _IDENTITY:
+            v = self.value(args[0])
+            if isinstance(v, PaddingSource) and name == "to":
+                return PaddingSource(node)  # the cast node itself is what the kernel reads
+            return v
+        if name in ("add", "__add__", "iadd") and len(args) == 2:
+            return self._add(args[0], args[1])
+        if name in ("new_ones", "ones") and node.kwargs.get("dtype") is torch.bool:
+            return Predicate()
+        if name in _CMP:
+            return self._compare(name, args[0], args[1])
+        if name in _AND:
+            a, b = self.value(args[0]), self.value(args[1])
+            if isinstance(a, Predicate) and isinstance(b, Predicate):
+                return a & b
+            raise _Unproven(f"{name} of non-boolean mask parts")
+        if name in ("getitem", "__getitem__"):
+            return self._getitem(args[0], args[1])
+        if name == "where":
+            return self._where(*args)
+        if name == "tril" and len(args) >= 1:
+            base = self.value(args[0])
+            diag = args[1] if len(args) > 1 else node.kwargs.get("diagonal", 0)
+            if isinstance(base, Predicate) and isinstance(diag, int):
+                return base & Predicate(upper=frozenset({diag}))
+        raise _Unproven(f"unrecognised mask operation {name!r} ({node.name})")
+
+    def _arange(self, node: fx.Node) -> Positions:
+        args = [a for a in node.args]
+        if len(args) == 1:
+            return Positions(None, 0)
+        if len(args) >= 2 and isinstance(args[0], int) and (len(args) < 3 or args[2] == 1):
+            return Positions(None, args[0])
+        raise _Unproven("arange with a symbolic start or a step")
+
+    def _add(self, a, b) -> Positions:
+        va, vb = self.value(a), self.value(b)
+        if isinstance(va, int) and isinstance(vb, Positions):
+            va, vb = vb, va
+        if isinstance(va, Positions) and isinstance(vb, int) and not isinstance(vb, bool):
+            return Positions(va.dim, va.offset + vb)
+        raise _Unproven("positions shifted by a non-constant offset")
+
+    def _compare(self, name: str, a, b) -> Predicate:
+        va, vb = self.value(a), self.value(b)
+        if not (isinstance(va, Positions) and isinstance(vb, Positions)):
+            raise _Unproven(f"comparison {name} of non-position values")
+        sign, shift = _CMP[name]  # a <= b (+shift) when sign > 0; a >= b (+shift) when sign < 0
+        dims = {va.dim, vb.dim}
+        if dims != {Q_DIM, K_DIM}:
+            raise _Unproven(f"comparison between dims {sorted(d for d in dims if d is not None)}, not query/key")
+        # Normalise to "key - query <= c" (upper) or "key - query >= c" (lower).
+        key_first = va.dim == K_DIM
+        key, query = (va, vb) if key_first else (vb, va)
+        base = query.offset - key.offset
+        upper = (sign > 0) == key_first
+        c = base + shift if upper else base - shift
+        return Predicate(upper=frozenset({c})) if upper else Predicate(lower=frozenset({c}))
+
+    def _getitem(self, base, index) -> Value:
+        v = self.value(base)
+        if isinstance(v, PaddingSource):
+            if isinstance(index, tuple) and len(index) == 2:
+                bi, ki = self.value(index[0]), self.value(index[1])
+                if isinstance(bi, Positions) and isinstance(ki, Positions) and bi.dim == B_DIM \
+                        and ki.dim == K_DIM and bi.offset == 0 and ki.offset == 0:
+                    return Predicate(padding=v.node)
+            raise _Unproven("the 2-D mask is indexed in an unrecognised way")
+        if isinstance(v, Positions) and v.dim is None and isinstance(index, tuple):
+            if Ellipsis in index or sum(1 for i in index if isinstance(i, slice)) != 1:
+                raise _Unproven("a position range indexed in an unrecognised way")
+            if len(index) != MASK_DIMS:
+                raise _Unproven(f"a position range broadcast to {len(index)} dims")
+            pos = next(i for i, s in enumerate(index) if isinstance(s, slice))
+            s = index[pos]
+            if s != slice(None, None, None):
+                raise _Unproven("a sliced position range")
+            if not all(i is None or i == slice(None) for i in index):
+                raise _Unproven("a position range indexed by values")
+            return Positions(pos, v.offset)
+        if isinstance(v, (Predicate, Additive)) and isinstance(index, tuple) \
+                and all(isinstance(i, slice) and i.start in (None, 0) and i.step in (None, 1) for i in index):
+            return v  # the transformers idiom mask[:, :, :, :key_len] keeps the whole mask
+        raise _Unproven("an indexed mask")
+
+    def _where(self, cond, a, b) -> Additive:
+        pc = self.value(cond)
+        vb = self.value(b)
+        if not isinstance(pc, Predicate):
+            raise _Unproven("where() over a non-boolean condition")
+        if _is_zero(a, self.value(a) if isinstance(a, fx.Node) else a) and isinstance(vb, float) and vb <= MASKED_BELOW:
+            return Additive(pc)
+        raise _Unproven("where() that is not (mask, 0, -inf)")
+
+
+def _is_zero(node_or_value, value) -> bool:
+    if isinstance(value, (int, float)):
+        return value == 0
+    if isinstance(node_or_value, fx.Node) and _fn_name(node_or_value) in ("zeros", "zeros_like", "new_zeros"):
+        return True
+    return False
+
+
+def prove_mask(mask: fx.Node, additive: bool) -> MaskProof:
+    """Is ``mask`` (boolean, or additive if ``additive``) exactly causal (+ key padding)?"""
+    interp = _Interpreter()
+    # zeros() nodes are leaves of additive masks: let them evaluate to 0.0.
+    for n in mask.graph.nodes:
+        if n.op == "call_function" and _fn_name(n) in ("zeros", "zeros_like") and n not in interp.memo:
+            interp.memo[n] = 0.0
+    try:
+        v = interp.value(mask)
+    except _Unproven as exc:
+        return MaskProof(False, reason=f"mask not proven causal: {exc}")
+    if additive:
+        if not isinstance(v, Additive):
+            return MaskProof(False, reason="additive mask of unknown values")
+        v = v.predicate
+    elif not isinstance(v, Predicate):
+        return MaskProof(False, reason="boolean mask of unknown structure")
+    if v.lower:
+        return MaskProof(False, reason=f"sliding-window mask (keys at least {-max(v.lower)} behind the query)")
+    if v.upper != frozenset({0}):
+        if not v.upper:
+            return MaskProof(False, reason="non-causal mask (bidirectional attention)")
+        return MaskProof(False, reason=f"mask shifted from causal (key - query <= {sorted(v.upper)})")
+    return MaskProof(True, key_padding=v.padding)

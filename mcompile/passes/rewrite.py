@@ -1,0 +1,166 @@
+"""The rewrite: each provably causal prefill attention becomes estimate_index + sparse_attention.
+
+    attn = sdpa(q, repeat_kv(k), repeat_kv(v), attn_mask=causal & padding)
+        ->
+    index = mcompile.estimate_index(q, k, padding, kinds, p0, p1, scale, dense_below)
+    attn  = mcompile.sparse_attention(q, k, v, *index, padding, scale, dense_below)
+
+Per-head patterns come from the pattern database by layer (``nn_module_stack``) and head, or
+from the default pattern. Attentions that cannot be proven causal prefill stay as they are,
+with the reason in the report. Dead code (the O(N^2) mask, ``repeat_kv``, the eager softmax
+chain) is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.fx as fx
+from torch._dynamo.utils import counters
+
+from .. import ops  # noqa: F401  (registers torch.ops.mcompile.*)
+from ..config import MInferenceConfig
+from ..pattern_db import PatternDB, PatternDBError, find_shipped, load
+from ..patterns import Pattern, PatternKind, encode
+from .match import AttentionSite, find_attention
+
+log = logging.getLogger(__name__)
+INDEX_FIELDS = 7  # tensors of a SparseIndex
+
+
+@dataclass(frozen=True)
+class SiteReport:
+    """What happened to one attention of a graph."""
+
+    layer: Optional[int]
+    module: str
+    kind: str
+    rewritten: bool
+    reason: str
+    heads: int
+    kv_heads: int
+    head_dim: int
+    patterns: tuple = ()
+    pattern_source: str = ""
+    key_padding: bool = False
+
+
+@dataclass(frozen=True)
+class RewriteReport:
+    sites: tuple
+    pattern_db: str
+    code: str = field(default="", repr=False)
+
+    @property
+    def rewritten(self) -> int:
+        return sum(s.rewritten for s in self.sites)
+
+
+_INPLACE_OPERATORS = {"iadd", "iand", "iconcat", "ifloordiv", "ilshift", "imod", "imul", "imatmul", "ior", "ipow",
+                      "irshift", "isub", "itruediv", "ixor", "setitem", "delitem"}
+
+
+def _mutates(node: fx.Node) -> bool:
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        return t._schema.is_mutable
+    name = t if isinstance(t, str) else getattr(t, "__name__", "")
+    if getattr(t, "__module__", None) in ("_operator", "operator"):
+        return name in _INPLACE_OPERATORS
+    return name.endswith("_") and not name.endswith("__")
+
+
+def erase_dead(graph: fx.Graph, roots) -> None:
+    """Erase ``roots`` and, transitively, their inputs once nothing uses them (pure nodes only)."""
+    work = list(roots)
+    while work:
+        n = work.pop()
+        if n.graph is not graph or n.users or n.op not in ("call_function", "call_method") or _mutates(n):
+            continue
+        inputs = n.all_input_nodes
+        graph.erase_node(n)
+        work.extend(inputs)
+
+
+def resolve_db(config: MInferenceConfig, sites: list[AttentionSite]) -> tuple[Optional[PatternDB], str]:
+    """The database for this graph and how it was chosen."""
+    if config.pattern_db is None:
+        return None, "none"
+    if config.pattern_db != "auto":
+        return load(config.pattern_db), config.pattern_db
+    ok = [s for s in sites if s.heads]
+    if not ok or any(s.layer is None for s in ok):
+        return None, "auto: no match"
+    s = ok[0]
+    model_type = s.module_type.lower().replace("attention", "").replace("sdpa", "").replace("flash", "")
+    db = find_shipped(model_type, s.heads, s.kv_heads, s.head_dim, num_layers=max(x.layer for x in ok) + 1)
+    if db is None:
+        return None, "auto: no match"
+    return db, f"auto: {db.source}"
+
+
+def site_patterns(site: AttentionSite, db: Optional[PatternDB], config: MInferenceConfig,
+                  explicit: bool) -> tuple[list[Pattern], str]:
+    if db is not None:
+        reason = db.check_site(site.layer, site.heads, site.kv_heads, site.head_dim)
+        if reason is None:
+            return db.patterns_for(site.layer), f"database {db.source}"
+        if explicit:
+            hint = ("compile the whole model (model.compile(backend='minference')) so that layers are known, "
+                    "or pass options={'pattern_db': None} to use the default pattern everywhere")
+            raise PatternDBError(f"{reason}; {hint}" if site.layer is None else reason)
+    return [config.default_pattern] * site.heads, "default pattern"
+
+
+def _rewrite_site(graph: fx.Graph, site: AttentionSite, patterns: list[Pattern], config: MInferenceConfig):
+    kinds, p0, p1 = encode(patterns)
+    with graph.inserting_before(site.node):
+        est = graph.call_function(torch.ops.mcompile.estimate_index.default,
+                                  (site.q, site.k, site.key_padding, kinds, p0, p1, site.scale, config.dense_below))
+        parts = [graph.call_function(operator.getitem, (est, i)) for i in range(INDEX_FIELDS)]
+        attn = graph.call_function(torch.ops.mcompile.sparse_attention.default,
+                                   (site.q, site.k, site.v, *parts, site.key_padding, site.scale, config.dense_below))
+    for node in (est, *parts, attn):
+        for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+            if key in site.node.meta:
+                node.meta[key] = site.node.meta[key]
+    site.node.replace_all_uses_with(attn)
+    erase_dead(graph, [site.node, *reversed(site.dead)])
+
+
+def rewrite_attention(gm: fx.GraphModule, config: MInferenceConfig) -> RewriteReport:
+    """Rewrite every provably causal prefill attention of ``gm`` in place; report every site."""
+    sites = find_attention(gm)
+    db, db_source = resolve_db(config, sites)
+    explicit = config.pattern_db not in (None, "auto")
+    reports = []
+    for site in sites:
+        reason = site.reason
+        patterns, source = [], ""
+        if reason is None:
+            patterns, source = site_patterns(site, db, config, explicit)
+            if all(p.kind == PatternKind.DENSE for p in patterns):
+                reason = f"every head is dense ({source})"
+        if reason is None:
+            _rewrite_site(gm.graph, site, patterns, config)
+            counters["mcompile"]["rewritten"] += 1
+            log.info("mcompile: rewrote %s attention in %s (layer %s) with %s", site.kind, site.module or "?",
+                     site.layer, source)
+        else:
+            counters["mcompile"]["kept_dense"] += 1
+            log.info("mcompile: kept %s attention in %s dense: %s", site.kind, site.module or "?", reason)
+        reports.append(SiteReport(site.layer, site.module, site.kind, reason is None, reason or "", site.heads,
+                                  site.kv_heads, site.head_dim, tuple(patterns), source, site.key_padding is not None))
+    gm.graph.lint()
+    gm.recompile()
+    code = gm.print_readable(print_output=False)
+    torch._logging.trace_structured(
+        "artifact",
+        metadata_fn=lambda: {"name": "mcompile_rewritten_graph", "encoding": "string"},
+        payload_fn=lambda: code,
+    )
+    return RewriteReport(tuple(reports), db_source, code)

@@ -1,0 +1,117 @@
+"""Sparse attention patterns: what a head keeps, and how each is encoded for the graph ops.
+
+A head's pattern is one of four kinds (MInference's three shapes plus dense). In the graph a
+layer's patterns travel as three int lists (kind, first parameter, second parameter), one
+entry per query head, so they are part of the graph and of its cache key.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+# MInference's run-time constants for vertical-slash estimation.
+LAST_Q = 64  # queries at the end of the prompt whose attention estimates the pattern
+SINK_COLUMNS = 30  # first key columns always kept as verticals (attention sinks)
+LOCAL_DIAGONALS = 100  # nearest diagonals always kept as slashes (local window)
+MIN_VERTICAL = SINK_COLUMNS  # a vertical budget never drops below the forced columns
+MIN_SLASH = LOCAL_DIAGONALS  # a slash budget never drops below the forced diagonals
+# Block-sparse: the diagonal block and the first block (sink) are always kept.
+MIN_BLOCKS = 2
+
+
+class PatternKind(enum.IntEnum):
+    DENSE = 0
+    A_SHAPE = 1
+    VERTICAL_SLASH = 2
+    BLOCK_SPARSE = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+_PARAMS = {
+    PatternKind.DENSE: (),
+    PatternKind.A_SHAPE: ("sink", "local"),
+    PatternKind.VERTICAL_SLASH: ("vertical", "slash"),
+    PatternKind.BLOCK_SPARSE: ("blocks",),
+}
+_MINIMUM = {"sink": 0, "local": 1, "vertical": MIN_VERTICAL, "slash": MIN_SLASH, "blocks": MIN_BLOCKS}
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """One head's pattern: ``kind`` and up to two budgets (tokens, or blocks for block-sparse)."""
+
+    kind: PatternKind
+    p0: int = 0
+    p1: int = 0
+
+    def __post_init__(self):
+        names = _PARAMS[self.kind]
+        for name, value in zip(names, (self.p0, self.p1)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{self.kind.label}.{name} must be an int, got {value!r}")
+            if value < _MINIMUM[name]:
+                raise ValueError(f"{self.kind.label}.{name} must be >= {_MINIMUM[name]}, got {value}")
+
+    @classmethod
+    def from_dict(cls, spec: Mapping[str, Any]) -> "Pattern":
+        """Parse ``{"kind": "vertical_slash", "vertical": 1000, "slash": 6096}`` and friends."""
+        if isinstance(spec, Pattern):
+            return spec
+        if not isinstance(spec, Mapping) or "kind" not in spec:
+            raise ValueError(f"a pattern is a dict with a 'kind' key, got {spec!r}")
+        kinds = {k.label: k for k in PatternKind}
+        kind = kinds.get(str(spec["kind"]))
+        if kind is None:
+            raise ValueError(f"unknown pattern kind {spec['kind']!r}; valid kinds: {sorted(kinds)}")
+        names = _PARAMS[kind]
+        unknown = set(spec) - {"kind", *names}
+        if unknown:
+            raise ValueError(f"unknown keys {sorted(unknown)} for {kind.label}; valid keys: {list(names)}")
+        missing = [n for n in names if n not in spec]
+        if missing:
+            raise ValueError(f"{kind.label} needs {missing}")
+        values = [spec[n] for n in names] + [0] * (2 - len(names))
+        return cls(kind, *values)
+
+    def to_dict(self) -> dict:
+        names = _PARAMS[self.kind]
+        return {"kind": self.kind.label, **dict(zip(names, (self.p0, self.p1)))}
+
+    def describe(self) -> str:
+        names = _PARAMS[self.kind]
+        args = ", ".join(f"{n}={v}" for n, v in zip(names, (self.p0, self.p1)))
+        return f"{self.kind.label}({args})" if args else self.kind.label
+
+
+DENSE = Pattern(PatternKind.DENSE)
+DEFAULT_VERTICAL_SLASH = Pattern(PatternKind.VERTICAL_SLASH, 1000, 6096)  # MInference's default
+
+
+def encode(patterns: Sequence[Pattern]) -> tuple[list[int], list[int], list[int]]:
+    """Per-head patterns -> (kinds, p0, p1) int lists, the form the graph ops take."""
+    return [int(p.kind) for p in patterns], [p.p0 for p in patterns], [p.p1 for p in patterns]
+
+
+def decode(kinds: Sequence[int], p0: Sequence[int], p1: Sequence[int]) -> list[Pattern]:
+    return [Pattern(PatternKind(k), a, b) for k, a, b in zip(kinds, p0, p1)]
+
+
+def max_density(pattern: Pattern, n: int) -> float:
+    """Upper bound of the fraction of the n(n+1)/2 causal (query, key) pairs a pattern keeps at
+    length ``n``: every vertical or slash costs at most n pairs, a 64x64 block 64*64."""
+    causal = n * (n + 1) / 2
+    if pattern.kind == PatternKind.DENSE:
+        return 1.0
+    if pattern.kind == PatternKind.A_SHAPE:
+        kept = min(pattern.p0, n) * n + min(pattern.p1, n) * n
+    elif pattern.kind == PatternKind.VERTICAL_SLASH:
+        kept = min(pattern.p0, n) * n + min(pattern.p1, n) * n
+    else:
+        blocks = (n + 63) // 64
+        kept = min(pattern.p0, blocks) * blocks * 64 * 64
+    return min(1.0, kept / causal)
