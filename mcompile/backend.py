@@ -36,7 +36,8 @@ def minference_backend(gm: torch.fx.GraphModule, example_inputs, options: Option
                        report_sink: Optional[Callable[[RewriteReport], None]] = None) -> Callable:
     """torch.compile backend: sparse attention for long prefill, Inductor for everything."""
     config = MInferenceConfig.from_options(options, mode)
-    report = rewrite_attention(gm, config)
+    grad = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
+    report = rewrite_attention(gm, config, grad_enabled=grad)
     log.info("mcompile: %d of %d attentions rewritten (pattern database: %s)", report.rewritten,
              len(report.sites), report.pattern_db)
     if report_sink is not None:

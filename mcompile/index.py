@@ -59,14 +59,20 @@ class SparseIndex(NamedTuple):
     run_count: torch.Tensor  # (B, H) int32
     diag_prefix: torch.Tensor  # (B, H, N + 1) int32, covered diagonals below x
     columns: torch.Tensor  # (B, H, C) int32, sorted, SENTINEL-padded
-    column_count: torch.Tensor  # (B, H, NB) int32, columns < (m + 1) * BLOCK
-    blocks: torch.Tensor  # (B, H, NB, KB) int32, sorted key blocks, SENTINEL-padded
-    block_count: torch.Tensor  # (B, H, NB) int32
+    column_count: torch.Tensor  # (B, H, NB + 1) int32, columns < (m + 1) * BLOCK
+    blocks: torch.Tensor  # (B, H, NB + 1, KB) int32, sorted key blocks, SENTINEL-padded
+    block_count: torch.Tensor  # (B, H, NB + 1) int32 (the last row is spare, always 0)
 
 
 def num_blocks(n):
     """Query blocks of a sequence of ``n`` tokens (works on SymInts)."""
     return (n + BLOCK - 1) // BLOCK
+
+
+def index_rows(n):
+    """Rows of the per-block index tensors: one spare row past the last block, so that no index
+    dimension is ever 1 and tracing the ops adds no guard on the length."""
+    return num_blocks(n) + 1
 
 
 def runs_to_diag_prefix(runs: torch.Tensor, run_count: torch.Tensor, n: int) -> torch.Tensor:
@@ -86,9 +92,9 @@ def runs_to_diag_prefix(runs: torch.Tensor, run_count: torch.Tensor, n: int) -> 
 
 
 def column_counts(columns: torch.Tensor, n: int) -> torch.Tensor:
-    """Columns below each query block's end: (B, H, C) sorted -> (B, H, NB) int32."""
+    """Columns below each query block's end: (B, H, C) sorted -> (B, H, NB + 1) int32."""
     b, h, _ = columns.shape
-    ends = (torch.arange(num_blocks(n), device=columns.device, dtype=torch.int64) + 1) * BLOCK
+    ends = (torch.arange(index_rows(n), device=columns.device, dtype=torch.int64) + 1) * BLOCK
     ends = ends.expand(b, h, -1).contiguous()
     return torch.searchsorted(columns.long().contiguous(), ends).to(torch.int32)
 

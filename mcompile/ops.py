@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .index import SparseIndex, num_blocks
+from .index import SparseIndex, index_rows
 from .kernels import dispatch
 from .kernels.estimate import estimate_index_ref, index_capacity
 from .kernels.sparse_attention import sparse_attention_ref
@@ -56,7 +56,7 @@ def estimate_index(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch
 def _(q, k, key_padding, kinds, p0, p1, scale, dense_below):
     b, h, n, _ = q.shape
     r, c, kb = index_capacity(n, kinds, p0, p1)
-    nb = num_blocks(n)
+    nb = index_rows(n)
     i32 = dict(dtype=torch.int32, device=q.device)
     return (q.new_empty(b, h, r, 2, **i32), q.new_empty(b, h, **i32), q.new_empty(b, h, n + 1, **i32),
             q.new_empty(b, h, c, **i32), q.new_empty(b, h, nb, **i32), q.new_empty(b, h, nb, kb, **i32),

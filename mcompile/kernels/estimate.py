@@ -16,11 +16,11 @@ fp32 score tensors stay under ``SCORE_BYTES``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..index import BLOCK, SENTINEL, SparseIndex, column_counts, num_blocks, runs_to_diag_prefix
+from ..index import BLOCK, SENTINEL, SparseIndex, column_counts, index_rows, num_blocks, runs_to_diag_prefix
 from ..patterns import LAST_Q, LOCAL_DIAGONALS, SINK_COLUMNS, PatternKind
 
 SCORE_BYTES = 1 << 30  # cap on one chunk's fp32 score tensor during estimation
@@ -31,7 +31,8 @@ def _sym_min(a, b):
 
 
 def index_capacity(n, kinds: Sequence[int], p0: Sequence[int], p1: Sequence[int]):
-    """Static sizes (R runs, C columns, KB blocks) of a layer's index at length ``n``.
+    """Sizes (R runs, C columns, KB blocks) of a layer's index at length ``n``; KB is the largest
+    block budget itself (static), not clipped to the number of blocks.
 
     Uses only symbolic arithmetic so that fake tensors built from it need no guards.
     """
@@ -43,8 +44,7 @@ def index_capacity(n, kinds: Sequence[int], p0: Sequence[int], p1: Sequence[int]
             cols = max(cols, a)
         elif kind == PatternKind.BLOCK_SPARSE:
             blks = max(blks, a)
-    kb = _sym_min(blks, num_blocks(n)) if blks else 0
-    return _sym_min(runs, n), _sym_min(cols, n), kb
+    return _sym_min(runs, n), _sym_min(cols, n), blks
 
 
 def _kv_chunk(b: int, group: int, rows: int, n: int, hk: int) -> int:
@@ -76,127 +76,157 @@ def _topk_sorted(scores: torch.Tensor, budgets: torch.Tensor, k: int) -> torch.T
     return torch.where(keep, idx, SENTINEL).sort(-1).values
 
 
-def vertical_slash_scores(q, k, key_padding, scale: float):
-    """Column and diagonal scores (B, H, N) fp32 from the last LAST_Q queries of every head."""
+def vertical_slash_scores(q, k, key_padding, scale: float, heads: torch.Tensor):
+    """Column and diagonal scores (B, Hs, N) fp32 of query heads ``heads``, from the last LAST_Q
+    queries (logits in fp32)."""
     b, h, n, _ = q.shape
     hk = k.shape[1]
     group = h // hk
     lq = min(LAST_Q, n)
     pos = torch.arange(n - lq, n, device=q.device)  # (lq,)
     keys = torch.arange(n, device=q.device)
-    causal = keys[None, :] <= pos[:, None]  # (lq, n)
+    allowed = (keys[None, :] <= pos[:, None])[None, None]  # (1, 1, lq, n)
     if key_padding is not None:
-        allowed = causal[None, None] & key_padding[:, None, None, :].bool()  # (B, 1, lq, n)
-    else:
-        allowed = causal[None, None]
+        allowed = allowed & key_padding[:, None, None, :].bool()
     diag = (pos[:, None] - keys[None, :]).clamp(min=0).flatten()  # (lq * n,)
     vertical = torch.empty(b, h, n, dtype=torch.float32, device=q.device)
     slash = torch.empty_like(vertical)
     step = _kv_chunk(b, group, lq, n, hk)
     for g0 in range(0, hk, step):
         g1 = min(hk, g0 + step)
-        qs = q[:, g0 * group:g1 * group, n - lq:].reshape(b, g1 - g0, group * lq, -1)
-        s = torch.matmul(qs, k[:, g0:g1].transpose(-1, -2)).float() * scale
-        s = s.view(b, (g1 - g0) * group, lq, n).masked_fill(~allowed, float("-inf"))
+        hc = (g1 - g0) * group
+        qs = q[:, g0 * group:g1 * group, n - lq:].float().reshape(b, g1 - g0, group * lq, -1)
+        s = torch.matmul(qs, k[:, g0:g1].float().transpose(-1, -2)) * scale
+        s = s.view(b, hc, lq, n).masked_fill(~allowed, float("-inf"))
         p = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # (B, Hc, lq, n)
-        hs = slice(g0 * group, g1 * group)
-        vertical[:, hs] = p.sum(2)
-        sl = torch.zeros(b, (g1 - g0) * group, n, dtype=torch.float32, device=q.device)
-        sl.scatter_add_(2, diag.expand(b, (g1 - g0) * group, -1), p.flatten(2))
-        slash[:, hs] = sl
-    return vertical, slash
+        vertical[:, g0 * group:g1 * group] = p.sum(2)
+        sl = torch.zeros(b, hc, n, dtype=torch.float32, device=q.device)
+        sl.scatter_add_(2, diag.expand(b, hc, -1), p.flatten(2))
+        slash[:, g0 * group:g1 * group] = sl
+    heads = heads.long()
+    return vertical[:, heads], slash[:, heads]
 
 
-def block_scores(q, k, scale: float):
-    """Pooled block scores (B, H, NB, NB) fp32, block-causal, diagonal and block 0 forced."""
-    b, h, n, d = q.shape
-    hk = k.shape[1]
-    group = h // hk
+def _pool(x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, X, N, D) -> (B, X, NB, D) fp32 means over each block's tokens (``weight`` (B, N)
+    leaves padded tokens out)."""
+    b, xh, n, d = x.shape
     nb = num_blocks(n)
+    pad = nb * BLOCK - n
+    w = torch.ones(b, n, device=x.device) if weight is None else weight.float()
+    xs = torch.nn.functional.pad(x.float() * w[:, None, :, None], (0, 0, 0, pad)).view(b, xh, nb, BLOCK, d)
+    counts = torch.nn.functional.pad(w, (0, pad)).view(b, nb, BLOCK).sum(-1).clamp(min=1)  # (B, NB)
+    return xs.sum(3) / counts[:, None, :, None]
 
-    def pool(x):  # (B, X, N, D) -> (B, X, NB, D) fp32 means over each block's tokens
-        pad = nb * BLOCK - n
-        xs = torch.nn.functional.pad(x.float(), (0, 0, 0, pad)).view(x.shape[0], x.shape[1], nb, BLOCK, d)
-        counts = torch.full((nb,), BLOCK, device=x.device, dtype=torch.float32)
-        counts[-1] = n - (nb - 1) * BLOCK
-        return xs.sum(3) / counts[:, None]
 
-    pq, pk = pool(q), pool(k)
-    out = torch.empty(b, h, nb, nb, dtype=torch.float32, device=q.device)
-    step = _kv_chunk(b, group, nb, nb, hk)
-    for g0 in range(0, hk, step):
-        g1 = min(hk, g0 + step)
-        s = torch.matmul(pq[:, g0 * group:g1 * group].reshape(b, g1 - g0, group * nb, d),
-                         pk[:, g0:g1].transpose(-1, -2)) * scale
-        out[:, g0 * group:g1 * group] = s.view(b, (g1 - g0) * group, nb, nb)
-    qb = torch.arange(nb, device=q.device)
-    out.masked_fill_(qb[None, :] > qb[:, None], float("-inf"))
-    out[..., 0] = float("inf")
-    out.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))
+def block_topk(q, k, key_padding, scale: float, heads: torch.Tensor, budgets: torch.Tensor, kmax: int):
+    """Top ``budgets[i]`` key blocks per query block of head ``heads[i]``: (B, Hb, NB, kmax)
+    int32, ascending, SENTINEL-padded. Pooled scores are block-causal, with the diagonal block
+    and block 0 forced; they are scored one chunk of heads and rows at a time."""
+    b, h, n, d = q.shape
+    group = h // k.shape[1]
+    nb = num_blocks(n)
+    heads = heads.long()
+    pq = _pool(q[:, heads])  # (B, Hb, NB, D)
+    pk = _pool(k, key_padding)[:, heads // group]  # (B, Hb, NB, D)
+    hb = heads.numel()
+    rows_per = max(1, SCORE_BYTES // max(1, b * hb * nb * 4))
+    out = torch.empty(b, hb, nb, kmax, dtype=torch.int32, device=q.device)
+    cols = torch.arange(nb, device=q.device)
+    for r0 in range(0, nb, rows_per):
+        r1 = min(nb, r0 + rows_per)
+        rows = torch.arange(r0, r1, device=q.device)
+        s = torch.matmul(pq[:, :, r0:r1], pk.transpose(-1, -2)) * scale  # (B, Hb, R, NB)
+        s = s.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
+        s[..., 0] = float("inf")
+        s.scatter_(3, rows.view(1, 1, -1, 1).expand(b, hb, -1, 1), float("inf"))
+        picked = _topk_sorted(s, budgets, kmax)
+        # topk returns the (block-causal) valid entries first; drop the rest.
+        out[:, :, r0:r1] = torch.where(picked <= rows[:, None], picked, SENTINEL).sort(-1).values
     return out
 
 
-def estimate_index_ref(q: torch.Tensor, k: torch.Tensor, key_padding: torch.Tensor | None,
-                       kinds: Sequence[int], p0: Sequence[int], p1: Sequence[int],
-                       scale: float, dense: bool = False) -> SparseIndex:
+def _device_ints(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """A small per-head table on ``device`` without a blocking copy."""
+    t = torch.tensor(list(values), dtype=torch.int32)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _forced_columns(key_padding: Optional[torch.Tensor], n: int, device) -> tuple:
+    """(forced, allowed) key masks for vertical scores: the first SINK_COLUMNS unpadded keys are
+    always kept (attention sinks sit at the first real tokens, also under left padding)."""
+    if key_padding is None:
+        forced = torch.arange(n, device=device) < SINK_COLUMNS
+        return forced[None, None], None
+    kp = key_padding.bool()
+    forced = kp & (kp.cumsum(-1) <= SINK_COLUMNS)
+    return forced[:, None], kp[:, None]
+
+
+def assemble_index(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch.Tensor],
+                   kinds: Sequence[int], p0: Sequence[int], p1: Sequence[int], scale: float,
+                   dense: bool = False, vs_scores: Callable = vertical_slash_scores) -> SparseIndex:
     """Sparse index of every head of a layer. q (B, H, N, D), k (B, Hk, N, D), key_padding (B, N).
 
     ``dense=True`` returns the dense index (every head one run over all diagonals).
+    ``vs_scores(q, k, key_padding, scale, heads)`` computes the vertical-slash scores; the rest
+    is shared by every implementation. Per-head tables are built on the host from the pattern
+    lists: no host sync, no loop over heads.
     """
     b, h, n, _ = q.shape
     dev = q.device
     r_cap, c_cap, kb_cap = index_capacity(n, kinds, p0, p1)
     nb = num_blocks(n)
-    kinds_t = torch.tensor(list(kinds), device=dev)
-    if dense:
-        kinds_t = torch.full_like(kinds_t, int(PatternKind.DENSE))
+    kinds_l = [int(PatternKind.DENSE)] * h if dense else [int(x) for x in kinds]
+    heads_of = {kd: [i for i, x in enumerate(kinds_l) if x == kd] for kd in PatternKind}
+
+    # Dense: one run over every diagonal. A-shape: ``sink`` columns and one run of ``local`` diagonals.
+    static = [int(x in (PatternKind.DENSE, PatternKind.A_SHAPE)) for x in kinds_l]
+    local = [n if x == PatternKind.DENSE else min(p1[i], n) for i, x in enumerate(kinds_l)]
+    sink = [min(p0[i], n) if x == PatternKind.A_SHAPE else 0 for i, x in enumerate(kinds_l)]
+    static_t, local_t, sink_t = _device_ints(static + local + sink, dev).view(3, h)
+    static_t = static_t.bool()
     runs = torch.full((b, h, r_cap, 2), SENTINEL, dtype=torch.int32, device=dev)
-    run_count = torch.zeros(b, h, dtype=torch.int32, device=dev)
-    columns = torch.full((b, h, c_cap), SENTINEL, dtype=torch.int32, device=dev)
-    blocks = torch.full((b, h, nb, kb_cap), SENTINEL, dtype=torch.int32, device=dev)
-    block_count = torch.zeros(b, h, nb, dtype=torch.int32, device=dev)
+    runs[:, :, 0, 0] = torch.where(static_t, 0, SENTINEL)
+    runs[:, :, 0, 1] = torch.where(static_t, local_t - 1, SENTINEL)
+    run_count = static_t.to(torch.int32).expand(b, h).contiguous()
+    slot = torch.arange(c_cap, dtype=torch.int32, device=dev)
+    columns = torch.where(slot < sink_t[:, None], slot, SENTINEL).expand(b, h, c_cap).contiguous()
+    blocks = torch.full((b, h, index_rows(n), kb_cap), SENTINEL, dtype=torch.int32, device=dev)
+    block_count = torch.zeros(b, h, index_rows(n), dtype=torch.int32, device=dev)
 
-    def heads_of(kind):
-        return (kinds_t == int(kind)).nonzero().flatten().tolist()
-
-    # Dense: one run over every diagonal. A-shape: sink columns, one run of local diagonals.
-    for kind in (PatternKind.DENSE, PatternKind.A_SHAPE):
-        for hh in heads_of(kind):
-            local = n if kind == PatternKind.DENSE else min(p1[hh], n)
-            runs[:, hh, 0] = torch.tensor([0, local - 1], dtype=torch.int32, device=dev)
-            run_count[:, hh] = 1
-            if kind == PatternKind.A_SHAPE:
-                sink = min(p0[hh], n)
-                columns[:, hh, :sink] = torch.arange(sink, dtype=torch.int32, device=dev)
-
-    vs = heads_of(PatternKind.VERTICAL_SLASH)
+    vs = heads_of[PatternKind.VERTICAL_SLASH]
     if vs:
-        vertical, slash = vertical_slash_scores(q, k, key_padding, scale)
-        sel = torch.tensor(vs, device=dev)
-        vertical, slash = vertical[:, sel], slash[:, sel]
-        vertical[..., :SINK_COLUMNS] = float("inf")
+        nv_l = [min(p0[i], n) for i in vs]
+        ns_l = [min(p1[i], n) for i in vs]
+        sel, nv, ns = _device_ints(vs + nv_l + ns_l, dev).view(3, len(vs)).long()
+        vertical, slash = vs_scores(q, k, key_padding, scale, sel)
+        forced, allowed = _forced_columns(key_padding, n, dev)
+        if allowed is not None:
+            vertical.masked_fill_(~allowed, float("-inf"))
+        vertical.masked_fill_(forced, float("inf"))
         slash[..., :LOCAL_DIAGONALS] = float("inf")
-        nv = torch.tensor([min(p0[i], n) for i in vs], device=dev)
-        ns = torch.tensor([min(p1[i], n) for i in vs], device=dev)
-        cols = _topk_sorted(vertical, nv, int(nv.max()))
-        diags = _topk_sorted(slash, ns, int(ns.max()))
-        r, rc = diagonals_to_runs(diags)
+        cols = _topk_sorted(vertical, nv, max(nv_l))
+        r, rc = diagonals_to_runs(_topk_sorted(slash, ns, max(ns_l)))
         columns[:, sel, :cols.shape[-1]] = cols
         runs[:, sel, :r.shape[-2]] = r
         run_count[:, sel] = rc
 
-    bs = heads_of(PatternKind.BLOCK_SPARSE)
+    bs = heads_of[PatternKind.BLOCK_SPARSE]
     if bs:
-        sel = torch.tensor(bs, device=dev)
-        scores = block_scores(q, k, scale)[:, sel]  # (B, Hb, NB, NB)
-        budget = torch.tensor([min(p0[i], nb) for i in bs], device=dev)
-        picked = _topk_sorted(scores, budget, int(budget.max()))  # (B, Hb, NB, kmax)
+        budget_l = [min(p0[i], nb) for i in bs]
+        sel, budget = _device_ints(bs + budget_l, dev).view(2, len(bs)).long()
+        picked = block_topk(q, k, key_padding, scale, sel, budget, max(budget_l))
+        blocks[:, sel, :nb, :picked.shape[-1]] = picked
         rows = torch.arange(nb, device=dev)
-        count = torch.minimum(budget[:, None], rows[None, :] + 1).to(torch.int32)  # (Hb, NB)
-        # topk returns the valid (block-causal) entries first; drop the rest.
-        picked = torch.where(picked <= rows[:, None], picked, SENTINEL).sort(-1).values
-        blocks[:, sel, :, :picked.shape[-1]] = picked
-        block_count[:, sel] = count.expand(b, -1, -1)
+        block_count[:, sel, :nb] = torch.minimum(budget[:, None], rows[None, :] + 1).to(torch.int32).expand(b, -1, -1)
 
     return SparseIndex(runs, run_count, runs_to_diag_prefix(runs, run_count, n), columns,
                        column_counts(columns, n), blocks, block_count)
+
+
+def estimate_index_ref(q, k, key_padding, kinds, p0, p1, scale: float, dense: bool = False) -> SparseIndex:
+    """The pure-PyTorch estimation (CPU path and reference)."""
+    return assemble_index(q, k, key_padding, kinds, p0, p1, scale, dense, vertical_slash_scores)

@@ -39,9 +39,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..index import BLOCK, SENTINEL, SparseIndex, column_counts, num_blocks, runs_to_diag_prefix
-from ..patterns import LAST_Q, LOCAL_DIAGONALS, SINK_COLUMNS, PatternKind
-from .estimate import _topk_sorted, block_scores, diagonals_to_runs, estimate_index_ref, index_capacity  # noqa: F401
+from ..index import SparseIndex
+from ..patterns import LAST_Q
+from .estimate import assemble_index
+from .estimate import estimate_index_ref  # noqa: F401  (the reference this module matches)
 
 LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E): scores are kept in base 2
 NEG_INIT = tl.constexpr(-1.0e30)  # finite running-max start: all-masked rows stay 0, never NaN
@@ -163,14 +164,6 @@ def _num_splits(num_tiles: int, rows_of_programs: int) -> int:
     return max(1, min(num_tiles, triton.cdiv(TARGET_PROGRAMS, max(1, rows_of_programs))))
 
 
-def _device_ints(values: Sequence[int], device: torch.device, dtype=torch.int32) -> torch.Tensor:
-    """A small per-head table on ``device`` without a blocking copy (pinned, non_blocking)."""
-    t = torch.tensor(list(values), dtype=dtype)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
 def vertical_slash_scores_triton(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch.Tensor],
                                  scale: float, heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Column and diagonal scores (B, Hs, N) fp32 of the query heads ``heads`` (int32, (Hs,)).
@@ -233,60 +226,6 @@ def estimate_index_triton(q: torch.Tensor, k: torch.Tensor, key_padding: Optiona
                           kinds: Sequence[int], p0: Sequence[int], p1: Sequence[int],
                           scale: float, dense: bool = False) -> SparseIndex:
     """Same contract and result as ``estimate_index_ref``; vertical-slash scores come from the
-    fused kernels above, everything else from the same PyTorch helpers."""
+    fused kernels above, the index assembly is the shared one."""
     _check(q, k, key_padding, kinds, p0, p1)
-    b, h, n, _ = q.shape
-    dev = q.device
-    r_cap, c_cap, kb_cap = index_capacity(n, kinds, p0, p1)
-    nb = num_blocks(n)
-    kinds_l = [int(PatternKind.DENSE)] * h if dense else [int(x) for x in kinds]
-    heads_of = {kd: [i for i, x in enumerate(kinds_l) if x == kd] for kd in PatternKind}
-
-    # Dense: one run over every diagonal. A-shape: `sink` columns and one run of `local` diagonals.
-    static = [x in (PatternKind.DENSE, PatternKind.A_SHAPE) for x in kinds_l]
-    local = [n if x == PatternKind.DENSE else min(p1[i], n) for i, x in enumerate(kinds_l)]
-    sink = [min(p0[i], n) if x == PatternKind.A_SHAPE else 0 for i, x in enumerate(kinds_l)]
-    table = _device_ints(static + local + sink, dev).view(3, h)
-    static_t, local_t, sink_t = table[0].bool(), table[1], table[2]
-    runs = torch.full((b, h, r_cap, 2), SENTINEL, dtype=torch.int32, device=dev)
-    runs[:, :, 0, 0] = torch.where(static_t, 0, SENTINEL)
-    runs[:, :, 0, 1] = torch.where(static_t, local_t - 1, SENTINEL)
-    run_count = static_t.to(torch.int32).expand(b, h).contiguous()
-    slot = torch.arange(c_cap, dtype=torch.int32, device=dev)
-    columns = torch.where(slot < sink_t[:, None], slot, SENTINEL).expand(b, h, c_cap).contiguous()
-    blocks = torch.full((b, h, nb, kb_cap), SENTINEL, dtype=torch.int32, device=dev)
-    block_count = torch.zeros(b, h, nb, dtype=torch.int32, device=dev)
-
-    vs = heads_of[PatternKind.VERTICAL_SLASH]
-    if vs:
-        nv_l = [min(p0[i], n) for i in vs]
-        ns_l = [min(p1[i], n) for i in vs]
-        vs_table = _device_ints(vs + nv_l + ns_l, dev).view(3, len(vs))
-        sel, nv, ns = vs_table[0], vs_table[1].long(), vs_table[2].long()
-        vertical, slash = vertical_slash_scores_triton(q, k, key_padding, scale, sel)
-        vertical[..., :SINK_COLUMNS] = float("inf")
-        slash[..., :LOCAL_DIAGONALS] = float("inf")
-        cols = _topk_sorted(vertical, nv, max(nv_l))
-        diags = _topk_sorted(slash, ns, max(ns_l))
-        r, rc = diagonals_to_runs(diags)
-        sel = sel.long()
-        columns[:, sel, :cols.shape[-1]] = cols
-        runs[:, sel, :r.shape[-2]] = r
-        run_count[:, sel] = rc
-
-    bs = heads_of[PatternKind.BLOCK_SPARSE]
-    if bs:
-        budget_l = [min(p0[i], nb) for i in bs]
-        bs_table = _device_ints(bs + budget_l, dev).view(2, len(bs))
-        sel, budget = bs_table[0].long(), bs_table[1].long()
-        scores = block_scores(q, k, scale)[:, sel]  # (B, Hb, NB, NB)
-        picked = _topk_sorted(scores, budget, max(budget_l))  # (B, Hb, NB, kmax)
-        rows = torch.arange(nb, device=dev)
-        count = torch.minimum(budget[:, None], rows[None, :] + 1).to(torch.int32)  # (Hb, NB)
-        # topk returns the valid (block-causal) entries first; drop the rest.
-        picked = torch.where(picked <= rows[:, None], picked, SENTINEL).sort(-1).values
-        blocks[:, sel, :, :picked.shape[-1]] = picked
-        block_count[:, sel] = count.expand(b, -1, -1)
-
-    return SparseIndex(runs, run_count, runs_to_diag_prefix(runs, run_count, n), columns,
-                       column_counts(columns, n), blocks, block_count)
+    return assemble_index(q, k, key_padding, kinds, p0, p1, scale, dense, vertical_slash_scores_triton)

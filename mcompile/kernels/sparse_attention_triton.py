@@ -36,6 +36,7 @@ columns ``column_count[m-1] .. column_count[m]`` of the block's own range get th
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -43,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..index import BLOCK, SparseIndex, num_blocks
+from ..index import BLOCK, SparseIndex, index_rows, num_blocks
 from .sparse_attention import sparse_attention_ref  # noqa: F401  (the reference this kernel matches)
 
 LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E): the kernel's softmax works in base 2
@@ -57,6 +58,16 @@ MIN_CAPABILITY = (8, 0)  # tensor-core tl.dot on fp16/bf16 needs Ampere or newer
 # block; the rest holds Q, the P tile and layout conversions).
 SMEM_BUDGET = 160 * 1024
 INTERPRET_BLOCK_N = 64  # key tile width under TRITON_INTERPRET, where autotuning is skipped
+
+
+# Autotuning is keyed on the head dims and on N rounded up to a power of two within these
+# bounds: tile costs shift with length (more runs, longer columns lists), yet a model sees only
+# a handful of buckets, so each is tuned once.
+MIN_BUCKET, MAX_BUCKET = 1 << 12, 1 << 20
+
+
+def _length_bucket(n: int) -> int:
+    return min(max(triton.next_power_of_2(n), MIN_BUCKET), MAX_BUCKET)
 
 
 def _interpreting() -> bool:
@@ -94,11 +105,12 @@ def _prune_configs(configs, named_args, **kwargs):
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _online_update(acc, l_i, m_i, qk, v, DOT_PRECISION: tl.constexpr):
-    """Fold one masked score tile (base-2 logits) into the running max, sum and output."""
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
+def _online_update(acc, l_i, m_i, qk, v, qk_scale, DOT_PRECISION: tl.constexpr):
+    """Fold one tile of raw scores (-inf where masked) into the running max, sum and output.
+    The base-2 scale (> 0) is applied inside the exp2 argument, where it fuses into one FMA."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(qk - m_new[:, None])
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
@@ -125,7 +137,7 @@ def _contiguous_tile(acc, l_i, m_i, q, k_base, v_base, kp_base, start, end, rows
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
         keep = in_range[None, :] & (keys[None, :] <= rows[:, None])
         if HAS_PADDING:
@@ -135,7 +147,7 @@ def _contiguous_tile(acc, l_i, m_i, q, k_base, v_base, kp_base, start, end, rows
     elif HAS_PADDING:
         pad = tl.load(kp_base + keys64 * stride_kpn)
         qk = tl.where((pad != 0)[None, :], qk, float("-inf"))
-    return _online_update(acc, l_i, m_i, qk, v, DOT_PRECISION)
+    return _online_update(acc, l_i, m_i, qk, v, qk_scale, DOT_PRECISION)
 
 
 @triton.jit
@@ -167,12 +179,12 @@ def _column_tile(acc, l_i, m_i, q, k_base, v_base, kp_base, col_base, pre_base, 
                 mask=keep[:, None], other=0.0)
     v = tl.load(v_base + j64[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                 mask=keep[:, None], other=0.0)
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     mask = keep[None, :]
     if CAUSAL:
         mask = mask & (j[None, :] <= rows[:, None])
     qk = tl.where(mask, qk, float("-inf"))
-    return _online_update(acc, l_i, m_i, qk, v, DOT_PRECISION)
+    return _online_update(acc, l_i, m_i, qk, v, qk_scale, DOT_PRECISION)
 
 
 @triton.jit
@@ -184,7 +196,7 @@ def _sparse_attention_kernel(
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_ob, stride_oh, stride_on, stride_od,
         stride_kpb, stride_kpn,
-        N, H, GROUP, NB, R, C, KB, qk_scale,
+        N, H, GROUP, NB, ROWS, R, C, KB, qk_scale, N_BUCKET,
         HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, KB_POW2: tl.constexpr, HAS_PADDING: tl.constexpr,
         HAS_COLUMNS: tl.constexpr, HAS_BLOCKS: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -214,8 +226,8 @@ def _sparse_attention_kernel(
     # (a) Key blocks, sorted: those before block m are below the diagonal (no mask), the rest
     # (block m itself, and any later one, which masks to nothing) get the causal mask.
     if HAS_BLOCKS:
-        blk_base = Blocks + (bh64 * NB + m) * KB
-        cnt = tl.load(BlockCount + bh64 * NB + m)
+        blk_base = Blocks + (bh64 * ROWS + m) * KB
+        cnt = tl.load(BlockCount + bh64 * ROWS + m)
         slot = tl.arange(0, KB_POW2)
         listed = tl.load(blk_base + slot, mask=slot < cnt, other=NB)
         n_below = tl.sum((listed < m).to(tl.int32), 0)
@@ -256,8 +268,8 @@ def _sparse_attention_kernel(
     # (c) Columns below (m+1)*64; those below m*64 (column_count[m-1] of them) need no
     # causal mask, so chunks wholly among them skip it.
     if HAS_COLUMNS:
-        c_end = tl.load(ColumnCount + bh64 * NB + m)
-        c_prev = tl.load(ColumnCount + bh64 * NB + m - 1, mask=m > 0, other=0)
+        c_end = tl.load(ColumnCount + bh64 * ROWS + m)
+        c_prev = tl.load(ColumnCount + bh64 * ROWS + m - 1, mask=m > 0, other=0)
         col_base = Columns + bh64 * C
         pre_base = DiagPrefix + bh64 * (N + 1)
         n_free = c_prev // BLOCK_N
@@ -280,7 +292,7 @@ def _sparse_attention_kernel(
 
 
 _sparse_attention_tuned = triton.autotune(
-    configs=_configs(), key=["HEAD_DIM", "HEAD_DV"],
+    configs=_configs(), key=["HEAD_DIM", "HEAD_DV", "N_BUCKET"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_sparse_attention_kernel)
 
@@ -324,11 +336,11 @@ def _check_contract(q, k, v, index: SparseIndex, key_padding):
     if k.dtype != q.dtype or v.dtype != q.dtype or k.device != q.device or v.device != q.device:
         raise ValueError(f"q, k, v must share dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} "
                          f"on {q.device}/{k.device}/{v.device}")
-    nb = num_blocks(n)
+    rows = index_rows(n)
     expected = {
         "runs": (b, h, None, 2), "run_count": (b, h), "diag_prefix": (b, h, n + 1),
-        "columns": (b, h, None), "column_count": (b, h, nb), "blocks": (b, h, nb, None),
-        "block_count": (b, h, nb),
+        "columns": (b, h, None), "column_count": (b, h, rows), "blocks": (b, h, rows, None),
+        "block_count": (b, h, rows),
     }
     for name, shape in expected.items():
         t = getattr(index, name)
@@ -347,10 +359,13 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
                             block_n: Optional[int] = None) -> torch.Tensor:
     """q (B, H, N, D), k/v (B, Hk, N, D), key_padding (B, N) bool -> (B, H, N, Dv) in q's dtype.
 
-    Same contract as ``sparse_attention_ref``. ``block_n`` pins the key tile width (64 or 128)
+    Same contract as ``sparse_attention_ref``, with ``scale > 0`` (it is folded into the base-2
+    exponent, where a sign flip would turn the running max into a min). ``block_n`` pins the key tile width (64 or 128)
     instead of autotuning; under TRITON_INTERPRET it defaults to ``INTERPRET_BLOCK_N``.
     """
     _check_contract(q, k, v, index, key_padding)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number, got {scale}")
     if block_n is not None and block_n not in (64, 128):
         raise ValueError(f"block_n must be 64 or 128, got {block_n}")
     b, h, n, d = q.shape
@@ -358,7 +373,7 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     out = torch.empty(b, h, n, dv, dtype=q.dtype, device=q.device)
     if n == 0 or b * h == 0:
         return out
-    nb = num_blocks(n)
+    nb, rows = num_blocks(n), index_rows(n)  # rows: per-block tensors carry a spare row
     runs, run_count, diag_prefix, columns, column_count, blocks, block_count = (
         t.contiguous() for t in index)
     r, c, kb = runs.shape[2], columns.shape[2], blocks.shape[3]
@@ -374,7 +389,7 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
         blocks = run_count
     args = (q, k, v, out, kp, runs, run_count, diag_prefix, columns, column_count, blocks, block_count,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *kp_strides,
-            n, h, h // hk, nb, r, c, kb, float(scale) * LOG2E)
+            n, h, h // hk, nb, rows, r, c, kb, float(scale) * LOG2E, _length_bucket(n))
     meta = dict(HEAD_DIM=d, HEAD_DV=dv, BLOCK_M=BLOCK, KB_POW2=triton.next_power_of_2(max(kb, 1)),
                 HAS_PADDING=has_padding, HAS_COLUMNS=c > 0, HAS_BLOCKS=kb > 0,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
@@ -389,8 +404,9 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
 
 
 def tuned_block_n(q: torch.Tensor, v: torch.Tensor) -> Optional[int]:
-    """BLOCK_N the autotuner chose for this head dim and dtype (None before the first run)."""
+    """BLOCK_N the autotuner chose for q's head dim, length bucket and dtype (None before a run)."""
+    want = (q.shape[-1], v.shape[-1], _length_bucket(q.shape[2]))
     for key, config in _sparse_attention_tuned.cache.items():
-        if key[:2] == (q.shape[-1], v.shape[-1]) and str(q.dtype) in key:
+        if tuple(key[:3]) == want and str(q.dtype) in key:
             return config.kwargs["BLOCK_N"]
     return None

@@ -35,6 +35,14 @@ class Positions:
 
 
 @dataclass(frozen=True)
+class RowPositions:
+    """A (B, N) tensor whose value is the column index + offset (``position_ids`` built from
+    ``arange``)."""
+
+    offset: int
+
+
+@dataclass(frozen=True)
 class Predicate:
     upper: frozenset = frozenset()  # c in "key - query <= c"
     lower: frozenset = frozenset()  # c in "key - query >= c"
@@ -56,7 +64,7 @@ class PaddingSource:
     node: fx.Node  # a 2-D boolean (B, K) tensor from a graph input
 
 
-Value = Union[Positions, Predicate, Additive, PaddingSource, int, float]
+Value = Union[Positions, RowPositions, Predicate, Additive, PaddingSource, bool, int, float]
 
 
 class _Unproven(Exception):
@@ -125,6 +133,29 @@ class _Interpreter:
             return v
         if name in ("add", "__add__", "iadd") and len(args) == 2:
             return self._add(args[0], args[1])
+        if name in ("sub", "__sub__") and len(args) == 2 and isinstance(args[1], int):
+            return self._add(args[0], -args[1])
+        if name == "unsqueeze" and args[1] == 0:
+            v = self.value(args[0])
+            if isinstance(v, Positions) and v.dim is None:
+                return RowPositions(v.offset)
+        if name == "diff":
+            return self._diff(node)
+        if name in ("eq", "__eq__", "ne", "__ne__"):
+            a, b = self.value(args[0]), self.value(args[1])
+            if isinstance(a, (bool, int)) and isinstance(b, (bool, int)):
+                same = a == b
+                if name in ("eq", "__eq__"):
+                    if not same:
+                        raise _Unproven("a mask term that is always false")
+                    return Predicate()  # equal constant labels: every pair allowed
+                return not same
+            raise _Unproven(f"{name} of non-constant values (packed sequences?)")
+        if name == "cumsum":
+            v = self.value(args[0])
+            if v is False or (isinstance(v, int) and not isinstance(v, bool) and v == 0):
+                return 0  # cumulative sum of zeros: a constant label
+            raise _Unproven("a cumulative sum of non-zero values (packed sequences?)")
         if name in ("new_ones", "ones") and node.kwargs.get("dtype") is torch.bool:
             return Predicate()
         if name in _CMP:
@@ -153,13 +184,28 @@ class _Interpreter:
             return Positions(None, args[0])
         raise _Unproven("arange with a symbolic start or a step")
 
-    def _add(self, a, b) -> Positions:
+    def _add(self, a, b):
         va, vb = self.value(a), self.value(b)
-        if isinstance(va, int) and isinstance(vb, Positions):
+        if isinstance(va, int) and isinstance(vb, (Positions, RowPositions)):
             va, vb = vb, va
-        if isinstance(va, Positions) and isinstance(vb, int) and not isinstance(vb, bool):
-            return Positions(va.dim, va.offset + vb)
+        if isinstance(vb, int) and not isinstance(vb, bool):
+            if isinstance(va, Positions):
+                return Positions(va.dim, va.offset + vb)
+            if isinstance(va, RowPositions):
+                return RowPositions(va.offset + vb)
+            if isinstance(va, int) and not isinstance(va, bool):
+                return va + vb
         raise _Unproven("positions shifted by a non-constant offset")
+
+    def _diff(self, node: fx.Node) -> int:
+        """diff(position_ids, prepend=position_ids[:, :1] - 1) of consecutive positions: all ones."""
+        v = self.value(node.args[0])
+        prepend = node.kwargs.get("prepend")
+        dim = node.kwargs.get("dim", -1)
+        if isinstance(v, RowPositions) and dim in (-1, 1) and prepend is not None:
+            if self.value(prepend) == v.offset - 1:
+                return 1
+        raise _Unproven("a difference of positions that is not constant")
 
     def _compare(self, name: str, a, b) -> Predicate:
         va, vb = self.value(a), self.value(b)
@@ -179,6 +225,16 @@ class _Interpreter:
 
     def _getitem(self, base, index) -> Value:
         v = self.value(base)
+        if isinstance(v, (bool, int)) and not isinstance(v, float):
+            return v  # indexing a constant tensor
+        if isinstance(v, RowPositions) and isinstance(index, tuple) and len(index) == 2:
+            if index[0] == slice(None) and index[1] in (slice(None, 1, None), slice(0, 1, None)):
+                return v.offset  # the first position of every row
+            bi, xi = self.value(index[0]), self.value(index[1])
+            if isinstance(bi, Positions) and bi.dim == B_DIM and isinstance(xi, Positions) \
+                    and xi.dim in (Q_DIM, K_DIM):
+                return Positions(xi.dim, xi.offset + v.offset)
+            raise _Unproven("position ids indexed in an unrecognised way")
         if isinstance(v, PaddingSource):
             if isinstance(index, tuple) and len(index) == 2:
                 bi, ki = self.value(index[0]), self.value(index[1])

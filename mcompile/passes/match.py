@@ -44,7 +44,7 @@ class AttentionSite:
     q: Optional[fx.Node] = None
     k: Optional[fx.Node] = None  # at KV-head count (repeat_kv stripped)
     v: Optional[fx.Node] = None
-    scale: Optional[float] = None
+    scale: object = None  # float, or an fx.Node holding a (symbolic) float
     key_padding: Optional[fx.Node] = None
     heads: int = 0
     kv_heads: int = 0
@@ -118,12 +118,18 @@ def _shape_reason(q, k, v) -> tuple[Optional[str], int, int, int]:
     return None, h, hk, d
 
 
-def _scale(value, head_dim: int) -> tuple[Optional[float], Optional[str]]:
+def _scale(value, head_dim: int):
+    """The softmax scale as the ops take it: a float, or a graph value holding a float (under
+    ``dynamic=True`` Dynamo turns float attributes such as ``self.scaling`` into ``.item()``
+    of a graph input)."""
     if value is None:
         return 1.0 / math.sqrt(head_dim), None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value), None
-    return None, "the softmax scale is a run-time value"
+    ex = example(value) if isinstance(value, fx.Node) else None
+    if isinstance(ex, (float, torch.SymFloat)):
+        return value, None
+    return None, "the softmax scale is not a float"
 
 
 def _site(node, kind, q, k, v, scale, mask, additive, dead=()) -> AttentionSite:
@@ -154,6 +160,11 @@ def match_sdpa(node: fx.Node) -> Optional[AttentionSite]:
     if a["dropout_p"] != 0.0:
         return AttentionSite(node, "sdpa", layer, module, module_type, reason=f"dropout_p={a['dropout_p']}")
     mask = a["attn_mask"]
+    eq, ek = example(a["query"]), example(a["key"])
+    if eq is not None and ek is not None and eq.dim() == ek.dim() == 4 \
+            and not statically_known_true(eq.shape[2] == ek.shape[2]):
+        return AttentionSite(node, "sdpa", layer, module, module_type,
+                             reason="query length differs from key length (decode step or cached prefix)")
     if mask is None and not a["is_causal"]:
         return AttentionSite(node, "sdpa", layer, module, module_type, reason="non-causal attention (no mask)")
     if mask is not None and a["is_causal"]:
@@ -219,8 +230,8 @@ def match_eager(softmax: fx.Node) -> Optional[AttentionSite]:
         cur = nxt
     if mask is None:
         return AttentionSite(out, "eager", layer, module, module_type, reason="non-causal attention (no mask)")
-    if scale is None or isinstance(scale, fx.Node):
-        return AttentionSite(out, "eager", layer, module, module_type, reason="the softmax scale is a run-time value")
+    if scale is None:
+        return AttentionSite(out, "eager", layer, module, module_type, reason="the softmax scale is not a float")
     site = _site(out, "eager", q, k, v, scale, mask, additive=True, dead=chain)
     eo = example(out)
     eq = example(q)

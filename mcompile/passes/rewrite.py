@@ -132,14 +132,21 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite, patterns: list[Pattern],
     erase_dead(graph, [site.node, *reversed(site.dead)])
 
 
-def rewrite_attention(gm: fx.GraphModule, config: MInferenceConfig) -> RewriteReport:
-    """Rewrite every provably causal prefill attention of ``gm`` in place; report every site."""
+GRAD_REASON = ("gradients are enabled: the sparse ops are inference-only; run prefill under "
+               "torch.no_grad() or torch.inference_mode() (generate() does)")
+
+
+def rewrite_attention(gm: fx.GraphModule, config: MInferenceConfig, grad_enabled: bool = False) -> RewriteReport:
+    """Rewrite every provably causal prefill attention of ``gm`` in place; report every site.
+
+    ``grad_enabled``: the graph is compiled for autograd; everything then stays dense.
+    """
     sites = find_attention(gm)
     db, db_source = resolve_db(config, sites)
     explicit = config.pattern_db not in (None, "auto")
     reports = []
     for site in sites:
-        reason = site.reason
+        reason = site.reason or (GRAD_REASON if grad_enabled else None)
         patterns, source = [], ""
         if reason is None:
             patterns, source = site_patterns(site, db, config, explicit)

@@ -1,0 +1,57 @@
+"""Real English text that ships with Python: the documentation of the standard library.
+
+Long-context demos and evaluations need real text, not generated filler, and nothing can be
+downloaded; the docstrings of the standard library are a few MB of real technical English.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import pkgutil
+import warnings
+
+_SKIP = ("test", "idlelib", "tkinter", "turtle", "lib2to3", "ensurepip", "antigravity", "this", "__main__",
+         "pydoc_data", "msilib", "winreg", "winsound", "_")
+
+
+@functools.lru_cache(maxsize=1)
+def stdlib_docs() -> str:
+    """Docstrings of standard-library modules and their public members, in a fixed order."""
+    import sys
+
+    names = sorted(m.name for m in pkgutil.iter_modules() if m.name in sys.stdlib_module_names)
+    parts = []
+    for name in names:
+        if name.startswith(_SKIP):
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                mod = importlib.import_module(name)
+        except Exception:  # a module that cannot import here (platform-specific) is simply left out
+            continue
+        doc = inspect.getdoc(mod)
+        if doc:
+            parts.append(doc)
+        for attr in sorted(getattr(mod, "__all__", []) or []):
+            obj = getattr(mod, attr, None)
+            d = inspect.getdoc(obj) if obj is not None and (inspect.isclass(obj) or inspect.isfunction(obj)) else None
+            if d and len(d) > 200:
+                parts.append(d)
+    return "\n\n".join(parts)
+
+
+def haystack(tokenizer, tokens: int, offset: int = 0) -> list[int]:
+    """``tokens`` token ids of real text (stdlib documentation), starting ``offset`` tokens in."""
+    ids = _tokenized(tokenizer)
+    if offset + tokens > len(ids):
+        reps = (offset + tokens) // len(ids) + 1
+        ids = ids * reps
+    return ids[offset:offset + tokens]
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenized(tokenizer) -> list[int]:
+    return tokenizer(stdlib_docs(), add_special_tokens=False)["input_ids"]

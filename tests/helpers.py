@@ -1,0 +1,41 @@
+"""Shared test utilities: reference attention with a materialised mask, random inputs."""
+
+import torch
+import torch.nn.functional as F
+
+from mcompile.index import index_to_mask
+
+
+def qkv(b, h, hk, n, d, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, n, d, generator=g).to(dtype)
+    k = torch.randn(b, hk, n, d, generator=g).to(dtype)
+    v = torch.randn(b, hk, n, d, generator=g).to(dtype)
+    return q, k, v
+
+
+def masked_dense(q, k, v, index, scale, key_padding=None):
+    """Dense attention with the index's mask materialised (fp32); fully masked rows -> 0."""
+    n = q.shape[2]
+    group = q.shape[1] // k.shape[1]
+    mask = index_to_mask(index, n, key_padding)
+    kr, vr = k.float().repeat_interleave(group, 1), v.float().repeat_interleave(group, 1)
+    out = F.scaled_dot_product_attention(q.float(), kr, vr, attn_mask=mask, scale=scale)
+    return torch.where(mask.any(-1, keepdim=True), out, 0.0)
+
+
+def dense_causal(q, k, v, scale):
+    group = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(group, 1),
+                                          v.float().repeat_interleave(group, 1), is_causal=True, scale=scale)
+
+
+def padding_mask(b, n, left=(), right=()):
+    """(B, N) bool: batch i has left[i] padded tokens at the start, right[i] at the end."""
+    kp = torch.ones(b, n, dtype=torch.bool)
+    for i, p in enumerate(left):
+        kp[i, :p] = False
+    for i, p in enumerate(right):
+        if p:
+            kp[i, n - p:] = False
+    return kp

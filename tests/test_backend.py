@@ -1,0 +1,237 @@
+"""The backend on tiny random models (CPU): rewrite counters, compiled vs eager, negative cases,
+options, dynamic shapes, generate(), regional compilation, explain."""
+
+import functools
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import mcompile
+from mcompile.kernels import dispatch
+from mcompile.models import tiny_llama
+
+from .helpers import masked_dense
+
+COVER = {"dense_below": 0, "default_pattern": {"kind": "vertical_slash", "vertical": 4096, "slash": 4096}}
+SPARSE = {"dense_below": 0, "default_pattern": {"kind": "vertical_slash", "vertical": 30, "slash": 100}}
+
+
+def _ids(b=1, n=300, seed=0):
+    return torch.randint(0, 128, (b, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model, ids, **kw):
+    with torch.no_grad():
+        return model(ids, **kw).logits
+
+
+def test_backend_is_registered_by_entry_point():
+    assert "minference" in torch._dynamo.list_backends()
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("padded", [False, True], ids=["nopad", "pad"])
+def test_covering_budgets_equal_eager(impl, padded):
+    model = tiny_llama(impl)
+    ids, kw = _ids(2, 150), {}
+    if padded:
+        kw["attention_mask"] = torch.ones_like(ids)
+        kw["attention_mask"][0, :20] = 0
+    ref = _logits(model, ids, **kw)
+    out = _logits(torch.compile(model, backend="minference", options=COVER), ids, **kw)
+    assert counters["mcompile"]["rewritten"] == 2 and counters["mcompile"]["kept_dense"] == 0
+    rows = (slice(None), slice(20, None)) if padded else (slice(None), slice(None))
+    torch.testing.assert_close(out[0][rows[1]], ref[0][rows[1]], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[1], ref[1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_sparse_budgets_equal_masked_dense_model(impl, monkeypatch):
+    """With real (sparse) budgets, the compiled model equals the same model whose attention is
+    dense with the index's mask materialised."""
+    model = tiny_llama(impl, layers=2)
+    ids = _ids(2, 400)
+    out = _logits(torch.compile(model, backend="minference", options=SPARSE), ids)
+    torch._dynamo.reset()
+
+    def masked_impl(q):
+        return lambda q, k, v, index, scale, kp: masked_dense(q, k, v, index, scale, kp).to(q.dtype)
+
+    monkeypatch.setattr(dispatch, "attention_impl", masked_impl)
+    ref = _logits(torch.compile(model, backend="minference", options=SPARSE), ids)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    dense = _logits(model, ids)
+    assert (out - dense).abs().max() > 1e-3  # the pattern really dropped keys
+
+
+def test_rewritten_graph_has_no_quadratic_mask():
+    model = tiny_llama("sdpa", layers=1)
+    ids = _ids(2, 100)
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0
+    e = mcompile.explain(model, ids, attention_mask=mask, options={"dense_below": 0})
+    code = "\n".join(line for line in e.graph_code().splitlines() if not line.strip().startswith("#"))
+    assert "torch.ops.mcompile.sparse_attention" in code and "scaled_dot_product_attention" not in code
+    assert "100, 100]" not in code  # no (.., N, N) tensor survives
+    assert ".expand(2, 2, 2, 100, 16)" not in code  # repeat_kv is gone: K/V stay at KV-head count
+    assert e.sites[0].key_padding
+
+
+def test_dynamic_lengths_share_one_graph():
+    model = tiny_llama("sdpa")
+    compiled = torch.compile(model, backend="minference", dynamic=True, options=SPARSE)
+    for n in (70, 150, 301):
+        ref = _logits(model, _ids(1, n))
+        out = _logits(compiled, _ids(1, n), use_cache=False)
+        assert out.shape == ref.shape
+    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["mcompile"]["rewritten"] >= 2  # Dynamo may restart once to specialise float scalars
+
+
+def test_generate_tokens_equal_eager():
+    model = tiny_llama("sdpa")
+    prompts = [_ids(1, n, seed=n) for n in (90, 170, 250)]
+    graphs = []
+    with torch.no_grad():
+        refs = [model.generate(p, max_new_tokens=6, do_sample=False) for p in prompts]
+        model.compile(backend="minference", dynamic=True, options=COVER)
+        outs = []
+        for p in prompts:
+            outs.append(model.generate(p, max_new_tokens=6, do_sample=False))
+            graphs.append(counters["stats"]["unique_graphs"])
+    for r, o in zip(refs, outs):
+        assert torch.equal(r, o)
+    assert graphs[0] == graphs[1] == graphs[2]  # no new graph for a new prompt length
+    assert counters["mcompile"]["rewritten"] >= 2 and counters["mcompile"]["kept_dense"] >= 2
+
+
+def test_decode_step_stays_dense_with_reason():
+    model = tiny_llama("sdpa")
+    with torch.no_grad():
+        out = model(_ids(1, 50), use_cache=True)
+        compiled = torch.compile(model, backend=functools.partial(
+            mcompile.minference_backend, options={"dense_below": 0}, report_sink=reports.append))
+        compiled(_ids(1, 1), past_key_values=out.past_key_values)
+    reasons = {s.reason for r in reports for s in r.sites}
+    assert any("query length differs from key length" in r for r in reasons), reasons
+
+
+reports: list = []
+
+
+def test_regional_compilation_shares_one_graph():
+    model = tiny_llama("sdpa", layers=4)
+    ids = _ids(1, 120)
+    ref = _logits(model, ids, use_cache=False)
+    for layer in model.model.layers:
+        layer.compile(backend="minference", options=COVER)
+    out = _logits(model, ids, use_cache=False)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert counters["stats"]["unique_graphs"] == 1 and counters["mcompile"]["rewritten"] == 1
+
+
+def test_regional_compilation_with_a_per_layer_database_says_what_to_do(tmp_path):
+    from mcompile.pattern_db import ModelFingerprint, save, uniform
+    from mcompile.patterns import DEFAULT_VERTICAL_SLASH
+
+    db = tmp_path / "db.json"
+    save(uniform(ModelFingerprint("llama", 2, 4, 2, 16), DEFAULT_VERTICAL_SLASH), db)
+    model = tiny_llama("sdpa")
+    model.model.layers[0].compile(backend="minference", options={"pattern_db": str(db)})
+    with pytest.raises(Exception, match="compile the whole model"):
+        _logits(model, _ids(1, 64), use_cache=False)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"sparsity": 0.5}, "unknown minference option"),
+    ({"compiler": "tvm"}, "compiler must be one of"),
+    ({"default_pattern": {"kind": "diagonal"}}, "unknown pattern kind"),
+    ({"default_pattern": {"kind": "vertical_slash", "vertical": 10, "slash": 6096}}, "vertical must be >= 30"),
+    ({"dense_below": -1}, "dense_below must be an int >= 0"),
+    ({"mode": "fastest"}, "mode must be one of"),
+    ({"pattern_db": "no_such_db"}, "no pattern database"),
+])
+def test_bad_options_are_clear_errors(options, message):
+    model = tiny_llama("sdpa", layers=1)
+    with pytest.raises(Exception, match=message):
+        _logits(torch.compile(model, backend="minference", options=options), _ids(1, 10))
+
+
+def test_mode_and_inductor_config_pass_through():
+    cfg = mcompile.MInferenceConfig.from_options({"inductor_config": {"max_autotune": False}}, mode="max-autotune")
+    patches = cfg.inductor_patches()
+    assert patches["max_autotune"] is False  # explicit patches win over the mode's
+    model = tiny_llama("sdpa", layers=1)
+    out = _logits(torch.compile(model, backend="minference", mode="max-autotune-no-cudagraphs"), _ids(1, 20))
+    assert torch.isfinite(out).all()
+
+
+class _Encoder(torch.nn.Module):
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+class _Window(torch.nn.Module):
+    def forward(self, q, k, v):
+        n = q.shape[2]
+        i = torch.arange(n)
+        mask = (i[None, None, None, :] <= i[None, None, :, None]) & (i[None, None, None, :] > i[None, None, :, None] - 16)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class _Dropout(torch.nn.Module):
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.1, is_causal=True)
+
+
+class _Causal(torch.nn.Module):
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+@pytest.mark.parametrize("module,reason", [
+    (_Encoder(), "non-causal"), (_Window(), "sliding-window"), (_Dropout(), "dropout_p=0.1"), (_Causal(), None)])
+def test_only_provably_causal_attention_is_rewritten(module, reason):
+    q, k, v = (torch.randn(1, 2, 80, 16) for _ in range(3))
+    e = mcompile.explain(module, q, k, v, options={"dense_below": 0})
+    (site,) = e.sites
+    if reason is None:
+        assert site.rewritten
+    else:
+        assert not site.rewritten and reason in site.reason
+    torch.manual_seed(0)
+    if not isinstance(module, _Dropout):
+        out = torch.compile(module, backend="minference", options={"dense_below": 0})(q, k, v)
+        torch.testing.assert_close(out, module(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_autograd_graphs_stay_dense_with_reason():
+    model = tiny_llama("sdpa")
+    ids = _ids(1, 100)
+    out = torch.compile(model, backend="minference", options=COVER)(ids).logits  # grad mode on
+    torch.testing.assert_close(out, model(ids).logits, atol=1e-4, rtol=1e-4)
+    assert counters["mcompile"]["kept_dense"] == 2 and counters["mcompile"]["rewritten"] == 0
+    out.sum().backward()  # still trainable: the graph is dense
+    assert model.lm_head.weight.grad is not None
+
+
+def test_explain_reports_layers_patterns_and_density():
+    model = tiny_llama("sdpa")
+    e = mcompile.explain(model, _ids(1, 200), options=SPARSE)
+    text = str(e)
+    assert e.rewritten == 2 and [s.layer for s in e.sites] == [0, 1]
+    assert "vertical_slash(vertical=30, slash=100)" in text and "default pattern" in text
+    assert e.density(e.sites[0], 100_000) < 0.01
+
+
+def test_packed_sequences_stay_dense():
+    """position_ids that restart (packed documents) make a block-diagonal mask: not causal."""
+    model = tiny_llama("sdpa")
+    ids = _ids(1, 120)
+    pos = torch.cat([torch.arange(60), torch.arange(60)])[None]
+    e = mcompile.explain(model, ids, position_ids=pos, use_cache=False, dynamic=True, options=COVER)
+    assert e.rewritten == 0 and "packed" in e.sites[0].reason or "position" in e.sites[0].reason, e.sites[0].reason
+    out = _logits(torch.compile(model, backend="minference", dynamic=True, options=COVER), ids,
+                  position_ids=pos, use_cache=False)
+    torch.testing.assert_close(out, _logits(model, ids, position_ids=pos, use_cache=False), atol=1e-4, rtol=1e-4)

@@ -1,0 +1,61 @@
+"""The sparse index format: its documented example, run merging, prefix counts, densities."""
+
+import torch
+
+from mcompile.index import SENTINEL, SparseIndex, column_counts, index_to_mask, kept_fraction, runs_to_diag_prefix
+from mcompile.kernels.estimate import diagonals_to_runs
+
+
+def _index(runs, columns, n, b=1, h=1):
+    r = torch.tensor(runs, dtype=torch.int32).view(1, 1, -1, 2).expand(b, h, -1, -1).contiguous()
+    rc = torch.full((b, h), len(runs), dtype=torch.int32)
+    c = torch.tensor(columns, dtype=torch.int32).view(1, 1, -1).expand(b, h, -1).contiguous()
+    nb = (n + 63) // 64
+    return SparseIndex(r, rc, runs_to_diag_prefix(r, rc, n), c, column_counts(c, n),
+                       torch.zeros(b, h, nb + 1, 0, dtype=torch.int32), torch.zeros(b, h, nb + 1, dtype=torch.int32))
+
+
+def test_run_tiles_are_block_wide_bands():
+    """Run (0, 1) keeps, for query block m, the keys [m*64 - 1, (m+1)*64): a 65-wide band."""
+    n = 200
+    mask = index_to_mask(_index([(0, 1)], [], n), n)[0, 0]
+    for q in (0, 63, 64, 100, 199):
+        m = q // 64
+        expected = torch.zeros(n, dtype=torch.bool)
+        expected[max(0, m * 64 - 1):q + 1] = True
+        assert torch.equal(mask[q], expected), q
+
+
+def test_columns_and_causality():
+    n = 130
+    mask = index_to_mask(_index([(0, 0)], [5, 70], n), n)[0, 0]
+    assert mask[4, 5] == 0 and mask[5, 5] == 1  # causal
+    assert mask[100, 5] == 1 and mask[100, 70] == 1 and mask[100, 6] == 0
+    assert mask[69, 70] == 0  # column 70 is in the future for query 69
+
+
+def test_diagonals_merge_into_runs_at_least_a_block_apart():
+    d = torch.tensor([[[0, 1, 2, 70, 100, 200, SENTINEL, SENTINEL]]], dtype=torch.int32)
+    runs, count = diagonals_to_runs(d)
+    assert count.item() == 3
+    assert runs[0, 0, :3].tolist() == [[0, 2], [70, 100], [200, 200]]
+    assert (runs[0, 0, 3:] == SENTINEL).all()
+
+
+def test_diag_prefix_counts_covered_diagonals():
+    r = torch.tensor([[[[0, 2], [10, 11]]]], dtype=torch.int32)
+    p = runs_to_diag_prefix(r, torch.tensor([[2]], dtype=torch.int32), 16)
+    assert p[0, 0].tolist() == [0, 1, 2, 3, 3, 3, 3, 3, 3, 3, 3, 4, 5, 5, 5, 5, 5]
+
+
+def test_column_counts_per_block():
+    c = torch.tensor([[[3, 64, 65, 190, SENTINEL]]], dtype=torch.int32)
+    assert column_counts(c, 200)[0, 0].tolist() == [1, 3, 4, 4, 4]  # ends 64, 128, 192, 256 (+ spare row)
+
+
+def test_kept_fraction_of_dense_index_is_one():
+    n = 300
+    idx = _index([(0, n - 1)], [], n)
+    assert torch.allclose(kept_fraction(idx, n), torch.ones(1, 1, dtype=torch.float64))
+    local = _index([(0, 9)], [], n)
+    assert kept_fraction(local, n).item() < 0.5
