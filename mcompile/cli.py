@@ -51,21 +51,25 @@ def demo(args) -> int:
     from .needle import answer, needle_prompt
 
     device = _device(args.device)
+    compiler = args.compiler
+    if compiler == "auto":  # Inductor takes minutes to compile the 30 layers on a CPU
+        compiler = "inductor" if device == "cuda" else "eager"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     print(f"loading SmolLM2-135M-Instruct (real weights, {dtype}, {device}) ...", flush=True)
     model, tok = load_smollm2(dtype=dtype, device=device, yarn_factor=args.yarn)
     prompt = needle_prompt(tok, args.length, args.depth)
     prompt = type(prompt)(prompt.input_ids.to(device), prompt.value, prompt.depth)
     n = prompt.input_ids.shape[1]
-    print(f"prompt: {n} tokens of Python documentation, a password hidden at {args.depth:.0%} depth", flush=True)
-    options = {"dense_below": args.dense_below, "default_pattern": args.pattern, "compiler": args.compiler}
+    print(f"prompt: {n} tokens of Python documentation, a password hidden at {args.depth:.0%} depth; "
+          f"graphs run by {compiler}", flush=True)
+    options = {"dense_below": args.dense_below, "default_pattern": args.pattern, "compiler": compiler}
     results = {}
     for name, backend, opts in (("dense", "inductor", None), ("minference", "minference", options)):
         torch._dynamo.reset()
         model._compiled_call_impl = None
         kwargs = {"options": opts} if opts else {}
-        if name == "dense" and args.compiler != "inductor":
-            backend = args.compiler
+        if name == "dense" and compiler != "inductor":
+            backend = compiler
         print(f"[{name}] compiling and prefilling ...", flush=True)
         model.compile(backend=backend, dynamic=True, **kwargs)
         t0 = time.perf_counter()
@@ -79,7 +83,7 @@ def demo(args) -> int:
     torch._dynamo.reset()
     model._compiled_call_impl = None
     print("\nwhat minference rewrote:")
-    print(explain(model, prompt.input_ids, options=options, use_cache=False).table())
+    print(explain(model, prompt.input_ids, options=options, use_cache=False).summary())
     d, m = results["dense"], results["minference"]
     print(f"\npassword {prompt.value}: dense {'found' if prompt.passed(d[0]) else 'missed'}, "
           f"minference {'found' if prompt.passed(m[0]) else 'missed'}; prefill dense {d[1]:.2f} s, "
@@ -123,7 +127,8 @@ def main(argv=None) -> int:
     p.add_argument("--pattern", type=_pattern, default=_pattern("vertical_slash:128,256"),
                    help="pattern of every head (default vertical_slash:128,256)")
     p.add_argument("--dense-below", type=int, default=0, help="dense below this length (default 0: always sparse)")
-    p.add_argument("--compiler", default="inductor", choices=["inductor", "aot_eager", "eager"])
+    p.add_argument("--compiler", default="auto", choices=["auto", "inductor", "aot_eager", "eager"],
+                   help="what runs the graphs (auto: inductor on GPU, eager on CPU)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--yarn", type=float, default=None, help="extend RoPE with YaRN by this factor")
     p.set_defaults(fn=demo)

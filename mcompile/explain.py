@@ -21,6 +21,22 @@ def _pattern_summary(patterns: tuple) -> str:
     return ", ".join(f"{n}x {d}" if n > 1 else d for d, n in counts.most_common())
 
 
+def _ranges(items: list) -> str:
+    """["0", "1", "2", "5"] -> "0-2, 5"."""
+    if not all(i.isdigit() for i in items):
+        return ", ".join(items)
+    nums, out = sorted(set(int(i) for i in items)), []
+    start = prev = nums[0]
+    for x in nums[1:] + [None]:
+        if x is not None and x == prev + 1:
+            prev = x
+            continue
+        out.append(f"{start}-{prev}" if prev > start else str(start))
+        if x is not None:
+            start = prev = x
+    return ", ".join(out)
+
+
 @dataclass(frozen=True)
 class Explanation:
     reports: tuple  # one RewriteReport per compiled graph
@@ -62,6 +78,20 @@ class Explanation:
                              f"{dens:>15}  {detail}")
         lines.append(f"{self.rewritten} of {len(self.sites)} attentions rewritten in {len(self.reports)} graph(s); "
                      f"pattern database: {', '.join(sorted({r.pattern_db for r in self.reports})) or '-'}")
+        return "\n".join(lines)
+
+    def summary(self, length: Optional[int] = None) -> str:
+        """One line per distinct outcome, with the layers it applies to."""
+        n = length or self.length
+        groups: dict = {}
+        for s in self.sites:
+            d = self.density(s, n)
+            what = (f"sparse: {_pattern_summary(s.patterns)} [{s.pattern_source}]"
+                    + (f", at most {100 * d:.1f}% of causal keys at {n} tokens" if d is not None else "")
+                    if s.rewritten else f"dense: {s.reason}")
+            groups.setdefault(what, []).append("?" if s.layer is None else str(s.layer))
+        lines = [f"layers {_ranges(layers)}: {what}" for what, layers in groups.items()]
+        lines.append(f"{self.rewritten} of {len(self.sites)} attentions rewritten in {len(self.reports)} graph(s)")
         return "\n".join(lines)
 
     def __str__(self) -> str:
