@@ -8,11 +8,11 @@ from typing import Any, Mapping, Optional
 
 from .patterns import DEFAULT_VERTICAL_SLASH, Pattern
 
-# Prompts shorter than this stay dense. Below about 32K tokens dense attention (cuDNN / flash)
-# is faster than sparse attention plus estimation: MInference itself measured 0.41-0.49x of
-# cuDNN at 32K on real heads and only pays off from roughly 64K-128K; with the default budget
-# (1000 verticals + 6096 slashes) a pattern at 16K tokens still keeps most causal keys.
-DEFAULT_DENSE_BELOW = 32768
+# Prompts shorter than this stay dense. Measured on an H100 (docs/BENCHMARKS.md, 2026-11-22) on
+# real SmolLM2 + YaRN heads with the default budgets (1000 verticals, 6096 slashes), estimation +
+# sparse attention against cuDNN SDPA per layer: 0.33x at 32K, 0.79-0.92x at 64K, 1.23-1.34x at
+# 96K, 1.57-1.90x at 128K. The crossover is near 76K tokens; 80K keeps a margin.
+DEFAULT_DENSE_BELOW = 81920
 
 
 class Compiler(str, enum.Enum):
