@@ -6,7 +6,6 @@ lines and exits non-zero on a failure.
     PYTHONPATH=. python benchmarks/gpu_check_backend.py
 """
 
-import functools
 import sys
 
 import torch
@@ -64,7 +63,6 @@ def main() -> int:
                     ref_sparse, _ = run(model, ids, mcompile.minference_backend, SPARSE, **kw)
                 finally:
                     dispatch.attention_impl = orig
-                rows = (slice(None), slice(37, None)) if padded else (slice(None), slice(None))
                 scale = dense[1].abs().max().item()
                 e_cover = (cover - dense)[1].abs().max().item() / scale
                 e_sparse = (sparse - ref_sparse)[1].abs().max().item() / scale

@@ -11,7 +11,7 @@ import torch
 
 from .backend import minference_backend
 from .passes.rewrite import RewriteReport, SiteReport
-from .patterns import Pattern, max_density
+from .patterns import max_density
 
 
 def _pattern_summary(patterns: tuple) -> str:

@@ -235,3 +235,26 @@ def test_packed_sequences_stay_dense():
     out = _logits(torch.compile(model, backend="minference", dynamic=True, options=COVER), ids,
                   position_ids=pos, use_cache=False)
     torch.testing.assert_close(out, _logits(model, ids, position_ids=pos, use_cache=False), atol=1e-4, rtol=1e-4)
+
+
+def test_rewritten_graph_is_a_structured_trace_artifact():
+    """The rewritten graph reaches TORCH_TRACE / tlparse as the artifact mcompile_rewritten_graph."""
+    import logging
+
+    from torch._logging._internal import trace_log
+
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage() + str(getattr(record, "metadata", "")))
+
+    handler, level = Keep(), trace_log.level
+    trace_log.addHandler(handler)
+    trace_log.setLevel(logging.DEBUG)
+    try:
+        _logits(torch.compile(tiny_llama("sdpa", layers=1), backend="minference", options=COVER), _ids(1, 40))
+    finally:
+        trace_log.removeHandler(handler)
+        trace_log.setLevel(level)
+    assert any("mcompile_rewritten_graph" in r for r in records)

@@ -17,7 +17,6 @@ The attention mask has layout (B, H, Q, K): dim 0 is the batch, 2 the query, 3 t
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Optional, Union
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import operator
 import re
 from dataclasses import dataclass, field
 from typing import Optional
