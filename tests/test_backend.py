@@ -258,3 +258,18 @@ def test_rewritten_graph_is_a_structured_trace_artifact():
         trace_log.removeHandler(handler)
         trace_log.setLevel(level)
     assert any("mcompile_rewritten_graph" in r for r in records)
+
+
+@pytest.mark.parametrize("model_type,extra,rewritten", [
+    ("qwen2", {}, 2), ("qwen3", {}, 2), ("mistral", {"sliding_window": None}, 2), ("phi3", {"pad_token_id": 0}, 2),
+    ("gemma", {}, 2), ("mistral", {"sliding_window": 64}, 0)])
+def test_models_beyond_llama(model_type, extra, rewritten):
+    model = tiny_llama("sdpa", model_type=model_type, **extra)
+    ids = _ids(2, 150)
+    e = mcompile.explain(model, ids, options=SPARSE)
+    assert e.rewritten == rewritten
+    if not rewritten:
+        assert all("sliding-window" in s.reason for s in e.sites)
+    torch._dynamo.reset()
+    out = _logits(torch.compile(model, backend="minference", options=COVER), ids)
+    torch.testing.assert_close(out, _logits(model, ids), atol=1e-4, rtol=1e-4)

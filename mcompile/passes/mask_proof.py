@@ -294,7 +294,7 @@ def prove_mask(mask: fx.Node, additive: bool) -> MaskProof:
     elif not isinstance(v, Predicate):
         return MaskProof(False, reason="boolean mask of unknown structure")
     if v.lower:
-        return MaskProof(False, reason=f"sliding-window mask (keys at least {-max(v.lower)} behind the query)")
+        return MaskProof(False, reason=f"sliding-window mask (keys at most {-max(v.lower)} positions behind the query)")
     if v.upper != frozenset({0}):
         if not v.upper:
             return MaskProof(False, reason="non-causal mask (bidirectional attention)")
