@@ -64,7 +64,9 @@ def demo(args) -> int:
           f"graphs run by {compiler}", flush=True)
     options = {"dense_below": args.dense_below, "default_pattern": args.pattern, "compiler": compiler}
     results = {}
-    for name, backend, opts in (("dense", "inductor", None), ("minference", "minference", options)):
+    from .backend import minference_backend  # the callable: works without the installed entry point
+
+    for name, backend, opts in (("dense", "inductor", None), ("minference", minference_backend, options)):
         torch._dynamo.reset()
         model._compiled_call_impl = None
         kwargs = {"options": opts} if opts else {}
