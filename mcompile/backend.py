@@ -28,7 +28,9 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs, config: MInferenceCo
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs, config_patches=config.inductor_patches())
+    from .cache import cache_patches
+
+    return compile_fx(gm, example_inputs, config_patches=cache_patches(config.inductor_patches()))
 
 
 def minference_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional[dict] = None,

@@ -50,6 +50,7 @@ import torch
 
 BLOCK = 64  # query rows per block and key tile width of the index (MInference's 64x64 tiles)
 SENTINEL = 2**31 - 1  # pads sorted int32 lists; larger than any position
+KEPT_ROWS = 4096  # query rows per step of kept_fraction (a multiple of BLOCK)
 
 
 class SparseIndex(NamedTuple):
@@ -146,7 +147,6 @@ def kept_fraction(index: SparseIndex, n: int, key_padding: torch.Tensor | None =
     is avoided by walking query blocks."""
     b, h = index.run_count.shape
     kept = torch.zeros(b, h, dtype=torch.float64, device=index.runs.device)
-    step = BLOCK * max(1, 4096 // BLOCK)
-    for start in range(0, n, step):
-        kept += block_mask_rows(index, start, min(n, start + step), n, key_padding).sum((-1, -2))
+    for start in range(0, n, KEPT_ROWS):
+        kept += block_mask_rows(index, start, min(n, start + KEPT_ROWS), n, key_padding).sum((-1, -2))
     return kept / (n * (n + 1) / 2)

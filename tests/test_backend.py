@@ -107,6 +107,7 @@ def test_generate_tokens_equal_eager():
 
 
 def test_decode_step_stays_dense_with_reason():
+    reports = []
     model = tiny_llama("sdpa")
     with torch.no_grad():
         out = model(_ids(1, 50), use_cache=True)
@@ -115,9 +116,6 @@ def test_decode_step_stays_dense_with_reason():
         compiled(_ids(1, 1), past_key_values=out.past_key_values)
     reasons = {s.reason for r in reports for s in r.sites}
     assert any("query length differs from key length" in r for r in reasons), reasons
-
-
-reports: list = []
 
 
 def test_regional_compilation_shares_one_graph():
@@ -273,3 +271,45 @@ def test_models_beyond_llama(model_type, extra, rewritten):
     torch._dynamo.reset()
     out = _logits(torch.compile(model, backend="minference", options=COVER), ids)
     torch.testing.assert_close(out, _logits(model, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_returned_attention_weights_stay_dense_with_reason():
+    """output_attentions=True returns the softmax: the eager chain cannot be replaced."""
+    model = tiny_llama("eager")
+    ids = _ids(1, 80)
+    e = mcompile.explain(model, ids, options=COVER, output_attentions=True)
+    assert e.rewritten == 0 and all("used elsewhere" in s.reason for s in e.sites)
+    with torch.no_grad():
+        out = torch.compile(model, backend="minference", options=COVER)(ids, output_attentions=True)
+        ref = model(ids, output_attentions=True)
+    torch.testing.assert_close(out.attentions[0], ref.attentions[0], atol=1e-5, rtol=1e-5)
+
+
+def test_all_dense_patterns_leave_the_attention_alone():
+    e = mcompile.explain(tiny_llama("sdpa"), _ids(1, 80), options={"dense_below": 0, "default_pattern": {"kind": "dense"}})
+    assert e.rewritten == 0 and all("every head is dense" in s.reason for s in e.sites)
+
+
+def test_inductor_cache_key_covers_mcompile_and_options(monkeypatch):
+    """A cached compiled graph is reused only for the same mcompile sources and the same options."""
+    from torch._inductor import config as inductor_config
+
+    from mcompile import cache
+
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", True)
+    monkeypatch.setattr(inductor_config, "force_disable_caches", False)
+    model, ids = tiny_llama("sdpa", layers=1), _ids(1, 64)
+
+    def compile_once(options):
+        torch._dynamo.reset()
+        counters.clear()
+        _logits(torch.compile(model, backend="minference", options=options), ids)
+        return counters["inductor"]["fxgraph_cache_hit"]
+
+    torch._inductor.utils.clear_inductor_caches()
+    compile_once(SPARSE)
+    assert compile_once(SPARSE) == 1  # same sources, same options: a cache hit
+    assert compile_once(COVER) == 0  # other budgets: other graph, no hit
+    cache.source_hash.cache_clear()
+    monkeypatch.setattr(cache, "source_hash", lambda: b"another mcompile version")
+    assert compile_once(SPARSE) == 0  # other mcompile sources: no hit

@@ -23,6 +23,8 @@ from typing import Optional, Union
 import torch
 import torch.fx as fx
 
+from .nodes import example, target_name
+
 Q_DIM, K_DIM, B_DIM, MASK_DIMS = 2, 3, 0, 4
 MASKED_BELOW = -1e4  # an additive value at or below this is a masked entry (exp underflows to 0)
 
@@ -79,21 +81,10 @@ class MaskProof:
     reason: str = ""
 
 
-def _fn_name(node: fx.Node) -> str:
-    t = node.target
-    if node.op == "call_method":
-        return str(t)
-    return getattr(t, "__name__", str(t))
-
-
 _IDENTITY = {"to", "expand", "contiguous", "bool", "clone", "detach", "expand_as", "_to_copy"}
 _AND = {"and_", "__and__", "logical_and", "bitwise_and", "mul", "__mul__"}
 _CMP = {"le": (1, 0), "lt": (1, -1), "ge": (-1, 0), "gt": (-1, -1),
         "__le__": (1, 0), "__lt__": (1, -1), "__ge__": (-1, 0), "__gt__": (-1, -1)}
-
-
-def _example(node: fx.Node):
-    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
 
 
 class _Interpreter:
@@ -113,16 +104,18 @@ class _Interpreter:
 
     def _eval(self, node: fx.Node) -> Value:
         if node.op == "placeholder":
-            ex = _example(node)
+            ex = example(node)
             if ex is not None and ex.dim() == 2:
                 return PaddingSource(node)
             raise _Unproven(f"the mask comes from graph input {node.name!r}, whose structure is unknown")
         if node.op not in ("call_function", "call_method"):
             raise _Unproven(f"the mask depends on {node.op} {node.target}")
-        name = _fn_name(node)
+        name = target_name(node)
         args = node.args
         if name == "arange":
             return self._arange(node)
+        if name in ("zeros", "zeros_like", "new_zeros"):
+            return 0.0  # the 0 of where(mask, 0, min)
         if name == "tensor" and args and isinstance(args[0], (int, float)) and not isinstance(args[0], bool):
             return float(args[0])  # a scalar constant, e.g. the 0 of where(mask, 0, min)
         if name in _IDENTITY:
@@ -263,26 +256,15 @@ class _Interpreter:
         vb = self.value(b)
         if not isinstance(pc, Predicate):
             raise _Unproven("where() over a non-boolean condition")
-        if _is_zero(a, self.value(a) if isinstance(a, fx.Node) else a) and isinstance(vb, float) and vb <= MASKED_BELOW:
+        va = self.value(a)
+        if isinstance(va, (int, float)) and va == 0 and isinstance(vb, float) and vb <= MASKED_BELOW:
             return Additive(pc)
         raise _Unproven("where() that is not (mask, 0, -inf)")
-
-
-def _is_zero(node_or_value, value) -> bool:
-    if isinstance(value, (int, float)):
-        return value == 0
-    if isinstance(node_or_value, fx.Node) and _fn_name(node_or_value) in ("zeros", "zeros_like", "new_zeros"):
-        return True
-    return False
 
 
 def prove_mask(mask: fx.Node, additive: bool) -> MaskProof:
     """Is ``mask`` (boolean, or additive if ``additive``) exactly causal (+ key padding)?"""
     interp = _Interpreter()
-    # zeros() nodes are leaves of additive masks: let them evaluate to 0.0.
-    for n in mask.graph.nodes:
-        if n.op == "call_function" and _fn_name(n) in ("zeros", "zeros_like") and n not in interp.memo:
-            interp.memo[n] = 0.0
     try:
         v = interp.value(mask)
     except _Unproven as exc:

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .mask_proof import prove_mask
+from .nodes import example
+from .nodes import target_name as _fn
 
 SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention)
 _SDPA_SIG = inspect.signature(lambda query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
@@ -52,12 +54,6 @@ class AttentionSite:
     dead: tuple = field(default=(), compare=False)  # nodes of the eager chain the rewrite frees
 
 
-def example(node) -> Optional[torch.Tensor]:
-    if not isinstance(node, fx.Node):
-        return None
-    return node.meta.get("example_value", node.meta.get("val"))
-
-
 def _module_info(node: fx.Node) -> tuple[Optional[int], str, str]:
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
@@ -70,12 +66,6 @@ def _module_info(node: fx.Node) -> tuple[Optional[int], str, str]:
         if m:
             layer = int(m.group(1))
     return layer, str(qualname), cls_name
-
-
-def _fn(node) -> str:
-    if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
-        return ""
-    return node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
 
 
 def strip_repeat_kv(node: fx.Node) -> fx.Node:
