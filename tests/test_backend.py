@@ -290,12 +290,13 @@ def test_all_dense_patterns_leave_the_attention_alone():
     assert e.rewritten == 0 and all("every head is dense" in s.reason for s in e.sites)
 
 
-def test_inductor_cache_key_covers_mcompile_and_options(monkeypatch):
+def test_inductor_cache_key_covers_mcompile_and_options(monkeypatch, tmp_path):
     """A cached compiled graph is reused only for the same mcompile sources and the same options."""
     from torch._inductor import config as inductor_config
 
     from mcompile import cache
 
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # a cache no other test has filled
     monkeypatch.setattr(inductor_config, "fx_graph_cache", True)
     monkeypatch.setattr(inductor_config, "force_disable_caches", False)
     model, ids = tiny_llama("sdpa", layers=1), _ids(1, 64)
