@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
 import time
 
 import torch
+
+
+# Modules that add subcommands through ``add_commands(subparsers)``.
+COMMAND_MODULES: tuple = ()
 
 
 def _pattern(text: str) -> dict:
@@ -144,6 +149,9 @@ def main(argv=None) -> int:
     p.add_argument("--dense-below", type=int, default=0)
     p.add_argument("--graph", action="store_true", help="print the rewritten graph")
     p.set_defaults(fn=explain_cmd)
+
+    for name in COMMAND_MODULES:  # commands that live beside what they run
+        importlib.import_module(name).add_commands(sub)
 
     args = parser.parse_args(argv)
     if args.verbose:

@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Optional
 
-from .patterns import DEFAULT_VERTICAL_SLASH, Pattern
+from .patterns import DEFAULT_BUDGET_EXPONENT, DEFAULT_BUDGET_LENGTH, DEFAULT_VERTICAL_SLASH, Pattern
 
 # Prompts shorter than this stay dense. Measured on an H100 (docs/BENCHMARKS.md, 2026-11-22) on
 # real SmolLM2 + YaRN heads with the default budgets (1000 verticals, 6096 slashes), estimation +
@@ -38,6 +38,11 @@ class MInferenceConfig:
         ``{"kind": "vertical_slash", "vertical": 1000, "slash": 6096}``, ``{"kind": "a_shape",
         "sink": 128, "local": 4096}``, ``{"kind": "block_sparse", "blocks": 100}``, ``{"kind": "dense"}``.
     dense_below: prompts shorter than this many tokens run dense attention; 0 forces sparse.
+    budget_length: the prompt length at which ``default_pattern``'s budgets hold; shorter prompts
+        get them scaled by ``(N / budget_length) ** budget_exponent`` (patterns.scaled_budgets).
+        None: 131072 for the built-in default (MInference's 1000 verticals / 6096 slashes, set
+        for 128K prompts), 0 (budgets as given, at every length) for a pattern you pass.
+    budget_exponent: the exponent of that scaling (0.7; see patterns.py for where it comes from).
     compiler: "inductor", "aot_eager" or "eager".
     mode: an Inductor mode ("default", "reduce-overhead", "max-autotune", ...), as for
         backend="inductor".
@@ -47,6 +52,8 @@ class MInferenceConfig:
     pattern_db: Optional[str] = "auto"
     default_pattern: Pattern = DEFAULT_VERTICAL_SLASH
     dense_below: int = DEFAULT_DENSE_BELOW
+    budget_length: Optional[int] = None
+    budget_exponent: float = DEFAULT_BUDGET_EXPONENT
     compiler: Compiler = Compiler.INDUCTOR
     mode: Optional[str] = None
     inductor_config: tuple = field(default_factory=tuple)  # sorted (key, value) pairs
@@ -60,6 +67,15 @@ class MInferenceConfig:
             raise ValueError(f"default_pattern must be a dict such as {DEFAULT_VERTICAL_SLASH.to_dict()}")
         if not isinstance(self.dense_below, int) or isinstance(self.dense_below, bool) or self.dense_below < 0:
             raise ValueError(f"dense_below must be an int >= 0, got {self.dense_below!r}")
+        if self.budget_length is None:
+            length = DEFAULT_BUDGET_LENGTH if self.default_pattern == DEFAULT_VERTICAL_SLASH else 0
+            object.__setattr__(self, "budget_length", length)
+        if not isinstance(self.budget_length, int) or isinstance(self.budget_length, bool) or self.budget_length < 0:
+            raise ValueError(f"budget_length must be an int >= 0 or None, got {self.budget_length!r}")
+        if isinstance(self.budget_exponent, int) and not isinstance(self.budget_exponent, bool):
+            object.__setattr__(self, "budget_exponent", float(self.budget_exponent))
+        if not isinstance(self.budget_exponent, float) or not 0.0 <= self.budget_exponent <= 2.0:
+            raise ValueError(f"budget_exponent must be a number in [0, 2], got {self.budget_exponent!r}")
         try:
             object.__setattr__(self, "compiler", Compiler(self.compiler))
         except ValueError:
@@ -103,4 +119,5 @@ class MInferenceConfig:
 
     def cache_key(self) -> str:
         """Everything that changes the rewritten graph (part of the compile cache key)."""
-        return repr((self.pattern_db, self.default_pattern, self.dense_below))
+        return repr((self.pattern_db, self.default_pattern, self.dense_below, self.budget_length,
+                     self.budget_exponent))

@@ -11,7 +11,7 @@ import torch
 
 from .backend import minference_backend
 from .passes.rewrite import RewriteReport, SiteReport
-from .patterns import max_density
+from .patterns import max_density, scaled_budgets
 
 
 def _pattern_summary(patterns: tuple) -> str:
@@ -55,7 +55,8 @@ class Explanation:
         n = length or self.length
         if not site.rewritten or not n:
             return None
-        return sum(max_density(p, n) for p in site.patterns) / len(site.patterns)
+        length_ref, exponent = site.budget_scaling
+        return sum(max_density(scaled_budgets(p, n, length_ref, exponent), n) for p in site.patterns) / len(site.patterns)
 
     def graph_code(self, graph: int = 0) -> str:
         """The rewritten FX graph (print_readable form)."""

@@ -20,7 +20,7 @@ from .index import SparseIndex, index_rows
 from .kernels import dispatch
 from .kernels.estimate import estimate_index_ref, index_capacity
 from .kernels.sparse_attention import sparse_attention_ref
-from .patterns import decode
+from .patterns import DEFAULT_BUDGET_EXPONENT, decode, scale_lists
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +43,26 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], k
 @torch.library.custom_op("mcompile::estimate_index", mutates_args=())
 def estimate_index(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch.Tensor],
                    kinds: list[int], p0: list[int], p1: list[int], scale: float,
-                   dense_below: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                              torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SparseIndex of every head of a layer; the dense index when N < dense_below."""
+                   dense_below: int, budget_length: int = 0,
+                   budget_exponent: float = DEFAULT_BUDGET_EXPONENT) -> tuple[
+                       torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                       torch.Tensor]:
+    """SparseIndex of every head of a layer; the dense index when N < dense_below. Budgets are
+    scaled to the prompt length when ``budget_length`` > 0 (``patterns.scaled_budgets``); the
+    scaled budgets never exceed the given ones, so the index capacity does not change."""
     _check_inputs(q, k, None, kinds, p0, p1)
-    dense = q.shape[2] < dense_below
+    n = q.shape[2]
+    dense = n < dense_below
+    capacity = index_capacity(n, kinds, p0, p1)  # what the fake promises, from the unscaled budgets
+    if not dense:
+        p0, p1 = scale_lists(kinds, p0, p1, n, budget_length, budget_exponent)
     impl = dispatch.estimate_impl(q) if not dense else estimate_index_ref
-    return tuple(impl(q, k, key_padding, kinds, p0, p1, scale, dense=dense))
+    return tuple(impl(q, k, key_padding, kinds, p0, p1, scale, dense=dense, capacity=capacity))
 
 
 @estimate_index.register_fake
-def _(q, k, key_padding, kinds, p0, p1, scale, dense_below):
+def _(q, k, key_padding, kinds, p0, p1, scale, dense_below, budget_length=0,
+      budget_exponent=DEFAULT_BUDGET_EXPONENT):
     b, h, n, _ = q.shape
     r, c, kb = index_capacity(n, kinds, p0, p1)
     nb = index_rows(n)

@@ -167,17 +167,20 @@ def _forced_columns(key_padding: Optional[torch.Tensor], n: int, device) -> tupl
 
 def assemble_index(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch.Tensor],
                    kinds: Sequence[int], p0: Sequence[int], p1: Sequence[int], scale: float,
-                   dense: bool = False, vs_scores: Callable = vertical_slash_scores) -> SparseIndex:
+                   dense: bool = False, vs_scores: Callable = vertical_slash_scores,
+                   capacity: Optional[tuple] = None) -> SparseIndex:
     """Sparse index of every head of a layer. q (B, H, N, D), k (B, Hk, N, D), key_padding (B, N).
 
     ``dense=True`` returns the dense index (every head one run over all diagonals).
     ``vs_scores(q, k, key_padding, scale, heads)`` computes the vertical-slash scores; the rest
     is shared by every implementation. Per-head tables are built on the host from the pattern
-    lists: no host sync, no loop over heads.
+    lists: no host sync, no loop over heads. ``capacity`` (R, C, KB) sizes the index when the
+    budgets were scaled down from larger ones (ops.estimate_index); by default it is
+    ``index_capacity`` of the budgets themselves.
     """
     b, h, n, _ = q.shape
     dev = q.device
-    r_cap, c_cap, kb_cap = index_capacity(n, kinds, p0, p1)
+    r_cap, c_cap, kb_cap = capacity if capacity is not None else index_capacity(n, kinds, p0, p1)
     nb = num_blocks(n)
     kinds_l = [int(PatternKind.DENSE)] * h if dense else [int(x) for x in kinds]
     heads_of = {kd: [i for i, x in enumerate(kinds_l) if x == kd] for kd in PatternKind}
@@ -227,6 +230,7 @@ def assemble_index(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch
                        column_counts(columns, n), blocks, block_count)
 
 
-def estimate_index_ref(q, k, key_padding, kinds, p0, p1, scale: float, dense: bool = False) -> SparseIndex:
+def estimate_index_ref(q, k, key_padding, kinds, p0, p1, scale: float, dense: bool = False,
+                       capacity: Optional[tuple] = None) -> SparseIndex:
     """The pure-PyTorch estimation (CPU path and reference)."""
-    return assemble_index(q, k, key_padding, kinds, p0, p1, scale, dense, vertical_slash_scores)
+    return assemble_index(q, k, key_padding, kinds, p0, p1, scale, dense, vertical_slash_scores, capacity)

@@ -47,6 +47,7 @@ class SiteReport:
     patterns: tuple = ()
     pattern_source: str = ""
     key_padding: bool = False
+    budget_scaling: tuple = (0, 0.0)  # (reference length, exponent) of the budgets; length 0: absolute
 
 
 @dataclass(frozen=True)
@@ -104,23 +105,29 @@ def resolve_db(config: MInferenceConfig, sites: list[AttentionSite]) -> tuple[Op
 
 
 def site_patterns(site: AttentionSite, db: Optional[PatternDB], config: MInferenceConfig,
-                  explicit: bool) -> tuple[list[Pattern], str]:
+                  explicit: bool) -> tuple[list[Pattern], str, tuple[int, float]]:
+    """Patterns of the site's heads, where they came from, and their budget scaling
+    (reference length, exponent; patterns.scaled_budgets)."""
     if db is not None:
         reason = db.check_site(site.layer, site.heads, site.kv_heads, site.head_dim)
         if reason is None:
-            return db.patterns_for(site.layer), f"database {db.source}"
+            return (db.patterns_for(site.layer), f"database {db.source}",
+                    (db.budget_length, db.budget_exponent))
         if explicit:
             hint = ("compile the whole model (model.compile(backend='minference')) so that layers are known, "
                     "or pass options={'pattern_db': None} to use the default pattern everywhere")
             raise PatternDBError(f"{reason}; {hint}" if site.layer is None else reason)
-    return [config.default_pattern] * site.heads, "default pattern"
+    return ([config.default_pattern] * site.heads, "default pattern",
+            (config.budget_length, config.budget_exponent))
 
 
-def _rewrite_site(graph: fx.Graph, site: AttentionSite, patterns: list[Pattern], config: MInferenceConfig):
+def _rewrite_site(graph: fx.Graph, site: AttentionSite, patterns: list[Pattern], config: MInferenceConfig,
+                  scaling: tuple[int, float]):
     kinds, p0, p1 = encode(patterns)
     with graph.inserting_before(site.node):
         est = graph.call_function(torch.ops.mcompile.estimate_index.default,
-                                  (site.q, site.k, site.key_padding, kinds, p0, p1, site.scale, config.dense_below))
+                                  (site.q, site.k, site.key_padding, kinds, p0, p1, site.scale, config.dense_below,
+                                   *scaling))
         parts = [graph.call_function(operator.getitem, (est, i)) for i in range(INDEX_FIELDS)]
         attn = graph.call_function(torch.ops.mcompile.sparse_attention.default,
                                    (site.q, site.k, site.v, *parts, site.key_padding, site.scale, config.dense_below))
@@ -147,13 +154,13 @@ def rewrite_attention(gm: fx.GraphModule, config: MInferenceConfig, grad_enabled
     reports = []
     for site in sites:
         reason = site.reason or (GRAD_REASON if grad_enabled else None)
-        patterns, source = [], ""
+        patterns, source, scaling = [], "", (0, 0.0)
         if reason is None:
-            patterns, source = site_patterns(site, db, config, explicit)
+            patterns, source, scaling = site_patterns(site, db, config, explicit)
             if all(p.kind == PatternKind.DENSE for p in patterns):
                 reason = f"every head is dense ({source})"
         if reason is None:
-            _rewrite_site(gm.graph, site, patterns, config)
+            _rewrite_site(gm.graph, site, patterns, config, scaling)
             counters["mcompile"]["rewritten"] += 1
             log.info("mcompile: rewrote %s attention in %s (layer %s) with %s", site.kind, site.module or "?",
                      site.layer, source)
@@ -161,7 +168,8 @@ def rewrite_attention(gm: fx.GraphModule, config: MInferenceConfig, grad_enabled
             counters["mcompile"]["kept_dense"] += 1
             log.info("mcompile: kept %s attention in %s dense: %s", site.kind, site.module or "?", reason)
         reports.append(SiteReport(site.layer, site.module, site.kind, reason is None, reason or "", site.heads,
-                                  site.kv_heads, site.head_dim, tuple(patterns), source, site.key_padding is not None))
+                                  site.kv_heads, site.head_dim, tuple(patterns), source, site.key_padding is not None,
+                                  scaling))
     gm.graph.lint()
     gm.recompile()
     code = gm.print_readable(print_output=False)

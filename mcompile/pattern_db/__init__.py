@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ..patterns import Pattern
+from ..patterns import DEFAULT_BUDGET_EXPONENT, Pattern
 
 FORMAT = "mcompile-pattern-db"
 VERSION = 1
@@ -68,6 +68,15 @@ class PatternDB:
     layers: tuple  # tuple[tuple[HeadEntry, ...], ...], one tuple of heads per layer
     calibration: dict = field(default_factory=dict, hash=False, compare=False)
     source: str = ""
+
+    @property
+    def budget_length(self) -> int:
+        """Prompt length at which the budgets hold (``calibration.budget_length``; 0: absolute)."""
+        return int(self.calibration.get("budget_length", 0))
+
+    @property
+    def budget_exponent(self) -> float:
+        return float(self.calibration.get("budget_exponent", DEFAULT_BUDGET_EXPONENT))
 
     def patterns_for(self, layer: int) -> list[Pattern]:
         return [h.pattern for h in self.layers[layer]]
