@@ -1,9 +1,15 @@
 """The sparse index: one format that every pattern produces and one attention consumes.
 
-Attention is causal, queries and keys share positions ``0..N-1``, and queries are cut into
-blocks of ``BLOCK`` rows (block ``m`` holds queries ``[m*BLOCK, (m+1)*BLOCK)``). For each
-batch element ``b`` and query head ``h`` the index keeps three kinds of key sets; the kept
-keys of a query are their union, intersected with ``key <= query`` and the key padding mask.
+Attention is causal over absolute positions. The keys sit at positions ``0..N-1``; the queries
+are the last ``Nq <= N`` of them, at positions ``P..N-1`` with ``P = N - Nq`` (``P = 0`` for a
+whole prompt, ``P > 0`` for a chunk that continues a cached prefix: chunked prefill, a prompt
+continued after a cache, several draft tokens). Query ``i`` of the chunk (tensor row ``i``) is
+at position ``P + i`` and sees keys ``<= P + i``. Queries are cut into blocks of ``BLOCK``
+*absolute* rows (block ``m`` holds positions ``[m*BLOCK, (m+1)*BLOCK)``), so an index depends
+on ``N`` only, never on where the chunk starts; the blocks that hold no query (``m < P // BLOCK``)
+are simply never read. For each batch element ``b`` and query head ``h`` the index keeps three
+kinds of key sets; the kept keys of a query are their union, intersected with ``key <= query``
+(positions) and the key padding mask (``(B, N)``, over all keys, cached ones included).
 
 1. **Diagonal runs** ``runs[b, h, r] = (d_lo, d_hi)``, ``r < run_count[b, h]``: sorted, disjoint
    ranges of diagonals (``d = query - key``). Query block ``m`` computes the key tile
@@ -23,6 +29,10 @@ keys of a query are their union, intersected with ``key <= query`` and the key p
    (keys ``[n*BLOCK, (n+1)*BLOCK)``) for query block ``m``. Block-sparse heads use these and
    no runs or columns, so the three sets never overlap within a head.
 
+Sizes: every per-block tensor has ``index_rows(N) = num_blocks(N) + 1`` rows (a spare row past
+the last block, so that no index dimension is ever 1 and tracing adds no guard on N), and
+``diag_prefix`` has ``N + 1`` entries. All of it is a function of the key length N alone.
+
 Worked example, N = 8 and BLOCK = 4 (two query blocks), runs = [(0, 1)], columns = [0]::
 
     block 0 (rows 0-3): run tile keys [0-1, 4-0) = [-1, 4) -> [0, 4)
@@ -36,6 +46,18 @@ Worked example, N = 8 and BLOCK = 4 (two query blocks), runs = [(0, 1)], columns
         q5             c  .  .  x  x  x
         q6             c  .  .  x  x  x  x
         q7             c  .  .  x  x  x  x  x
+
+Cached prefix, the same index with N = 8, BLOCK = 4 and a chunk of Nq = 3 queries (P = 5):
+only block 1 holds queries, and its rows 5-7 are the chunk's rows 0-2::
+
+                      k0 k1 k2 k3 k4 k5 k6 k7
+        q5 (row 0)     c  .  .  x  x  x
+        q6 (row 1)     c  .  .  x  x  x  x
+        q7 (row 2)     c  .  .  x  x  x  x  x
+
+The kernels run only the blocks that hold queries (``m >= P // BLOCK``) and read query row
+``position - P``; estimation scores the chunk's last ``min(LAST_Q, Nq)`` queries against all N
+keys (kernels/estimate.py), so a chunk's index is that of the whole sequence's last queries.
 
 Every query sees itself as long as some run contains diagonal 0, which every pattern
 guarantees (vertical-slash always keeps the nearest diagonals, block-sparse the diagonal
@@ -102,10 +124,11 @@ def column_counts(columns: torch.Tensor, n: int) -> torch.Tensor:
 
 def block_mask_rows(index: SparseIndex, row_start: int, row_end: int, n: int,
                     key_padding: torch.Tensor | None = None) -> torch.Tensor:
-    """Kept (query, key) pairs for query rows ``[row_start, row_end)``: (B, H, rows, n) bool.
-
-    ``row_start`` must be a multiple of ``BLOCK``. This is the definition of the format;
-    the attention kernels must compute exactly these entries.
+    """Kept (query, key) pairs for the queries at positions ``[row_start, row_end)`` over the
+    keys ``[0, n)``: (B, H, rows, n) bool. Any ``row_start`` (a chunk after a cached prefix
+    starts anywhere); ``n`` may stop short of the index's length (keys past the last row are
+    in every row's future). This is the definition of the format; the attention kernels must
+    compute exactly these entries.
     """
     device = index.runs.device
     b, h = index.run_count.shape
@@ -133,20 +156,25 @@ def block_mask_rows(index: SparseIndex, row_start: int, row_end: int, n: int,
     keep = keep[:, :, rows // BLOCK - m0]  # (B, H, rows, n)
     keep = keep & (keys[None, :] <= rows[:, None])
     if key_padding is not None:
-        keep = keep & key_padding[:, None, None, :].bool()
+        keep = keep & key_padding[:, None, None, :n].bool()
     return keep
 
 
-def index_to_mask(index: SparseIndex, n: int, key_padding: torch.Tensor | None = None) -> torch.Tensor:
-    """The whole (B, H, n, n) boolean mask an index stands for (tests and plots; O(n^2))."""
-    return block_mask_rows(index, 0, n, n, key_padding)
+def index_to_mask(index: SparseIndex, n: int, key_padding: torch.Tensor | None = None,
+                  queries: int | None = None) -> torch.Tensor:
+    """The whole (B, H, Nq, n) boolean mask an index stands for, for the last ``queries`` (Nq,
+    default n) positions (tests and plots; O(Nq x n))."""
+    nq = n if queries is None else queries
+    return block_mask_rows(index, n - nq, n, n, key_padding)
 
 
-def kept_fraction(index: SparseIndex, n: int, key_padding: torch.Tensor | None = None) -> torch.Tensor:
-    """Fraction of causal (query, key) pairs the index keeps, per (batch, head); O(n^2) memory
-    is avoided by walking query blocks."""
+def kept_fraction(index: SparseIndex, n: int, key_padding: torch.Tensor | None = None,
+                  queries: int | None = None) -> torch.Tensor:
+    """Fraction of causal (query, key) pairs the index keeps for the last ``queries`` positions
+    (default n), per (batch, head); O(n^2) memory is avoided by walking query blocks."""
     b, h = index.run_count.shape
+    p = n - (n if queries is None else queries)
     kept = torch.zeros(b, h, dtype=torch.float64, device=index.runs.device)
-    for start in range(0, n, KEPT_ROWS):
+    for start in range(p, n, KEPT_ROWS):
         kept += block_mask_rows(index, start, min(n, start + KEPT_ROWS), n, key_padding).sum((-1, -2))
-    return kept / (n * (n + 1) / 2)
+    return kept / ((n * (n + 1) - p * (p + 1)) / 2)

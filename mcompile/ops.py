@@ -3,9 +3,13 @@
 ``mcompile::estimate_index`` builds a layer's SparseIndex (all heads at once) and
 ``mcompile::sparse_attention`` consumes it. Both are opaque to the compiler: their fake
 implementations use symbolic arithmetic only, so one compiled graph serves every length, and
-the choice between the dense path (prompts shorter than ``dense_below``) and the sparse path is
-a free branch at run time rather than a guard. On CUDA the bodies run the Triton kernels where
+the choice between the dense path and the sparse path (``runs_dense``) is a free branch at run
+time rather than a guard. On CUDA the bodies run the Triton kernels where
 ``kernels.capability`` allows, and the pure-PyTorch implementations otherwise.
+
+Queries may be a chunk after a cached prefix: q (B, H, Nq, D) over k/v (B, Hk, N, D) with
+Nq <= N; query row i is at position ``N - Nq + i`` and sees keys up to it (bottom-right
+causal alignment, index.py). The index is built over N.
 """
 
 from __future__ import annotations
@@ -16,13 +20,26 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .index import SparseIndex, index_rows
+from .index import BLOCK, SparseIndex, index_rows
 from .kernels import dispatch
 from .kernels.estimate import estimate_index_ref, index_capacity
 from .kernels.sparse_attention import sparse_attention_ref
-from .patterns import DEFAULT_BUDGET_EXPONENT, decode, scale_lists
+from .patterns import DEFAULT_BUDGET_EXPONENT, LAST_Q, decode, scale_lists
 
 log = logging.getLogger(__name__)
+
+# A chunk after a cached prefix with fewer queries than this stays dense: estimating its
+# pattern reads as many (query, key) pairs as its dense attention (decode steps, draft tokens).
+MIN_SPARSE_CHUNK = LAST_Q
+# Dense attention with an explicit mask (padding, or a chunk after a cached prefix) runs in
+# query chunks whose (rows, keys) boolean mask stays under this many entries.
+DENSE_MASK_ENTRIES = 1 << 26
+
+
+def runs_dense(nq: int, nk: int, dense_below: int) -> bool:
+    """Whether the ops take the dense path: context shorter than ``dense_below`` (``nk``, the
+    key length: the prompt, or cached prefix + chunk), or a short chunk after a cached prefix."""
+    return nk < dense_below or (nq < nk and nq < MIN_SPARSE_CHUNK)
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], kinds, p0, p1):
@@ -31,8 +48,11 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], k
     h, hk = q.shape[1], k.shape[1]
     if h % hk:
         raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hk})")
-    if q.shape[2] != k.shape[2]:
-        raise ValueError(f"sparse prefill needs query length == key length, got {q.shape[2]} and {k.shape[2]}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree in batch or head dim")
+    if q.shape[2] > k.shape[2]:
+        raise ValueError(f"query length ({q.shape[2]}) exceeds key length ({k.shape[2]}): queries must be "
+                         "the last Nq of the N key positions")
     if v is not None and v.shape[:3] != k.shape[:3]:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} disagree")
     if not (len(kinds) == len(p0) == len(p1) == h):
@@ -47,12 +67,13 @@ def estimate_index(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch
                    budget_exponent: float = DEFAULT_BUDGET_EXPONENT) -> tuple[
                        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                        torch.Tensor]:
-    """SparseIndex of every head of a layer; the dense index when N < dense_below. Budgets are
-    scaled to the prompt length when ``budget_length`` > 0 (``patterns.scaled_budgets``); the
-    scaled budgets never exceed the given ones, so the index capacity does not change."""
+    """SparseIndex of every head of a layer over the N = k.shape[2] keys; the dense index when
+    ``runs_dense``. Budgets are scaled to the length N when ``budget_length`` > 0
+    (``patterns.scaled_budgets``); the scaled budgets never exceed the given ones, so the index
+    capacity does not change."""
     _check_inputs(q, k, None, kinds, p0, p1)
-    n = q.shape[2]
-    dense = n < dense_below
+    n = k.shape[2]
+    dense = runs_dense(q.shape[2], n, dense_below)
     capacity = index_capacity(n, kinds, p0, p1)  # what the fake promises, from the unscaled budgets
     if not dense:
         p0, p1 = scale_lists(kinds, p0, p1, n, budget_length, budget_exponent)
@@ -63,7 +84,8 @@ def estimate_index(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch
 @estimate_index.register_fake
 def _(q, k, key_padding, kinds, p0, p1, scale, dense_below, budget_length=0,
       budget_exponent=DEFAULT_BUDGET_EXPONENT):
-    b, h, n, _ = q.shape
+    b, h = q.shape[:2]
+    n = k.shape[2]
     r, c, kb = index_capacity(n, kinds, p0, p1)
     nb = index_rows(n)
     i32 = dict(dtype=torch.int32, device=q.device)
@@ -73,18 +95,34 @@ def _(q, k, key_padding, kinds, p0, p1, scale, dense_below, budget_length=0,
 
 
 def dense_attention(q, k, v, scale: float, key_padding: Optional[torch.Tensor]) -> torch.Tensor:
-    """Causal attention through PyTorch's SDPA (cuDNN or flash on GPU), GQA without copies."""
+    """Causal attention through PyTorch's SDPA (cuDNN or flash on GPU), GQA without copies.
+
+    q (B, H, Nq, D) over k/v (B, Hk, N, D): query row i is at position N - Nq + i (bottom-right
+    alignment; SDPA's ``is_causal`` is top-left aligned when Nq != N, so that case and key
+    padding get an explicit mask, built per chunk of query rows: O(DENSE_MASK_ENTRIES) memory).
+    Rows whose keys are all padded get zeros."""
     gqa = q.shape[1] != k.shape[1]
-    if key_padding is None:
+    nq, n = q.shape[2], k.shape[2]
+    if key_padding is None and nq == n:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
         return out.contiguous()
-    n = q.shape[2]
-    pad = key_padding.bool()
-    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-    mask = causal[None, None] & pad[:, None, None, :]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    has_key = pad.cumsum(-1) > 0  # (B, N): some key <= i is not padded
-    return torch.where(has_key[:, None, :, None], out, 0).contiguous()
+    p = n - nq
+    out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
+    step = max(BLOCK, DENSE_MASK_ENTRIES // max(1, q.shape[0] * n))
+    keys = torch.arange(n, device=q.device)
+    for r0 in range(0, nq, step):
+        r1 = min(nq, r0 + step)
+        end = p + r1  # keys at or past this position are in every row's future
+        rows = torch.arange(p + r0, end, device=q.device)
+        mask = (keys[None, :end] <= rows[:, None])[None, None]  # (1, 1, rows, end)
+        if key_padding is not None:
+            mask = mask & key_padding[:, None, None, :end].bool()
+        o = F.scaled_dot_product_attention(q[:, :, r0:r1], k[:, :, :end], v[:, :, :end], attn_mask=mask,
+                                           scale=scale, enable_gqa=gqa)
+        if key_padding is not None:
+            o = torch.where(mask.any(-1, keepdim=True), o, 0)  # no unpadded key -> zeros
+        out[:, :, r0:r1] = o
+    return out
 
 
 @torch.library.custom_op("mcompile::sparse_attention", mutates_args=())
@@ -92,8 +130,9 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: to
                      run_count: torch.Tensor, diag_prefix: torch.Tensor, columns: torch.Tensor,
                      column_count: torch.Tensor, blocks: torch.Tensor, block_count: torch.Tensor,
                      key_padding: Optional[torch.Tensor], scale: float, dense_below: int) -> torch.Tensor:
-    """Causal attention of q (B, H, N, D) over k/v (B, Hk, N, D), keeping what the index keeps."""
-    if q.shape[2] < dense_below:
+    """Causal attention of q (B, H, Nq, D) over k/v (B, Hk, N, D), Nq <= N, keeping what the
+    index keeps; dense attention when ``runs_dense``."""
+    if runs_dense(q.shape[2], k.shape[2], dense_below):
         return dense_attention(q, k, v, scale, key_padding)
     index = SparseIndex(runs, run_count, diag_prefix, columns, column_count, blocks, block_count)
     return dispatch.attention_impl(q)(q, k, v, index, scale, key_padding)
@@ -105,4 +144,5 @@ def _(q, k, v, runs, run_count, diag_prefix, columns, column_count, blocks, bloc
     return q.new_empty(*q.shape[:3], v.shape[-1])
 
 
-__all__ = ["estimate_index", "sparse_attention", "dense_attention", "estimate_index_ref", "sparse_attention_ref"]
+__all__ = ["estimate_index", "sparse_attention", "dense_attention", "runs_dense", "estimate_index_ref",
+           "sparse_attention_ref"]

@@ -128,6 +128,25 @@ def test_fake_shapes_are_symbolic():
     assert not shape_env.guards, [str(g.expr) for g in shape_env.guards]
 
 
+def test_fake_shapes_are_symbolic_for_a_cached_prefix():
+    """A chunk after a cached prefix (Nq < N, both symbolic): the index is sized by N alone, the
+    output by Nq, and tracing adds no guard on either."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(q, k, v):
+        idx = torch.ops.mcompile.estimate_index(q, k, None, [2, 3], [30, 2], [100, 0], 0.25, 0)
+        return torch.ops.mcompile.sparse_attention(q, k, v, *idx, None, 0.25, 0), idx[2]
+
+    q, k, v = qkv(1, 2, 1, 300, 16)
+    gm = make_fx(f, tracing_mode="symbolic")(q[:, :, 170:].contiguous(), k, v)
+    vals = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
+    shape_env = vals[0].fake_mode.shape_env
+    assert not shape_env.guards, [str(g.expr) for g in shape_env.guards]
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    assert out[0].meta["val"].shape[2] == vals[0].shape[2]  # Nq
+    assert out[1].meta["val"].shape[2] == vals[1].shape[2] + 1  # diag_prefix: N + 1
+
+
 @pytest.mark.parametrize("bad,message", [
     (dict(kinds=[7, 2, 2, 2]), "is not a valid PatternKind"),
     (dict(p0=[1, 30, 30, 30]), "vertical must be >= 30"),
@@ -146,8 +165,10 @@ def test_bad_shapes_are_clear_errors():
     with pytest.raises(ValueError, match="multiple of key/value heads"):
         ops.estimate_index(q, k, None, [2] * 4, [30] * 4, [100] * 4, 0.25, 0)
     q, k, v = qkv(1, 4, 2, 64, 16)
-    with pytest.raises(ValueError, match="query length == key length"):
-        ops.estimate_index(q[:, :, :10], k, None, [2] * 4, [30] * 4, [100] * 4, 0.25, 0)
+    with pytest.raises(ValueError, match=r"query length \(64\) exceeds key length \(10\)"):
+        ops.estimate_index(q, k[:, :, :10], None, [2] * 4, [30] * 4, [100] * 4, 0.25, 0)
+    with pytest.raises(ValueError, match="disagree in batch or head dim"):
+        ops.estimate_index(q, k[..., :8], None, [2] * 4, [30] * 4, [100] * 4, 0.25, 0)
 
 
 @settings(max_examples=40, deadline=None)

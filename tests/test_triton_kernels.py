@@ -88,11 +88,12 @@ def torch_same_dtype(q, k, v, mask, scale):
 
 
 def check(q, k, v, index, scale, key_padding=None, block_n=None):
-    """Run the kernel; compare with the reference op and with dense masked attention."""
-    n = q.shape[2]
+    """Run the kernel; compare with the reference op and with dense masked attention. q may be
+    a chunk after a cached prefix (Nq < N): its rows are the last Nq positions."""
+    n = k.shape[2]
     out = attn_triton.sparse_attention_triton(q, k, v, index, scale, key_padding, block_n=block_n)
     assert out.shape == (*q.shape[:3], v.shape[-1]) and out.dtype == q.dtype and out.is_contiguous()
-    mask = index_to_mask(index, n, key_padding)
+    mask = index_to_mask(index, n, key_padding, queries=q.shape[2])
     exact = oracle(q, k, v, mask, scale)
     err = (out.double() - exact).abs().max().item()
     budget = 2 * (torch_same_dtype(q, k, v, mask, scale).double() - exact).abs().max().item() + FLOOR[q.dtype]
@@ -248,7 +249,8 @@ def test_fully_padded_batch_row_is_zero():
 
 def test_capability_reasons():
     assert attn_triton.capability(torch.zeros(1, 2, 8, 64)) is None  # CPU runs under the interpreter
-    assert "head dim 48" in attn_triton.capability(torch.zeros(1, 2, 8, 48))
+    assert attn_triton.capability(torch.zeros(1, 2, 8, 96)) is None  # padded to 128
+    assert "head dim 256" in attn_triton.capability(torch.zeros(1, 2, 8, 256))
     assert "dtype" in attn_triton.capability(torch.zeros(1, 2, 8, 64, dtype=torch.float64))
     assert "dims" in attn_triton.capability(torch.zeros(2, 8, 64))
 
@@ -258,8 +260,12 @@ def test_contract_errors():
     q, k, v = inputs(b, h, 2, n, d, seed=0)
     index = estimate_index_ref(q, k, None, *patterns(h), d ** -0.5)
     run = attn_triton.sparse_attention_triton
-    with pytest.raises(ValueError, match="head dim 48"):
+    with pytest.raises(ValueError, match="head dim 256"):
+        run(torch.zeros(b, h, n, 256), k, v, index, 1.0)
+    with pytest.raises(ValueError, match=r"k must be \(B=1, Hk, N, D=48\)"):
         run(torch.zeros(b, h, n, 48), k, v, index, 1.0)
+    with pytest.raises(ValueError, match="query length 71 exceeds key length 70"):
+        run(torch.zeros(b, h, n + 1, d), k, v, index, 1.0)
     with pytest.raises(ValueError, match="multiple of key/value heads"):
         run(q, *inputs(b, h, 3, n, d, seed=0)[1:], index, 1.0)
     with pytest.raises(ValueError, match="share dtype"):
@@ -361,3 +367,79 @@ def test_estimated_index_drives_the_kernel():
     kinds, p0, p1 = [2, 2, 3, 1], [40, 30, 3, 4], [110, 100, 0, 64]
     index = est_triton.estimate_index_triton(q, k, None, kinds, p0, p1, d ** -0.5)
     check(q, k, v, index, d ** -0.5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Cached prefix (Nq < N), padded head dims, NaN
+# ------------------------------------------------------------------------------------------------
+
+# (B, H, Hk, N, Nq, D): chunks at block-aligned and unaligned offsets, one query, 63 queries.
+PREFIX_SHAPES = [
+    (2, 4, 2, 200, 130, 16),
+    (1, 4, 4, 130, 1, 16),
+    (1, 6, 2, 161, 63, 32),
+    (2, 4, 4, 192, 64, 16),
+]
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["nopad", "pad"])
+@pytest.mark.parametrize("shape", PREFIX_SHAPES, ids=lambda s: "B{}H{}Hk{}N{}Nq{}D{}".format(*s))
+def test_cached_prefix(shape, padded):
+    """Queries at positions P..N-1 (P = N - Nq): the kernel against the reference and against
+    dense attention with the offset mask; the estimate kernel against the reference scores."""
+    b, h, hk, n, nq, d = shape
+    q, k, v = inputs(b, h, hk, n, d, seed=n + nq)
+    q = q[:, :, n - nq:]
+    kp = padding(b, n, seed=nq) if padded else None
+    scale = d ** -0.5
+    index = estimate_index_ref(q, k, kp, *patterns(h), scale)
+    check(q, k, v, index, scale, kp)
+    check(q.half(), k.half(), v.half(), index, scale, kp)
+    heads = torch.arange(h, dtype=torch.int32)
+    vertical, slash = est_triton.vertical_slash_scores_triton(q, k, kp, scale, heads)
+    ref_v, ref_s = vertical_slash_scores(q, k, kp, scale, heads)
+    torch.testing.assert_close(vertical, ref_v, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(slash, ref_s, atol=1e-5, rtol=1e-5)
+
+
+def test_cached_prefix_random_index():
+    """Random indexes (many runs, columns inside run tiles, future key blocks) at an offset."""
+    b, h, n, nq, d = 2, 4, 200, 101, 16
+    q, k, v = inputs(b, h, 2, n, d, seed=31)
+    index = random_index(b, h, n, seed=5)
+    check(q[:, :, n - nq:], k, v, index, d ** -0.5, padding(b, n, seed=6), block_n=128)
+
+
+@pytest.mark.parametrize("d", [48, 80, 96])
+def test_padded_head_dims(d):
+    """Head dims the kernel is not built for run zero-padded to the next one (80, 96 -> 128)."""
+    b, h, hk, n = 1, 2, 1, 97
+    q, k, v = inputs(b, h, hk, n, d, seed=d)
+    scale = d ** -0.5
+    assert attn_triton.padded_head_dim(d) == (64 if d == 48 else 128)
+    index = est_triton.estimate_index_triton(q, k, None, [2, 1], [30, 4], [100, 64], scale)
+    ref_index = estimate_index_ref(q, k, None, [2, 1], [30, 4], [100, 64], scale)
+    assert torch.equal(index.runs, ref_index.runs) and torch.equal(index.columns, ref_index.columns)
+    out, _ = check(q, k, v, index, scale)
+    assert out.shape[-1] == d
+    check(q[:, :, 40:], k, v, index, scale)  # padded and offset together
+
+
+@pytest.mark.parametrize("where", ["q", "k"])
+def test_nan_rows(where):
+    """A NaN in query row i gives NaN in output row i only; a NaN key j gives NaN in the rows
+    that keep it; the kernel returns (its loops run over index counts, never over data)."""
+    b, h, n, d = 1, 2, 130, 16
+    q, k, v = inputs(b, h, h, n, d, seed=3)
+    if where == "q":
+        q[0, 1, 100, 0] = float("nan")
+    else:
+        k[0, 0, 20, 0] = float("nan")
+    index = estimate_index_ref(q, k, None, [2, 0], [30, 0], [100, 0], d ** -0.5)
+    out = attn_triton.sparse_attention_triton(q, k, v, index, d ** -0.5)
+    nan = torch.isnan(out).any(-1)[0]  # (H, N)
+    mask = index_to_mask(index, n)[0]
+    if where == "q":
+        assert nan[1, 100] and nan.sum() == 1
+    else:
+        assert (nan[0] >= mask[0, :, 20]).all() and mask[0, :, 20].any() and not nan[1].any()

@@ -9,6 +9,12 @@
 - A-shape: static, ``sink`` columns and one run of ``local`` diagonals. Dense: one run
   covering every diagonal.
 
+Queries may be a chunk after a cached prefix (q (B, H, Nq, D) over k (B, Hk, N, D), Nq <= N,
+queries at positions ``P..N-1`` with ``P = N - Nq``; index.py): vertical-slash scores the
+chunk's last ``min(LAST_Q, Nq)`` queries at their positions against all N keys, block-sparse
+pools the chunk's queries into the absolute 64-position blocks they fall in, and the index is
+built over N either way.
+
 This is the pure-PyTorch implementation (the CPU path and the reference of the GPU kernels).
 Work is vectorised over heads; the only loop is over chunks of KV heads, sized so that the
 fp32 score tensors stay under ``SCORE_BYTES``.
@@ -78,12 +84,12 @@ def _topk_sorted(scores: torch.Tensor, budgets: torch.Tensor, k: int) -> torch.T
 
 def vertical_slash_scores(q, k, key_padding, scale: float, heads: torch.Tensor):
     """Column and diagonal scores (B, Hs, N) fp32 of query heads ``heads``, from the last LAST_Q
-    queries (logits in fp32)."""
-    b, h, n, _ = q.shape
-    hk = k.shape[1]
+    queries (logits in fp32); q may be a chunk (Nq <= N, positions N - Nq .. N - 1)."""
+    b, h, nq, _ = q.shape
+    hk, n = k.shape[1], k.shape[2]
     group = h // hk
-    lq = min(LAST_Q, n)
-    pos = torch.arange(n - lq, n, device=q.device)  # (lq,)
+    lq = min(LAST_Q, nq)
+    pos = torch.arange(n - lq, n, device=q.device)  # (lq,) absolute positions
     keys = torch.arange(n, device=q.device)
     allowed = (keys[None, :] <= pos[:, None])[None, None]  # (1, 1, lq, n)
     if key_padding is not None:
@@ -95,7 +101,7 @@ def vertical_slash_scores(q, k, key_padding, scale: float, heads: torch.Tensor):
     for g0 in range(0, hk, step):
         g1 = min(hk, g0 + step)
         hc = (g1 - g0) * group
-        qs = q[:, g0 * group:g1 * group, n - lq:].float().reshape(b, g1 - g0, group * lq, -1)
+        qs = q[:, g0 * group:g1 * group, nq - lq:].float().reshape(b, g1 - g0, group * lq, -1)
         s = torch.matmul(qs, k[:, g0:g1].float().transpose(-1, -2)) * scale
         s = s.view(b, hc, lq, n).masked_fill(~allowed, float("-inf"))
         p = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # (B, Hc, lq, n)
@@ -107,36 +113,41 @@ def vertical_slash_scores(q, k, key_padding, scale: float, heads: torch.Tensor):
     return vertical[:, heads], slash[:, heads]
 
 
-def _pool(x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(B, X, N, D) -> (B, X, NB, D) fp32 means over each block's tokens (``weight`` (B, N)
-    leaves padded tokens out)."""
+def _pool(x: torch.Tensor, weight: Optional[torch.Tensor] = None, start: int = 0) -> torch.Tensor:
+    """(B, X, L, D) -> (B, X, NB, D) fp32 means over each block's tokens, for tokens at positions
+    ``start .. start + L - 1`` (blocks ``start // BLOCK`` on; ``weight`` (B, L) leaves padded
+    tokens out)."""
     b, xh, n, d = x.shape
-    nb = num_blocks(n)
-    pad = nb * BLOCK - n
+    front = start % BLOCK  # positions of the first block before the first token
+    nb = num_blocks(front + n)
+    pad = nb * BLOCK - n - front
     w = torch.ones(b, n, device=x.device) if weight is None else weight.float()
-    xs = torch.nn.functional.pad(x.float() * w[:, None, :, None], (0, 0, 0, pad)).view(b, xh, nb, BLOCK, d)
-    counts = torch.nn.functional.pad(w, (0, pad)).view(b, nb, BLOCK).sum(-1).clamp(min=1)  # (B, NB)
+    xs = torch.nn.functional.pad(x.float() * w[:, None, :, None], (0, 0, front, pad)).view(b, xh, nb, BLOCK, d)
+    counts = torch.nn.functional.pad(w, (front, pad)).view(b, nb, BLOCK).sum(-1).clamp(min=1)  # (B, NB)
     return xs.sum(3) / counts[:, None, :, None]
 
 
 def block_topk(q, k, key_padding, scale: float, heads: torch.Tensor, budgets: torch.Tensor, kmax: int):
     """Top ``budgets[i]`` key blocks per query block of head ``heads[i]``: (B, Hb, NB, kmax)
-    int32, ascending, SENTINEL-padded. Pooled scores are block-causal, with the diagonal block
-    and block 0 forced; they are scored one chunk of heads and rows at a time."""
-    b, h, n, d = q.shape
+    int32, ascending, SENTINEL-padded (rows of blocks before the chunk's first query, which
+    the kernels never read, are all SENTINEL). Pooled scores are block-causal, with the
+    diagonal block and block 0 forced; they are scored one chunk of heads and rows at a time."""
+    b, h, nq, d = q.shape
     group = h // k.shape[1]
+    n = k.shape[2]
     nb = num_blocks(n)
+    m0 = (n - nq) // BLOCK  # first query block of the chunk
     heads = heads.long()
-    pq = _pool(q[:, heads])  # (B, Hb, NB, D)
+    pq = _pool(q[:, heads], start=n - nq)  # (B, Hb, NB - m0, D)
     pk = _pool(k, key_padding)[:, heads // group]  # (B, Hb, NB, D)
     hb = heads.numel()
     rows_per = max(1, SCORE_BYTES // max(1, b * hb * nb * 4))
-    out = torch.empty(b, hb, nb, kmax, dtype=torch.int32, device=q.device)
+    out = torch.full((b, hb, nb, kmax), SENTINEL, dtype=torch.int32, device=q.device)
     cols = torch.arange(nb, device=q.device)
-    for r0 in range(0, nb, rows_per):
+    for r0 in range(m0, nb, rows_per):
         r1 = min(nb, r0 + rows_per)
         rows = torch.arange(r0, r1, device=q.device)
-        s = torch.matmul(pq[:, :, r0:r1], pk.transpose(-1, -2)) * scale  # (B, Hb, R, NB)
+        s = torch.matmul(pq[:, :, r0 - m0:r1 - m0], pk.transpose(-1, -2)) * scale  # (B, Hb, R, NB)
         s = s.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
         s[..., 0] = float("inf")
         s.scatter_(3, rows.view(1, 1, -1, 1).expand(b, hb, -1, 1), float("inf"))
@@ -169,7 +180,8 @@ def assemble_index(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch
                    kinds: Sequence[int], p0: Sequence[int], p1: Sequence[int], scale: float,
                    dense: bool = False, vs_scores: Callable = vertical_slash_scores,
                    capacity: Optional[tuple] = None) -> SparseIndex:
-    """Sparse index of every head of a layer. q (B, H, N, D), k (B, Hk, N, D), key_padding (B, N).
+    """Sparse index of every head of a layer. q (B, H, Nq, D), k (B, Hk, N, D), key_padding (B, N);
+    Nq <= N (a chunk after a cached prefix; the index is over N, index.py).
 
     ``dense=True`` returns the dense index (every head one run over all diagonals).
     ``vs_scores(q, k, key_padding, scale, heads)`` computes the vertical-slash scores; the rest
@@ -178,7 +190,8 @@ def assemble_index(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch
     budgets were scaled down from larger ones (ops.estimate_index); by default it is
     ``index_capacity`` of the budgets themselves.
     """
-    b, h, n, _ = q.shape
+    b, h = q.shape[:2]
+    n = k.shape[2]
     dev = q.device
     r_cap, c_cap, kb_cap = capacity if capacity is not None else index_capacity(n, kinds, p0, p1)
     nb = num_blocks(n)
@@ -224,7 +237,9 @@ def assemble_index(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch
         picked = block_topk(q, k, key_padding, scale, sel, budget, max(budget_l))
         blocks[:, sel, :nb, :picked.shape[-1]] = picked
         rows = torch.arange(nb, device=dev)
-        block_count[:, sel, :nb] = torch.minimum(budget[:, None], rows[None, :] + 1).to(torch.int32).expand(b, -1, -1)
+        counts = torch.minimum(budget[:, None], rows[None, :] + 1)
+        counts = torch.where(rows >= (n - q.shape[2]) // BLOCK, counts, 0)  # blocks before the chunk: none
+        block_count[:, sel, :nb] = counts.to(torch.int32).expand(b, -1, -1)
 
     return SparseIndex(runs, run_count, runs_to_diag_prefix(runs, run_count, n), columns,
                        column_counts(columns, n), blocks, block_count)

@@ -1,8 +1,9 @@
 """Index estimation on the GPU: vertical-slash scores without the (B, H, 64, N) score tensor.
 
-Math (per batch b and vertical-slash head h; the last ``lq = min(LAST_Q, N)`` queries sit at
-positions ``P + i``, ``P = N - lq``; a key j is allowed for row i iff ``j <= P + i`` and
-``key_padding[b, j]``)::
+Math (per batch b and vertical-slash head h; the last ``lq = min(LAST_Q, Nq)`` queries of q
+(B, H, Nq, D) sit at positions ``P + i``, ``P = N - lq``, also when q is a chunk after a
+cached prefix (Nq < N: they are q's rows ``Nq - lq + i``); a key j is allowed for row i iff
+``j <= P + i`` and ``key_padding[b, j]``)::
 
     p[i, j]      = softmax_j(scale * q[P + i] . k[j])   over allowed j (0 elsewhere; all-padded rows 0)
     vertical[j]  = sum_i p[i, j]
@@ -26,8 +27,10 @@ Two passes over the keys, both in 64-query x key tiles on tensor cores, both bas
    ``[P - 64 t, P - 64 t + 64)``, which no other tile writes. No atomics, no scratch.
 
 Grid of both: ``(SPLITS, B * Hs)`` over the Hs vertical-slash heads, each program taking a
-contiguous range of tiles. The index is then assembled as ``estimate_index_ref`` does, with
-its PyTorch top-k and run-merging helpers, vectorised over heads and without host syncs.
+contiguous range of tiles. Head dims outside HEAD_DIMS (up to 128) are zero-padded, as in
+sparse_attention_triton (only the lq estimation rows of q are copied). The index is then
+assembled as ``estimate_index_ref`` does, with its PyTorch top-k and run-merging helpers,
+vectorised over heads and without host syncs.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import triton.language as tl
 from ..index import SparseIndex
 from ..patterns import LAST_Q
 from .estimate import assemble_index
+from .sparse_attention_triton import MAX_HEAD_DIM, pad_head_dim, padded_head_dim
 from .estimate import estimate_index_ref  # noqa: F401  (the reference this module matches)
 
 LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E): scores are kept in base 2
@@ -59,11 +63,11 @@ assert LAST_Q == TILE, "the kernels hold the LAST_Q estimation queries in one 64
 
 
 @triton.jit
-def _load_rows(Q, b64, h64, P, LQ, stride_qb, stride_qh, stride_qn, stride_qd,
+def _load_rows(Q, b64, h64, Q_ROW0, LQ, stride_qb, stride_qh, stride_qn, stride_qd,
                HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):
     i = tl.arange(0, ROWS)
     offs_d = tl.arange(0, HEAD_DIM)
-    ptrs = (Q + b64 * stride_qb + h64 * stride_qh + (P + i).to(tl.int64)[:, None] * stride_qn
+    ptrs = (Q + b64 * stride_qb + h64 * stride_qh + (Q_ROW0 + i).to(tl.int64)[:, None] * stride_qn
             + offs_d[None, :] * stride_qd)
     return tl.load(ptrs, mask=(i < LQ)[:, None], other=0.0)
 
@@ -89,14 +93,14 @@ def _window_logits(q, k_base, kp_base, keys, pos, row_ok, N, stride_kn, stride_k
 def _vs_stats_kernel(Q, K, KP, Heads, MPart, LPart,
                      stride_qb, stride_qh, stride_qn, stride_qd,
                      stride_kb, stride_kh, stride_kn, stride_kd, stride_kpb, stride_kpn,
-                     N, P, LQ, GROUP, HS, NUM_TILES, TILES_PER_PROG, SPLITS, qk_scale,
+                     N, P, Q_ROW0, LQ, GROUP, HS, NUM_TILES, TILES_PER_PROG, SPLITS, qk_scale,
                      HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, HAS_PADDING: tl.constexpr,
                      DOT_PRECISION: tl.constexpr):
     split = tl.program_id(0)
     bs = tl.program_id(1)
     b64 = (bs // HS).to(tl.int64)
     h = tl.load(Heads + bs % HS)
-    q = _load_rows(Q, b64, h.to(tl.int64), P, LQ, stride_qb, stride_qh, stride_qn, stride_qd,
+    q = _load_rows(Q, b64, h.to(tl.int64), Q_ROW0, LQ, stride_qb, stride_qh, stride_qn, stride_qd,
                    HEAD_DIM, ROWS)
     k_base = K + b64 * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
     kp_base = KP + b64 * stride_kpb
@@ -123,14 +127,14 @@ def _vs_stats_kernel(Q, K, KP, Heads, MPart, LPart,
 def _vs_scores_kernel(Q, K, KP, Heads, RowMax, RowInv, Vertical, Slash,
                       stride_qb, stride_qh, stride_qn, stride_qd,
                       stride_kb, stride_kh, stride_kn, stride_kd, stride_kpb, stride_kpn,
-                      N, P, LQ, GROUP, HS, NUM_TILES, TILES_PER_PROG, qk_scale,
+                      N, P, Q_ROW0, LQ, GROUP, HS, NUM_TILES, TILES_PER_PROG, qk_scale,
                       HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, WINDOW: tl.constexpr,
                       HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr):
     split = tl.program_id(0)
     bs = tl.program_id(1)
     b64 = (bs // HS).to(tl.int64)
     h = tl.load(Heads + bs % HS)
-    q = _load_rows(Q, b64, h.to(tl.int64), P, LQ, stride_qb, stride_qh, stride_qn, stride_qd,
+    q = _load_rows(Q, b64, h.to(tl.int64), Q_ROW0, LQ, stride_qb, stride_qh, stride_qn, stride_qd,
                    HEAD_DIM, ROWS)
     k_base = K + b64 * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
     kp_base = KP + b64 * stride_kpb
@@ -167,21 +171,29 @@ def _num_splits(num_tiles: int, rows_of_programs: int) -> int:
 def vertical_slash_scores_triton(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch.Tensor],
                                  scale: float, heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Column and diagonal scores (B, Hs, N) fp32 of the query heads ``heads`` (int32, (Hs,)).
+    q (B, H, Nq, D) may be a chunk after a cached prefix over k (B, Hk, N, D), Nq <= N.
 
     Equals ``vertical_slash_scores(q, k, key_padding, scale)[:, heads]`` up to fp32 rounding.
     """
-    b, h, n, d = q.shape
-    hk = k.shape[1]
-    if d not in HEAD_DIMS or k.shape[-1] != d:
-        raise ValueError(f"estimate kernels support head dims {HEAD_DIMS}, got q {d}, k {k.shape[-1]}")
+    b, h, nq, d = q.shape
+    hk, n = k.shape[1], k.shape[2]
+    if d > MAX_HEAD_DIM or k.shape[-1] != d:
+        raise ValueError(f"estimate kernels support head dims up to {MAX_HEAD_DIM}, got q {d}, k {k.shape[-1]}")
+    if d not in HEAD_DIMS:  # zero-pad: only the estimation rows of q, and k
+        dp = padded_head_dim(d)
+        lq = min(LAST_Q, nq)
+        return vertical_slash_scores_triton(pad_head_dim(q[:, :, nq - lq:], dp), pad_head_dim(k, dp),
+                                            key_padding, scale, heads)
     hs = heads.numel()
     vertical = torch.empty(b, hs, n, dtype=torch.float32, device=q.device)
     slash = torch.empty_like(vertical)
     if b * hs == 0 or n == 0:
         return vertical, slash
-    lq = min(LAST_Q, n)
-    p0 = n - lq
-    num_tiles = triton.cdiv(n, TILE)
+    lq = min(LAST_Q, nq)
+    p0, q_row0 = n - lq, nq - lq
+    # Tile t covers keys [p0 - 64 t, p0 - 64 t + 64) and diagonals [64 t, 64 t + 64): reach key 0
+    # (and with it diagonal N - 1) even when fewer than 64 queries put p0 past N - 64.
+    num_tiles = triton.cdiv(p0, TILE) + 1
     splits = _num_splits(num_tiles, b * hs)
     per_prog = triton.cdiv(num_tiles, splits)
     splits = triton.cdiv(num_tiles, per_prog)  # no idle programs
@@ -201,25 +213,27 @@ def vertical_slash_scores_triton(q: torch.Tensor, k: torch.Tensor, key_padding: 
     l_part = torch.empty_like(m_part)
     _vs_stats_kernel[(splits, b * hs)](
         q, k, kp, heads, m_part, l_part, *common,
-        n, p0, lq, h // hk, hs, num_tiles, per_prog, splits, qk_scale, **meta, **launch)
+        n, p0, q_row0, lq, h // hk, hs, num_tiles, per_prog, splits, qk_scale, **meta, **launch)
     row_max = m_part.max(1).values  # (B * Hs, 64)
     row_sum = (l_part * torch.exp2(m_part - row_max[:, None])).sum(1)
     row_inv = torch.where(row_sum > 0, 1.0 / row_sum, 0.0).contiguous()
     _vs_scores_kernel[(splits, b * hs)](
         q, k, kp, heads, row_max.contiguous(), row_inv, vertical, slash, *common,
-        n, p0, lq, h // hk, hs, num_tiles, per_prog, qk_scale, WINDOW=WINDOW, **meta, **launch)
+        n, p0, q_row0, lq, h // hk, hs, num_tiles, per_prog, qk_scale, WINDOW=WINDOW, **meta, **launch)
     return vertical, slash
 
 
 def _check(q, k, key_padding, kinds, p0, p1):
-    if q.dim() != 4 or k.dim() != 4 or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
-        raise ValueError(f"q (B, H, N, D) and k (B, Hk, N, D) expected, got {tuple(q.shape)} and {tuple(k.shape)}")
+    if q.dim() != 4 or k.dim() != 4 or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3] \
+            or q.shape[2] > k.shape[2]:
+        raise ValueError(f"q (B, H, Nq, D) and k (B, Hk, N, D) with Nq <= N expected, got {tuple(q.shape)} "
+                         f"and {tuple(k.shape)}")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key heads ({k.shape[1]})")
     if not (len(kinds) == len(p0) == len(p1) == q.shape[1]):
         raise ValueError(f"need one pattern per query head ({q.shape[1]}), got {len(kinds)}/{len(p0)}/{len(p1)}")
-    if key_padding is not None and tuple(key_padding.shape) != (q.shape[0], q.shape[2]):
-        raise ValueError(f"key_padding must be (B, N) = {(q.shape[0], q.shape[2])}, got {tuple(key_padding.shape)}")
+    if key_padding is not None and tuple(key_padding.shape) != (k.shape[0], k.shape[2]):
+        raise ValueError(f"key_padding must be (B, N) = {(k.shape[0], k.shape[2])}, got {tuple(key_padding.shape)}")
 
 
 def estimate_index_triton(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch.Tensor],

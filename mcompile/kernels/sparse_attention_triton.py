@@ -8,11 +8,19 @@ over the keys j the index keeps for query i, intersected with ``j <= i`` and
 ``key_padding[b, j]``. Softmax is online (FlashAttention-2) in fp32 and base 2
 (``exp2(x * log2 e)``). A query with no kept key gets zeros (``l == 0 -> 0``), as SDPA does.
 
-Layout: q (B, H, N, D), k (B, Hk, N, D), v (B, Hk, N, Dv), any strides (K/V are never
-repeated for GQA); key_padding (B, N) bool; out (B, H, N, Dv) contiguous in q's dtype.
+Layout: q (B, H, Nq, D), k (B, Hk, N, D), v (B, Hk, N, Dv), Nq <= N, any strides (K/V are
+never repeated for GQA); key_padding (B, N) bool; out (B, H, Nq, Dv) contiguous in q's dtype.
+Query row i sits at position ``P + i`` with ``P = N - Nq`` (a chunk after a cached prefix;
+``P = 0`` for a whole prompt), bottom-right aligned::
 
-Grid: ``(NB, B * H)``, one program per query block of ``BLOCK`` = 64 rows. Programs take
-query blocks from the last one down, so the blocks with the most keys start first. Each
+        P = 5, N = 8        k0 k1 k2 k3 k4 k5 k6 k7
+        q row 0 (pos 5)      x  x  x  x  x  x  .  .
+        q row 2 (pos 7)      x  x  x  x  x  x  x  x
+
+Grid: ``(NB - P // BLOCK, B * H)``, one program per query block of ``BLOCK`` = 64 absolute
+positions that holds a query (index.py). Programs take query blocks from the last one down,
+so the blocks with the most keys start first. The offset enters only the q loads and output
+stores (row ``position - P``, masked to ``[P, N)``); everything else works on positions. Each
 program walks the three key sets of its block (which the format keeps disjoint)::
 
     (a) key blocks   blocks[b, h, m, :block_count]   64-key tiles [n*64, n*64 + 64)
@@ -32,10 +40,18 @@ query and < the interval end needs none; for a tile crossing the diagonal::
 
 Columns below ``m*64`` need only their per-column mask (inside a run tile, padding); the
 columns ``column_count[m-1] .. column_count[m]`` of the block's own range get the causal one.
+
+Head dims: the kernel is built for 16, 32, 64 and 128. Other head dims up to 128 (80 and 96
+in real models) are zero-padded to the next one by the launcher: zero columns of q and k
+leave every q . k unchanged, and zero columns of v are sliced off the output; the copy costs
+O(N x D) memory and is logged once. Larger head dims (256) are outside ``capability`` and the
+dispatcher runs the PyTorch reference, with the reason logged.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import os
 from typing import Optional
@@ -47,11 +63,14 @@ import triton.language as tl
 from ..index import BLOCK, SparseIndex, index_rows, num_blocks
 from .sparse_attention import sparse_attention_ref  # noqa: F401  (the reference this kernel matches)
 
+log = logging.getLogger(__name__)
+
 LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E): the kernel's softmax works in base 2
 # Start of the running row max: finite, so a row whose keys are all masked computes
 # exp2(-inf - NEG_INIT) = 0 and exp2(NEG_INIT - NEG_INIT) = 1, never NaN; real scores are far above it.
 NEG_INIT = tl.constexpr(-1.0e30)
 HEAD_DIMS = (16, 32, 64, 128)  # head dims the kernel is built for (16/32 mainly for tests)
+MAX_HEAD_DIM = HEAD_DIMS[-1]  # larger head dims do not fit the tiles: the reference runs them
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_CAPABILITY = (8, 0)  # tensor-core tl.dot on fp16/bf16 needs Ampere or newer
 # Bytes of pipelined K/V tiles a config may keep in shared memory (H100/H200 have 227 KiB per
@@ -196,7 +215,7 @@ def _sparse_attention_kernel(
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_ob, stride_oh, stride_on, stride_od,
         stride_kpb, stride_kpn,
-        N, H, GROUP, NB, ROWS, R, C, KB, qk_scale, N_BUCKET,
+        N, Q_START, H, GROUP, NB, ROWS, R, C, KB, qk_scale, N_BUCKET,
         HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, KB_POW2: tl.constexpr, HAS_PADDING: tl.constexpr,
         HAS_COLUMNS: tl.constexpr, HAS_BLOCKS: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -211,9 +230,11 @@ def _sparse_attention_kernel(
     offs_dv = tl.arange(0, HEAD_DV)
 
     b64 = b.to(tl.int64)
-    q_ptrs = (Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + row0.to(tl.int64) * stride_qn
+    # Query row of position ``rows`` is rows - Q_START (Q_START = N - Nq; 0 for a whole prompt).
+    row_ok = (rows >= Q_START) & (rows < N)
+    q_ptrs = (Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + (row0 - Q_START).to(tl.int64) * stride_qn
               + tl.arange(0, BLOCK_M)[:, None] * stride_qn + offs_d[None, :] * stride_qd)
-    q = tl.load(q_ptrs, mask=(rows < N)[:, None], other=0.0)
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
     k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
     kp_base = KP + b64 * stride_kpb
@@ -286,9 +307,9 @@ def _sparse_attention_kernel(
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # no kept key: acc is 0, output 0
     out = acc / l_safe[:, None]
-    o_ptrs = (Out + b64 * stride_ob + h.to(tl.int64) * stride_oh + row0.to(tl.int64) * stride_on
+    o_ptrs = (Out + b64 * stride_ob + h.to(tl.int64) * stride_oh + (row0 - Q_START).to(tl.int64) * stride_on
               + tl.arange(0, BLOCK_M)[:, None] * stride_on + offs_dv[None, :] * stride_od)
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(rows < N)[:, None])
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
 
 _sparse_attention_tuned = triton.autotune(
@@ -309,8 +330,8 @@ def capability(q: torch.Tensor) -> Optional[str]:
         return f"dtype {q.dtype} (supported: fp16, bf16, fp32)"
     if q.dim() != 4:
         return f"q must be (B, H, N, D), got {q.dim()} dims"
-    if q.shape[-1] not in HEAD_DIMS:
-        return f"head dim {q.shape[-1]} (supported: {', '.join(map(str, HEAD_DIMS))})"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head dim {q.shape[-1]} (the kernel supports up to {MAX_HEAD_DIM})"
     if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < MIN_CAPABILITY:
         major, minor = torch.cuda.get_device_capability(q.device)
         return f"compute capability {major}.{minor} (needs >= {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]})"
@@ -323,14 +344,16 @@ def _check_contract(q, k, v, index: SparseIndex, key_padding):
         raise ValueError(f"sparse_attention_triton cannot run: {reason}")
     if k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"k and v must be (B, Hk, N, D), got {tuple(k.shape)} and {tuple(v.shape)}")
-    b, h, n, d = q.shape
-    hk = k.shape[1]
+    b, h, nq, d = q.shape
+    hk, n = k.shape[1], k.shape[2]
     if k.shape != (b, hk, n, d):
-        raise ValueError(f"k must be (B={b}, Hk, N={n}, D={d}), got {tuple(k.shape)}")
+        raise ValueError(f"k must be (B={b}, Hk, N, D={d}), got {tuple(k.shape)}")
+    if nq > n:
+        raise ValueError(f"query length {nq} exceeds key length {n} (queries are the last Nq of the N positions)")
     if v.shape[:3] != k.shape[:3]:
         raise ValueError(f"v {tuple(v.shape)} must match k {tuple(k.shape)} in (B, Hk, N)")
-    if v.shape[-1] not in HEAD_DIMS:
-        raise ValueError(f"value head dim {v.shape[-1]} unsupported (supported: {HEAD_DIMS})")
+    if v.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"value head dim {v.shape[-1]} unsupported (the kernel supports up to {MAX_HEAD_DIM})")
     if hk == 0 or h % hk:
         raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hk})")
     if k.dtype != q.dtype or v.dtype != q.dtype or k.device != q.device or v.device != q.device:
@@ -354,25 +377,52 @@ def _check_contract(q, k, v, index: SparseIndex, key_padding):
                          f"{tuple(key_padding.shape)} on {key_padding.device}")
 
 
+def padded_head_dim(d: int) -> int:
+    """The kernel head dim that serves head dim ``d`` (<= MAX_HEAD_DIM): the smallest in HEAD_DIMS >= d."""
+    return next(x for x in HEAD_DIMS if x >= d)
+
+
+@functools.lru_cache(maxsize=None)
+def _log_padding(d: int, dp: int) -> None:
+    log.info("mcompile: head dim %d runs the Triton kernels zero-padded to %d (q/k/v copied once per call)", d, dp)
+
+
+def pad_head_dim(x: torch.Tensor, dp: int) -> torch.Tensor:
+    """x (..., D) zero-padded to (..., dp); x itself when D == dp. Zero columns leave q . k unchanged."""
+    d = x.shape[-1]
+    if d == dp:
+        return x
+    _log_padding(d, dp)
+    return torch.nn.functional.pad(x, (0, dp - d))
+
+
 def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SparseIndex,
                             scale: float, key_padding: Optional[torch.Tensor] = None,
                             block_n: Optional[int] = None) -> torch.Tensor:
-    """q (B, H, N, D), k/v (B, Hk, N, D), key_padding (B, N) bool -> (B, H, N, Dv) in q's dtype.
+    """q (B, H, Nq, D), k/v (B, Hk, N, D), Nq <= N, key_padding (B, N) bool -> (B, H, Nq, Dv) in
+    q's dtype. Query row i is at position N - Nq + i (a chunk after a cached prefix).
 
     Same contract as ``sparse_attention_ref``, with ``scale > 0`` (it is folded into the base-2
     exponent, where a sign flip would turn the running max into a min). ``block_n`` pins the key tile width (64 or 128)
-    instead of autotuning; under TRITON_INTERPRET it defaults to ``INTERPRET_BLOCK_N``.
+    instead of autotuning; under TRITON_INTERPRET it defaults to ``INTERPRET_BLOCK_N``. Head
+    dims outside HEAD_DIMS (up to MAX_HEAD_DIM) are zero-padded (module docstring).
     """
     _check_contract(q, k, v, index, key_padding)
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number, got {scale}")
     if block_n is not None and block_n not in (64, 128):
         raise ValueError(f"block_n must be 64 or 128, got {block_n}")
-    b, h, n, d = q.shape
-    hk, dv = k.shape[1], v.shape[-1]
-    out = torch.empty(b, h, n, dv, dtype=q.dtype, device=q.device)
-    if n == 0 or b * h == 0:
+    b, h, nq, d = q.shape
+    hk, n, dv = k.shape[1], k.shape[2], v.shape[-1]
+    dp, dvp = padded_head_dim(d), padded_head_dim(dv)
+    if dp != d or dvp != dv:
+        out = sparse_attention_triton(pad_head_dim(q, dp), pad_head_dim(k, dp), pad_head_dim(v, dvp), index,
+                                      scale, key_padding, block_n)
+        return out[..., :dv].contiguous()
+    out = torch.empty(b, h, nq, dv, dtype=q.dtype, device=q.device)
+    if nq == 0 or b * h == 0:
         return out
+    q_start = n - nq  # position of query row 0
     nb, rows = num_blocks(n), index_rows(n)  # rows: per-block tensors carry a spare row
     runs, run_count, diag_prefix, columns, column_count, blocks, block_count = (
         t.contiguous() for t in index)
@@ -389,11 +439,11 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
         blocks = run_count
     args = (q, k, v, out, kp, runs, run_count, diag_prefix, columns, column_count, blocks, block_count,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *kp_strides,
-            n, h, h // hk, nb, rows, r, c, kb, float(scale) * LOG2E, _length_bucket(n))
+            n, q_start, h, h // hk, nb, rows, r, c, kb, float(scale) * LOG2E, _length_bucket(n))
     meta = dict(HEAD_DIM=d, HEAD_DV=dv, BLOCK_M=BLOCK, KB_POW2=triton.next_power_of_2(max(kb, 1)),
                 HAS_PADDING=has_padding, HAS_COLUMNS=c > 0, HAS_BLOCKS=kb > 0,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-    grid = (nb, b * h)
+    grid = (nb - q_start // BLOCK, b * h)  # the blocks that hold a query: the last ones
     if block_n is None and _interpreting():
         block_n = INTERPRET_BLOCK_N
     if block_n is None:
@@ -405,7 +455,7 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
 
 def tuned_block_n(q: torch.Tensor, v: torch.Tensor) -> Optional[int]:
     """BLOCK_N the autotuner chose for q's head dim, length bucket and dtype (None before a run)."""
-    want = (q.shape[-1], v.shape[-1], _length_bucket(q.shape[2]))
+    want = (padded_head_dim(q.shape[-1]), padded_head_dim(v.shape[-1]), _length_bucket(v.shape[2]))
     for key, config in _sparse_attention_tuned.cache.items():
         if tuple(key[:3]) == want and str(q.dtype) in key:
             return config.kwargs["BLOCK_N"]

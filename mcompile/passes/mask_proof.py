@@ -1,14 +1,21 @@
 """Prove from how a mask was built that it is causal (optionally ANDed with key padding).
 
+Causal means bottom-right aligned: with Nq queries over N keys (a chunk after a cached prefix
+of ``P = N - Nq`` tokens), query row i keeps keys ``<= i + P``. transformers builds that as
+``kv_idx <= q_idx`` with ``q_idx = arange(Nq) + past`` (5.23: ``q_offset`` from the cache;
+5.17: ``cache_position = arange(past, past + Nq)``), ``past`` a SymInt under dynamic shapes.
+The proof tracks such offsets symbolically and the caller checks them against ``P``.
+
 The mask of an attention is an FX subgraph over position ranges (``arange``), comparisons,
 conjunctions, a 2-D padding mask and broadcasting. ``prove_mask`` interprets that subgraph
 abstractly: every node becomes a value of this small domain, and anything outside it stops the
 proof with the reason.
 
 - ``Positions(dim, offset)``: an integer tensor equal to ``index along dim + offset``
-  (``dim`` None while it is still a 1-D range, before it is broadcast into place).
+  (``dim`` None while it is still a 1-D range, before it is broadcast into place); offsets are
+  ints or SymInts (a graph value such as the cached length).
 - ``Predicate(bounds, padding)``: a boolean tensor, the conjunction of ``key - query <= c``
-  bounds (``c = 0`` is causal), ``key - query >= c`` bounds (sliding windows), and
+  bounds (``c = P`` is causal), ``key - query >= c`` bounds (sliding windows), and
   ``padding[b, key]`` for 2-D mask nodes. ``Predicate()`` is all-true.
 - ``Additive(predicate)``: ``where(predicate, 0, very negative)``, the float form of a mask.
 
@@ -22,6 +29,7 @@ from typing import Optional, Union
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .nodes import example, target_name
 
@@ -29,10 +37,15 @@ Q_DIM, K_DIM, B_DIM, MASK_DIMS = 2, 3, 0, 4
 MASKED_BELOW = -1e4  # an additive value at or below this is a masked entry (exp underflows to 0)
 
 
+def _is_int(x) -> bool:
+    """An integer position or offset: a Python int or a SymInt (never a bool)."""
+    return isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool)
+
+
 @dataclass(frozen=True)
 class Positions:
     dim: Optional[int]
-    offset: int
+    offset: object  # int or SymInt
 
 
 @dataclass(frozen=True)
@@ -40,19 +53,19 @@ class RowPositions:
     """A (B, N) tensor whose value is the column index + offset (``position_ids`` built from
     ``arange``)."""
 
-    offset: int
+    offset: object  # int or SymInt
 
 
 @dataclass(frozen=True)
 class Predicate:
-    upper: frozenset = frozenset()  # c in "key - query <= c"
-    lower: frozenset = frozenset()  # c in "key - query >= c"
+    upper: tuple = ()  # c in "key - query <= c" (ints or SymInts)
+    lower: tuple = ()  # c in "key - query >= c"
     padding: Optional[fx.Node] = None  # 2-D (B, K) bool node
 
     def __and__(self, other: "Predicate") -> "Predicate":
         if self.padding is not None and other.padding is not None and self.padding is not other.padding:
             raise _Unproven("two different padding masks")
-        return Predicate(self.upper | other.upper, self.lower | other.lower, self.padding or other.padding)
+        return Predicate(self.upper + other.upper, self.lower + other.lower, self.padding or other.padding)
 
 
 @dataclass(frozen=True)
@@ -74,7 +87,7 @@ class _Unproven(Exception):
 
 @dataclass(frozen=True)
 class MaskProof:
-    """``causal`` is True when the mask keeps exactly key <= query (and padding, if any)."""
+    """``causal`` is True when the mask keeps exactly key <= query + P (and padding, if any)."""
 
     causal: bool
     key_padding: Optional[fx.Node] = None
@@ -92,10 +105,8 @@ class _Interpreter:
         self.memo: dict = {}
 
     def value(self, arg) -> Value:
-        if isinstance(arg, (bool, int, float)):
+        if isinstance(arg, (bool, int, float, torch.SymInt)):
             return arg
-        if isinstance(arg, torch.SymInt):
-            raise _Unproven("a symbolic position offset (a cached prefix)")
         if not isinstance(arg, fx.Node):
             raise _Unproven(f"unsupported mask argument {arg!r}")
         if arg not in self.memo:
@@ -103,6 +114,9 @@ class _Interpreter:
         return self.memo[arg]
 
     def _eval(self, node: fx.Node) -> Value:
+        ex = example(node)
+        if isinstance(ex, torch.SymInt) or (node.op == "placeholder" and _is_int(ex)):
+            return ex  # an integer graph value (a length, the cached prefix's length)
         if node.op == "placeholder":
             ex = example(node)
             if ex is not None and ex.dim() == 2:
@@ -125,8 +139,10 @@ class _Interpreter:
             return v
         if name in ("add", "__add__", "iadd") and len(args) == 2:
             return self._add(args[0], args[1])
-        if name in ("sub", "__sub__") and len(args) == 2 and isinstance(args[1], int):
-            return self._add(args[0], -args[1])
+        if name in ("sub", "__sub__") and len(args) == 2:
+            vb = self.value(args[1])
+            if _is_int(vb):
+                return self._add(args[0], -vb)
         if name == "unsqueeze" and args[1] == 0:
             v = self.value(args[0])
             if isinstance(v, Positions) and v.dim is None:
@@ -165,27 +181,28 @@ class _Interpreter:
             base = self.value(args[0])
             diag = args[1] if len(args) > 1 else node.kwargs.get("diagonal", 0)
             if isinstance(base, Predicate) and isinstance(diag, int):
-                return base & Predicate(upper=frozenset({diag}))
+                return base & Predicate(upper=(diag,))
         raise _Unproven(f"unrecognised mask operation {name!r} ({node.name})")
 
     def _arange(self, node: fx.Node) -> Positions:
         args = [a for a in node.args]
         if len(args) == 1:
             return Positions(None, 0)
-        if len(args) >= 2 and isinstance(args[0], int) and (len(args) < 3 or args[2] == 1):
-            return Positions(None, args[0])
-        raise _Unproven("arange with a symbolic start or a step")
+        start = self.value(args[0]) if len(args) >= 2 else None
+        if _is_int(start) and (len(args) < 3 or args[2] == 1):
+            return Positions(None, start)  # arange(past, past + n): cache_position
+        raise _Unproven("arange with a non-integer start or a step")
 
     def _add(self, a, b):
         va, vb = self.value(a), self.value(b)
-        if isinstance(va, int) and isinstance(vb, (Positions, RowPositions)):
+        if _is_int(va) and isinstance(vb, (Positions, RowPositions)):
             va, vb = vb, va
-        if isinstance(vb, int) and not isinstance(vb, bool):
+        if _is_int(vb):
             if isinstance(va, Positions):
                 return Positions(va.dim, va.offset + vb)
             if isinstance(va, RowPositions):
                 return RowPositions(va.offset + vb)
-            if isinstance(va, int) and not isinstance(va, bool):
+            if _is_int(va):
                 return va + vb
         raise _Unproven("positions shifted by a non-constant offset")
 
@@ -195,7 +212,7 @@ class _Interpreter:
         prepend = node.kwargs.get("prepend")
         dim = node.kwargs.get("dim", -1)
         if isinstance(v, RowPositions) and dim in (-1, 1) and prepend is not None:
-            if self.value(prepend) == v.offset - 1:
+            if statically_known_true(self.value(prepend) == v.offset - 1):
                 return 1
         raise _Unproven("a difference of positions that is not constant")
 
@@ -213,7 +230,7 @@ class _Interpreter:
         base = query.offset - key.offset
         upper = (sign > 0) == key_first
         c = base + shift if upper else base - shift
-        return Predicate(upper=frozenset({c})) if upper else Predicate(lower=frozenset({c}))
+        return Predicate(upper=(c,)) if upper else Predicate(lower=(c,))
 
     def _getitem(self, base, index) -> Value:
         v = self.value(base)
@@ -262,8 +279,14 @@ class _Interpreter:
         raise _Unproven("where() that is not (mask, 0, -inf)")
 
 
-def prove_mask(mask: fx.Node, additive: bool) -> MaskProof:
-    """Is ``mask`` (boolean, or additive if ``additive``) exactly causal (+ key padding)?"""
+def _same(a, b) -> bool:
+    """a == b for ints and SymInts, without adding a guard."""
+    return bool(statically_known_true(a == b))
+
+
+def prove_mask(mask: fx.Node, additive: bool, offset=0) -> MaskProof:
+    """Is ``mask`` (boolean, or additive if ``additive``) exactly causal with the queries at
+    ``offset`` (P = N - Nq, an int or SymInt; 0 for a whole prompt), plus key padding?"""
     interp = _Interpreter()
     try:
         v = interp.value(mask)
@@ -276,9 +299,15 @@ def prove_mask(mask: fx.Node, additive: bool) -> MaskProof:
     elif not isinstance(v, Predicate):
         return MaskProof(False, reason="boolean mask of unknown structure")
     if v.lower:
-        return MaskProof(False, reason=f"sliding-window mask (keys at most {-max(v.lower)} positions behind the query)")
-    if v.upper != frozenset({0}):
-        if not v.upper:
-            return MaskProof(False, reason="non-causal mask (bidirectional attention)")
-        return MaskProof(False, reason=f"mask shifted from causal (key - query <= {sorted(v.upper)})")
+        behind = [str(offset - c) for c in v.lower]  # key >= query position - (P - c)
+        return MaskProof(False, reason=f"sliding-window mask (keys at most {', '.join(behind)} positions behind "
+                                       "the query)")
+    if not v.upper:
+        return MaskProof(False, reason="non-causal mask (bidirectional attention)")
+    if not all(_same(c, offset) for c in v.upper):
+        shown = ", ".join(str(c) for c in v.upper)
+        if _same(offset, 0):
+            return MaskProof(False, reason=f"mask shifted from causal (key - query <= {shown})")
+        return MaskProof(False, reason=f"mask shifted from causal (key - query <= {shown}; a chunk after a "
+                                       f"cached prefix needs {offset}, the key length minus the query length)")
     return MaskProof(True, key_padding=v.padding)

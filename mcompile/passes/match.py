@@ -9,6 +9,13 @@ Two shapes are recognised, the two that transformers emits:
 A match is an ``AttentionSite``: where the attention is, its inputs with ``repeat_kv`` stripped
 (K/V at their own head count), and either no reason (it can be rewritten) or the reason it
 stays dense.
+
+Queries may be fewer than keys (Nq < N: a chunk after a cached prefix, with K/V the tensors
+the cache update produced, e.g. ``cat(past, new)``): such an attention is rewritten when its
+mask is proven causal at offset ``P = N - Nq`` (mask_proof.py). SDPA's ``is_causal=True`` is
+top-left aligned when Nq != N, which is not what a KV cache means, so it is rewritten only
+when Nq == N is known. A statically short chunk (a decode step, a few draft tokens) stays
+dense at compile time: estimating its pattern would cost as much as its dense attention.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from ..ops import MIN_SPARSE_CHUNK
 from .mask_proof import prove_mask
 from .nodes import example
 from .nodes import target_name as _fn
@@ -98,8 +106,6 @@ def _shape_reason(q, k, v) -> tuple[Optional[str], int, int, int]:
         return "q, k and v have different dtypes", h, hk, d
     if h % hk:
         return f"{h} query heads are not a multiple of {hk} KV heads", h, hk, d
-    if not statically_known_true(eq.shape[2] == ek.shape[2]):
-        return "query length differs from key length (decode step or cached prefix)", h, hk, d
     if ev.shape[3] != d:
         return "value head dim differs from query head dim", h, hk, d
     if not statically_known_true(eq.shape[0] == ek.shape[0]):
@@ -121,6 +127,31 @@ def _scale(value, head_dim: int):
     return None, "the softmax scale is not a float"
 
 
+def _lengths(q, k):
+    """(Nq, N) of the (B, H, Nq, D) query and (B, Hk, N, D) key values; None when unknown."""
+    eq, ek = example(q), example(k)
+    if eq is None or ek is None or eq.dim() != 4 or ek.dim() != 4:
+        return None
+    return eq.shape[2], ek.shape[2]
+
+
+def short_chunk_reason(q, k) -> Optional[str]:
+    """Why a statically short chunk after a cached prefix stays dense (None otherwise)."""
+    lengths = _lengths(q, k)
+    if lengths is None:
+        return None
+    nq, n = lengths
+    if not isinstance(nq, int):
+        return None
+    if nq == 1 and statically_known_true(n == 1):
+        return "a single query and key"
+    if nq < MIN_SPARSE_CHUNK and not statically_known_true(nq == n):
+        what = "decode step" if nq == 1 else f"short chunk of {nq} queries"
+        return (f"{what} after a cached prefix (query length differs from key length; chunks shorter than "
+                f"{MIN_SPARSE_CHUNK} queries stay dense: estimating a pattern costs as much as dense attention)")
+    return None
+
+
 def _site(node, kind, q, k, v, scale, mask, additive, dead=()) -> AttentionSite:
     layer, module, module_type = _module_info(node)
     k, v = strip_repeat_kv(k), strip_repeat_kv(v)
@@ -128,8 +159,13 @@ def _site(node, kind, q, k, v, scale, mask, additive, dead=()) -> AttentionSite:
     scale_value, scale_reason = _scale(scale, d or 1)
     reason = reason or scale_reason
     key_padding = None
+    lengths = _lengths(q, k)
+    same_length = lengths is not None and statically_known_true(lengths[0] == lengths[1])
+    if reason is None and mask is None and not same_length:
+        reason = "is_causal with query length != key length (SDPA aligns it top-left, not as a KV cache would)"
     if reason is None and mask is not None:
-        proof = prove_mask(mask, additive)
+        offset = lengths[1] - lengths[0]  # P: position of the first query (symbolic, no guard)
+        proof = prove_mask(mask, additive, offset)
         reason = None if proof.causal else proof.reason
         key_padding = proof.key_padding
     return AttentionSite(node, kind, layer, module, module_type, q, k, v, scale_value, key_padding,
@@ -149,11 +185,9 @@ def match_sdpa(node: fx.Node) -> Optional[AttentionSite]:
     if a["dropout_p"] != 0.0:
         return AttentionSite(node, "sdpa", layer, module, module_type, reason=f"dropout_p={a['dropout_p']}")
     mask = a["attn_mask"]
-    eq, ek = example(a["query"]), example(a["key"])
-    if eq is not None and ek is not None and eq.dim() == ek.dim() == 4 \
-            and not statically_known_true(eq.shape[2] == ek.shape[2]):
-        return AttentionSite(node, "sdpa", layer, module, module_type,
-                             reason="query length differs from key length (decode step or cached prefix)")
+    short = short_chunk_reason(a["query"], a["key"])
+    if short is not None:
+        return AttentionSite(node, "sdpa", layer, module, module_type, reason=short)
     if mask is None and not a["is_causal"]:
         return AttentionSite(node, "sdpa", layer, module, module_type, reason="non-causal attention (no mask)")
     if mask is not None and a["is_causal"]:
@@ -217,6 +251,9 @@ def match_eager(softmax: fx.Node) -> Optional[AttentionSite]:
             return AttentionSite(softmax, "eager", layer, module, module_type,
                                  reason=f"attention weights feed {name or nxt.op}, not the value matmul")
         cur = nxt
+    short = short_chunk_reason(q, k)
+    if short is not None:
+        return AttentionSite(out, "eager", layer, module, module_type, reason=short)
     if mask is None:
         return AttentionSite(out, "eager", layer, module, module_type, reason="non-causal attention (no mask)")
     if scale is None:
