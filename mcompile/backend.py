@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from .config import Compiler, MInferenceConfig
+from .passes.memory import MemoryReport, apply_memory_passes
 from .passes.rewrite import RewriteReport, rewrite_attention
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,10 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs, config: MInferenceCo
 
 def minference_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional[dict] = None,
                        mode: Optional[str] = None,
-                       report_sink: Optional[Callable[[RewriteReport], None]] = None) -> Callable:
-    """torch.compile backend: sparse attention for long prefill, Inductor for everything."""
+                       report_sink: Optional[Callable[[RewriteReport], None]] = None,
+                       memory_sink: Optional[Callable[[MemoryReport], None]] = None) -> Callable:
+    """torch.compile backend: sparse attention for long prefill, memory-bounding passes (last-position
+    logits, chunked MLP; passes/memory.py), Inductor for everything."""
     config = MInferenceConfig.from_options(options, mode)
     grad = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
     report = rewrite_attention(gm, config, grad_enabled=grad)
@@ -44,4 +47,7 @@ def minference_backend(gm: torch.fx.GraphModule, example_inputs, options: Option
              len(report.sites), report.pattern_db)
     if report_sink is not None:
         report_sink(report)
+    memory = apply_memory_passes(gm, config, grad_enabled=grad)
+    if memory_sink is not None:
+        memory_sink(memory)
     return compile_graph(gm, example_inputs, config)

@@ -13,7 +13,7 @@ import torch
 
 
 # Modules that add subcommands through ``add_commands(subparsers)``.
-COMMAND_MODULES: tuple = ()
+COMMAND_MODULES: tuple = ("mcompile.pattern_db.commands",)
 
 
 def _pattern(text: str) -> dict:
@@ -67,7 +67,9 @@ def demo(args) -> int:
     n = prompt.input_ids.shape[1]
     print(f"prompt: {n} tokens of Python documentation, a password hidden at {args.depth:.0%} depth; "
           f"graphs run by {compiler}", flush=True)
-    options = {"dense_below": args.dense_below, "default_pattern": args.pattern, "compiler": compiler}
+    options = {"dense_below": args.dense_below, "compiler": compiler}
+    if args.pattern is not None:  # one pattern for every head instead of the shipped database
+        options.update(default_pattern=args.pattern, pattern_db=None)
     results = {}
     from .backend import minference_backend  # the callable: works without the installed entry point
 
@@ -131,8 +133,9 @@ def main(argv=None) -> int:
     p = sub.add_parser("demo", help="needle retrieval on SmolLM2-135M: dense vs minference")
     p.add_argument("--length", type=int, default=4096, help="prompt tokens (default 4096)")
     p.add_argument("--depth", type=float, default=0.5, help="needle depth in 0..1 (default 0.5)")
-    p.add_argument("--pattern", type=_pattern, default=_pattern("vertical_slash:128,256"),
-                   help="pattern of every head (default vertical_slash:128,256)")
+    p.add_argument("--pattern", type=_pattern, default=None,
+                   help="one pattern for every head, e.g. vertical_slash:128,256 (default: the shipped "
+                        "searched database for SmolLM2)")
     p.add_argument("--dense-below", type=int, default=0, help="dense below this length (default 0: always sparse)")
     p.add_argument("--compiler", default="auto", choices=["auto", "inductor", "aot_eager", "eager"],
                    help="what runs the graphs (auto: inductor on GPU, eager on CPU)")

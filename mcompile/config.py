@@ -13,6 +13,11 @@ from .patterns import DEFAULT_BUDGET_EXPONENT, DEFAULT_BUDGET_LENGTH, DEFAULT_VE
 # sparse attention against cuDNN SDPA per layer: 0.33x at 32K, 0.79-0.92x at 64K, 1.23-1.34x at
 # 96K, 1.57-1.90x at 128K. The crossover is near 76K tokens; 80K keeps a margin.
 DEFAULT_DENSE_BELOW = 81920
+# Tokens per chunk of the chunked MLP. MInference ran the MLP in 96K-token chunks on an A100 at
+# 1M tokens; 64K keeps Llama-3-8B's chunk intermediates (gate, up: 64K x 14336 bf16) at 1.75 GiB
+# each, while each chunk's matmuls (about 23 TFLOP) stay long enough that per-chunk launch and
+# allocation costs are negligible.
+DEFAULT_MLP_CHUNK = 65536
 
 
 class Compiler(str, enum.Enum):
@@ -21,6 +26,13 @@ class Compiler(str, enum.Enum):
     INDUCTOR = "inductor"  # torch._inductor.compile_fx (the default, as with backend="inductor")
     AOT_EAGER = "aot_eager"  # AOTAutograd, then eager kernels (debugging lowering problems)
     EAGER = "eager"  # the rewritten FX graph as is (debugging the rewrite)
+
+
+class Logits(str, enum.Enum):
+    """Which positions the language-model head computes logits for."""
+
+    ALL = "all"  # every position, as the model does (the default: no change of output shape)
+    LAST = "last"  # the last position only: logits of shape (B, 1, vocab), what generation needs
 
 
 def _choices(enum_cls) -> list[str]:
@@ -43,6 +55,14 @@ class MInferenceConfig:
         None: 131072 for the built-in default (MInference's 1000 verticals / 6096 slashes, set
         for 128K prompts), 0 (budgets as given, at every length) for a pattern you pass.
     budget_exponent: the exponent of that scaling (0.7; see patterns.py for where it comes from).
+    logits: "all" (every position, the model as written) or "last": the lm_head sees only the
+        last position, so logits are (B, 1, vocab) instead of (B, N, vocab) (at 1M tokens and a
+        128K vocabulary the full logits would be 256 GiB in bf16). Nothing changes when the
+        lm_head already sees one position (``logits_to_keep=1``, as ``generate()`` passes).
+    chunk_mlp: replace gated MLPs (gate/up/down + activation) by ``mcompile::chunked_mlp``,
+        which runs them over ``mlp_chunk`` tokens at a time, so no N x intermediate_size tensor
+        exists. False: the MLP stays as Inductor compiles it.
+    mlp_chunk: tokens per MLP chunk (see DEFAULT_MLP_CHUNK).
     compiler: "inductor", "aot_eager" or "eager".
     mode: an Inductor mode ("default", "reduce-overhead", "max-autotune", ...), as for
         backend="inductor".
@@ -54,6 +74,9 @@ class MInferenceConfig:
     dense_below: int = DEFAULT_DENSE_BELOW
     budget_length: Optional[int] = None
     budget_exponent: float = DEFAULT_BUDGET_EXPONENT
+    logits: Logits = Logits.ALL
+    chunk_mlp: bool = True
+    mlp_chunk: int = DEFAULT_MLP_CHUNK
     compiler: Compiler = Compiler.INDUCTOR
     mode: Optional[str] = None
     inductor_config: tuple = field(default_factory=tuple)  # sorted (key, value) pairs
@@ -76,6 +99,14 @@ class MInferenceConfig:
             object.__setattr__(self, "budget_exponent", float(self.budget_exponent))
         if not isinstance(self.budget_exponent, float) or not 0.0 <= self.budget_exponent <= 2.0:
             raise ValueError(f"budget_exponent must be a number in [0, 2], got {self.budget_exponent!r}")
+        try:
+            object.__setattr__(self, "logits", Logits(self.logits))
+        except ValueError:
+            raise ValueError(f"logits must be one of {_choices(Logits)}, got {self.logits!r}") from None
+        if not isinstance(self.chunk_mlp, bool):
+            raise ValueError(f"chunk_mlp must be True or False, got {self.chunk_mlp!r}")
+        if not isinstance(self.mlp_chunk, int) or isinstance(self.mlp_chunk, bool) or self.mlp_chunk < 1:
+            raise ValueError(f"mlp_chunk must be an int >= 1 (tokens per chunk), got {self.mlp_chunk!r}")
         try:
             object.__setattr__(self, "compiler", Compiler(self.compiler))
         except ValueError:
@@ -120,4 +151,4 @@ class MInferenceConfig:
     def cache_key(self) -> str:
         """Everything that changes the rewritten graph (part of the compile cache key)."""
         return repr((self.pattern_db, self.default_pattern, self.dense_below, self.budget_length,
-                     self.budget_exponent))
+                     self.budget_exponent, self.logits.value, self.chunk_mlp, self.mlp_chunk))

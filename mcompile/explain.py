@@ -11,7 +11,8 @@ import torch
 
 from .backend import minference_backend
 from .passes.rewrite import RewriteReport, SiteReport
-from .patterns import max_density, scaled_budgets
+from .pattern_db.cost import expected_density
+from .patterns import scaled_budgets
 
 
 def _pattern_summary(patterns: tuple) -> str:
@@ -51,12 +52,15 @@ class Explanation:
         return sum(r.rewritten for r in self.reports)
 
     def density(self, site: SiteReport, length: Optional[int] = None) -> Optional[float]:
-        """Upper bound of the kept fraction of causal keys, averaged over the site's heads."""
+        """Expected fraction of the causal (query, key) pairs the sparse kernel computes, averaged
+        over the site's heads (``pattern_db.cost.expected_density``: the kernel's cost formula at
+        the budgets scaled to this length; nominal for vertical-slash, whose real cost depends on
+        where the estimated lines fall)."""
         n = length or self.length
         if not site.rewritten or not n:
             return None
         length_ref, exponent = site.budget_scaling
-        return sum(max_density(scaled_budgets(p, n, length_ref, exponent), n) for p in site.patterns) / len(site.patterns)
+        return sum(expected_density(scaled_budgets(p, n, length_ref, exponent), n) for p in site.patterns) / len(site.patterns)
 
     def graph_code(self, graph: int = 0) -> str:
         """The rewritten FX graph (print_readable form)."""
@@ -64,7 +68,7 @@ class Explanation:
 
     def table(self, length: Optional[int] = None) -> str:
         n = length or self.length
-        head = f"{'graph':>5} {'layer':>5}  {'attention':<10} {'heads':<9} {'result':<9} {'<=density@' + str(n):>15}  detail"
+        head = f"{'graph':>5} {'layer':>5}  {'attention':<10} {'heads':<9} {'result':<9} {'density@' + str(n):>15}  detail"
         lines = [head, "-" * len(head)]
         for g, report in enumerate(self.reports):
             for s in report.sites:
@@ -88,7 +92,7 @@ class Explanation:
         for s in self.sites:
             d = self.density(s, n)
             what = (f"sparse: {_pattern_summary(s.patterns)} [{s.pattern_source}]"
-                    + (f", at most {100 * d:.1f}% of causal keys at {n} tokens" if d is not None else "")
+                    + (f", ~{100 * d:.1f}% of causal pairs computed at {n} tokens" if d is not None else "")
                     if s.rewritten else f"dense: {s.reason}")
             groups.setdefault(what, []).append("?" if s.layer is None else str(s.layer))
         lines = [f"layers {_ranges(layers)}: {what}" for what, layers in groups.items()]

@@ -178,3 +178,23 @@ def kept_fraction(index: SparseIndex, n: int, key_padding: torch.Tensor | None =
     for start in range(p, n, KEPT_ROWS):
         kept += block_mask_rows(index, start, min(n, start + KEPT_ROWS), n, key_padding).sum((-1, -2))
     return kept / ((n * (n + 1) - p * (p + 1)) / 2)
+
+
+def computed_fraction(index: SparseIndex, n: int) -> torch.Tensor:
+    """Approximate share of the causal (query, key) pairs a kernel computes for ``index``,
+    averaged over (batch, head): a 0-dim float tensor, computed in O(B x H x (R + NB)) on the
+    index's device (a run tile of width ``BLOCK + d_hi - d_lo`` over the rows from ``d_lo``
+    on, clipped at key 0, each column over the rows of the blocks that list it, each key block a full tile).
+    Cheap enough to decide at run time whether the sparse path is worth it."""
+    b, h = index.run_count.shape
+    nb = num_blocks(n)
+    r = index.runs.shape[2]
+    valid = torch.arange(r, device=index.runs.device) < index.run_count[..., None].long()  # (B, H, R)
+    lo = index.runs[..., 0].double().clamp(max=n)
+    width = (index.runs[..., 1].double() - lo + BLOCK).clamp(max=n)
+    span = (n - lo).clamp(min=0)
+    # Rows within ``width`` of the run's start see its tile clipped at key 0: a triangle less.
+    pairs = ((width * span - torch.minimum(width, span) ** 2 / 2) * valid).sum()
+    pairs = pairs + index.column_count[..., :nb].double().sum() * BLOCK
+    pairs = pairs + index.block_count[..., :nb].double().sum() * BLOCK * BLOCK
+    return pairs / (b * h * n * (n + 1) / 2)

@@ -19,8 +19,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
-from .index import BLOCK, SparseIndex, index_rows
+from .index import BLOCK, SparseIndex, computed_fraction, index_rows
 from .kernels import dispatch
 from .kernels.estimate import estimate_index_ref, index_capacity
 from .kernels.sparse_attention import sparse_attention_ref
@@ -34,6 +35,25 @@ MIN_SPARSE_CHUNK = LAST_Q
 # Dense attention with an explicit mask (padding, or a chunk after a cached prefix) runs in
 # query chunks whose (rows, keys) boolean mask stays under this many entries.
 DENSE_MASK_ENTRIES = 1 << 26
+
+
+# Past this share of computed pairs the sparse kernel is slower than cuDNN's dense attention:
+# on an H100 the kernel runs at 57-77% of cuDNN's throughput per computed pair, and estimation
+# costs a few ms (docs/BENCHMARKS.md, benchmarks/kernels.py); Gaussian-like heads whose slashes
+# scatter reach 77-100% and ran 0.55-0.58x of dense there.
+DENSE_ABOVE_FRACTION = 0.5
+# The check costs one device-to-host copy per layer; below this key length it is not worth it
+# (and such prompts normally run dense anyway, see ``dense_below``).
+FRACTION_CHECK_MIN = 16384
+
+
+def _too_dense(index: SparseIndex, q: torch.Tensor, n: int) -> Optional[float]:
+    """The computed fraction when it says dense attention would be faster (CUDA, long inputs,
+    not while a CUDA graph is being captured); else None."""
+    if not q.is_cuda or n < FRACTION_CHECK_MIN or torch.cuda.is_current_stream_capturing():
+        return None
+    fraction = float(computed_fraction(index, n))
+    return fraction if fraction > DENSE_ABOVE_FRACTION else None
 
 
 def runs_dense(nq: int, nk: int, dense_below: int) -> bool:
@@ -75,23 +95,29 @@ def estimate_index(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch
     n = k.shape[2]
     dense = runs_dense(q.shape[2], n, dense_below)
     capacity = index_capacity(n, kinds, p0, p1)  # what the fake promises, from the unscaled budgets
-    if not dense:
-        p0, p1 = scale_lists(kinds, p0, p1, n, budget_length, budget_exponent)
-    impl = dispatch.estimate_impl(q) if not dense else estimate_index_ref
-    return tuple(impl(q, k, key_padding, kinds, p0, p1, scale, dense=dense, capacity=capacity))
+    if dense:  # sparse_attention takes the dense path on the same condition and never reads these
+        return _index_buffers(q, n, capacity)
+    p0, p1 = scale_lists(kinds, p0, p1, n, budget_length, budget_exponent)
+    impl = dispatch.estimate_impl(q)
+    return tuple(impl(q, k, key_padding, kinds, p0, p1, scale, dense=False, capacity=capacity))
 
 
-@estimate_index.register_fake
-def _(q, k, key_padding, kinds, p0, p1, scale, dense_below, budget_length=0,
-      budget_exponent=DEFAULT_BUDGET_EXPONENT):
+def _index_buffers(q: torch.Tensor, n, capacity) -> tuple:
+    """Uninitialised index tensors of the shapes the fake promises (no kernels launched)."""
     b, h = q.shape[:2]
-    n = k.shape[2]
-    r, c, kb = index_capacity(n, kinds, p0, p1)
+    r, c, kb = capacity
     nb = index_rows(n)
     i32 = dict(dtype=torch.int32, device=q.device)
     return (q.new_empty(b, h, r, 2, **i32), q.new_empty(b, h, **i32), q.new_empty(b, h, n + 1, **i32),
             q.new_empty(b, h, c, **i32), q.new_empty(b, h, nb, **i32), q.new_empty(b, h, nb, kb, **i32),
             q.new_empty(b, h, nb, **i32))
+
+
+@estimate_index.register_fake
+def _(q, k, key_padding, kinds, p0, p1, scale, dense_below, budget_length=0,
+      budget_exponent=DEFAULT_BUDGET_EXPONENT):
+    n = k.shape[2]
+    return _index_buffers(q, n, index_capacity(n, kinds, p0, p1))
 
 
 def dense_attention(q, k, v, scale: float, key_padding: Optional[torch.Tensor]) -> torch.Tensor:
@@ -135,6 +161,12 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: to
     if runs_dense(q.shape[2], k.shape[2], dense_below):
         return dense_attention(q, k, v, scale, key_padding)
     index = SparseIndex(runs, run_count, diag_prefix, columns, column_count, blocks, block_count)
+    fraction = _too_dense(index, q, k.shape[2])
+    if fraction is not None:
+        counters["mcompile"]["dense_by_fraction"] += 1
+        log.info("mcompile: sparse index covers %.0f%% of the causal pairs at N=%d (> %.0f%%): dense attention is "
+                 "faster, running it", 100 * fraction, k.shape[2], 100 * DENSE_ABOVE_FRACTION)
+        return dense_attention(q, k, v, scale, key_padding)
     return dispatch.attention_impl(q)(q, k, v, index, scale, key_padding)
 
 

@@ -59,3 +59,23 @@ def test_kept_fraction_of_dense_index_is_one():
     assert torch.allclose(kept_fraction(idx, n), torch.ones(1, 1, dtype=torch.float64))
     local = _index([(0, 9)], [], n)
     assert kept_fraction(local, n).item() < 0.5
+
+
+def test_computed_fraction_tracks_the_exact_count():
+    """The run-time estimate of the kernel's work (ops' dense-fallback check) stays within 25%
+    of the exact count, for every pattern kind, and is 1 for a dense head."""
+    from mcompile.index import computed_fraction
+    from mcompile.kernels.estimate import estimate_index_ref
+    from mcompile.pattern_db.cost import kernel_density
+
+    torch.manual_seed(0)
+    n = 3000
+    q, k = torch.randn(2, 4, n, 32), torch.randn(2, 2, n, 32)
+    for kinds, p0, p1 in (([2] * 4, [64] * 4, [256] * 4), ([1] * 4, [64] * 4, [512] * 4),
+                          ([3] * 4, [4] * 4, [0] * 4), ([2, 1, 3, 2], [30, 16, 8, 500], [100, 300, 0, 900])):
+        index = estimate_index_ref(q, k, None, kinds, p0, p1, 32 ** -0.5)
+        exact = kernel_density(index, n).mean().item()
+        approx = float(computed_fraction(index, n))
+        assert abs(approx - exact) <= 0.25 * exact, (kinds, approx, exact)
+    dense = estimate_index_ref(q, k, None, [0] * 4, [0] * 4, [0] * 4, 32 ** -0.5)
+    assert abs(float(computed_fraction(dense, n)) - 1.0) < 0.05

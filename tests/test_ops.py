@@ -99,7 +99,7 @@ def test_dense_below_runs_dense_attention():
     q, k, v = qkv(1, 4, 2, 100, 16)
     out, index = _run(q, k, v, [2] * 4, [30] * 4, [100] * 4, 0.25, dense_below=101)
     torch.testing.assert_close(out, dense_causal(q, k, v, 0.25).to(out.dtype), atol=2e-5, rtol=2e-5)
-    assert (index.run_count == 1).all() and (index.runs[..., 0, 1] == 99).all()  # the dense index
+    assert index.runs.shape == (1, 4, 100, 2)  # buffers of the promised shapes, never read
 
 
 def test_ops_pass_opcheck():

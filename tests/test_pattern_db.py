@@ -73,3 +73,74 @@ def test_database_patterns_reach_the_graph(tmp_path):
                          options={"pattern_db": str(tmp_path / "db.json"), "dense_below": 0})
     assert list(e.sites[0].patterns) == heads and e.sites[1].patterns == (DEFAULT_VERTICAL_SLASH,) * 4
     assert "database" in e.sites[0].pattern_source
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c.update(budget_length=-1), "calibration.budget_length must be >= 0"),
+    (lambda c: c.update(budget_length="8K"), "calibration.budget_length must be an int"),
+    (lambda c: c.update(budget_exponent=3), r"calibration.budget_exponent must be a number in \[0, 2\]"),
+    (lambda c: c.update(length=0), "calibration.length must be >= 1"),
+    (lambda c: c.update(objective="loss"), r"calibration.objective must be one of \['output', 'recall'\]"),
+])
+def test_bad_calibration_names_the_field(tmp_path, edit, message):
+    data = uniform(MODEL, DEFAULT_VERTICAL_SLASH, {"length": 4096, "budget_length": 4096}).to_json()
+    edit(data["calibration"])
+    with pytest.raises(PatternDBError, match=message):
+        load(_write(tmp_path, data))
+
+
+def test_score_must_be_a_number(tmp_path):
+    data = uniform(MODEL, DEFAULT_VERTICAL_SLASH).to_json()
+    data["layers"][0]["heads"][1]["score"] = True
+    with pytest.raises(PatternDBError, match=r"layers\[0\].heads\[1\].score must be a number"):
+        load(_write(tmp_path, data))
+
+
+def test_load_checks_the_model_being_compiled(tmp_path):
+    save(uniform(MODEL, DEFAULT_VERTICAL_SLASH), tmp_path / "db.json")
+    assert load(tmp_path / "db.json", model=ModelFingerprint.from_config(tiny_llama("sdpa", layers=2).config)).model == MODEL
+    with pytest.raises(PatternDBError, match="model.num_layers is 2, the model being compiled has 3"):
+        load(tmp_path / "db.json", model=ModelFingerprint.from_config(tiny_llama("sdpa", layers=3).config))
+    with pytest.raises(PatternDBError, match="model.head_dim is 16, the model being compiled has 32"):
+        load(tmp_path / "db.json", model=ModelFingerprint("llama", 2, 4, 2, 32))
+
+
+def test_save_refuses_what_load_would_refuse(tmp_path):
+    from mcompile.pattern_db import HeadEntry, PatternDB
+
+    db = uniform(MODEL, DEFAULT_VERTICAL_SLASH)
+    broken = PatternDB(MODEL, db.layers[:1], {})
+    with pytest.raises(PatternDBError, match="db.layers has 1 entries"):
+        save(broken, tmp_path / "db.json")
+    assert not (tmp_path / "db.json").exists()
+    scored = PatternDB(MODEL, tuple(tuple(HeadEntry(h.pattern, 0.01 * j) for j, h in enumerate(layer))
+                                    for layer in db.layers), {"objective": "output"})
+    save(scored, tmp_path / "db.json")
+    assert [h.score for h in load(tmp_path / "db.json").layers[1]] == [0.0, 0.01, 0.02, 0.03]
+
+
+SMOLLM2 = ModelFingerprint("llama", 30, 9, 3, 64)
+
+
+def test_shipped_smollm2_database_is_found_for_its_fingerprint():
+    from mcompile.pattern_db import find_shipped, shipped
+    from mcompile.pattern_db.cost import expected_density
+    from mcompile.patterns import scaled_budgets
+
+    assert "smollm2-135m-instruct" in shipped()
+    db = find_shipped("llama", 9, 3, 64, num_layers=30)
+    assert db is not None and db.source == "smollm2-135m-instruct"
+    db.check_model(SMOLLM2)
+    assert db.check_site(29, 9, 3, 64) is None and find_shipped("llama", 9, 3, 64, num_layers=2) is None
+    cal = db.calibration
+    assert cal["budget_length"] == cal["length"] == db.budget_length and cal["objective"] == "output"
+    assert cal["command"].startswith("mcompile search --model smollm2") and "stdlib" in cal["data"]
+    kinds = {h.pattern.kind for layer in db.layers for h in layer}
+    assert len(kinds) >= 2  # the search chose per head, not one kind everywhere
+    # Budgets scale with the length: the expected kernel density rises as prompts get shorter
+    # (budgets shrink as N^0.7, the causal pairs as N^2) and stays below dense.
+    mean = [sum(expected_density(scaled_budgets(h.pattern, n, db.budget_length, db.budget_exponent), n)
+                for layer in db.layers for h in layer) / (30 * 9) for n in (2048, 4096, 8192, 32768)]
+    assert mean == sorted(mean, reverse=True) and mean[0] < 1.0
+    target = cal["target"]["density"]
+    assert mean[2] == pytest.approx(target, rel=0.25)  # nominal formula vs the fitted target

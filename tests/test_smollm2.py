@@ -16,8 +16,8 @@ from .helpers import masked_dense
 
 pytestmark = pytest.mark.slow
 
-COVER = {"dense_below": 0, "default_pattern": {"kind": "vertical_slash", "vertical": 8192, "slash": 8192}}
-SPARSE = {"dense_below": 0, "default_pattern": {"kind": "vertical_slash", "vertical": 64, "slash": 128}}
+COVER = {"dense_below": 0, "pattern_db": None, "default_pattern": {"kind": "vertical_slash", "vertical": 8192, "slash": 8192}}
+SPARSE = {"dense_below": 0, "pattern_db": None, "default_pattern": {"kind": "vertical_slash", "vertical": 64, "slash": 128}}
 
 
 def _prompt(tok, n, depth=0.5):

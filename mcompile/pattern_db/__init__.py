@@ -6,13 +6,27 @@ On disk a database is JSON::
       "format": "mcompile-pattern-db", "version": 1,
       "model": {"name": "SmolLM2-135M-Instruct", "model_type": "llama", "num_layers": 30,
                 "num_heads": 9, "num_kv_heads": 3, "head_dim": 64},
-      "calibration": {"length": 8192, "objective": "output", "command": "mcompile search ..."},
+      "calibration": {"length": 8192, "budget_length": 8192, "budget_exponent": 0.7,
+                      "objective": "output", "command": "mcompile search ...", ...},
       "layers": [{"layer": 0, "heads": [{"head": 0, "kind": "vertical_slash",
-                                         "vertical": 1000, "slash": 6096, "score": 0.97}, ...]}, ...]
+                                         "vertical": 1000, "slash": 6096, "score": 0.012}, ...]}, ...]
     }
 
-``load`` is the one reader (it validates every field and names the bad one), ``save`` the one
-writer. Databases shipped with the package live beside this file and are found by name.
+- ``model``: the fingerprint of the model the patterns are for, from its config.
+- ``calibration``: how the database was made. The fields the backend reads are checked:
+  ``budget_length`` (the prompt length at which the budgets hold; shorter prompts get them
+  scaled by ``(N / budget_length) ** budget_exponent``, see patterns.scaled_budgets; 0 or absent:
+  absolute budgets), ``budget_exponent`` (0.7 if absent), ``length`` (calibration tokens) and
+  ``objective`` (``output`` or ``recall``). The rest (target, data, command, ...) is a record.
+- per head: the pattern kind and its parameters (patterns.Pattern.from_dict), and optionally
+  ``score``: the search objective of the chosen candidate on the calibration text, the relative
+  L2 error of the head's attention output for ``objective: output`` (lower is better), the
+  attention recall for ``objective: recall`` (higher is better).
+
+``load`` is the one reader (it validates every field and names the bad one, and with ``model=``
+checks the database against the model being compiled), ``save`` the one writer. Databases
+shipped with the package live beside this file and are found by name (``shipped``,
+``find_shipped``). ``search`` (mcompile.pattern_db.search) writes them.
 """
 
 from __future__ import annotations
@@ -81,6 +95,14 @@ class PatternDB:
     def patterns_for(self, layer: int) -> list[Pattern]:
         return [h.pattern for h in self.layers[layer]]
 
+    def check_model(self, model: ModelFingerprint) -> None:
+        """Raise PatternDBError naming the first fingerprint field that differs from ``model``."""
+        for name in _MODEL_FIELDS:
+            mine, theirs = getattr(self.model, name), getattr(model, name)
+            if mine != theirs:
+                raise PatternDBError(f"pattern database {self.source or self.model.name!r}: model.{name} is "
+                                     f"{mine!r}, the model being compiled has {theirs!r}")
+
     def check_site(self, layer: Optional[int], num_heads: int, num_kv_heads: int, head_dim: int) -> Optional[str]:
         """None if the database covers this attention, else why it does not fit."""
         m = self.model
@@ -118,6 +140,27 @@ def _require(obj: Any, key: str, kind, where: str):
     return value
 
 
+OBJECTIVES = ("output", "recall")
+
+
+def _check_calibration(cal: Any) -> dict:
+    """The calibration block, with the fields the backend reads validated."""
+    if not isinstance(cal, dict):
+        raise PatternDBError(f"db.calibration must be an object, got {cal!r}")
+    for key, low in (("length", 1), ("budget_length", 0)):
+        if key in cal:
+            value = _require(cal, key, int, "calibration")
+            if value < low:
+                raise PatternDBError(f"calibration.{key} must be >= {low}, got {value}")
+    if "budget_exponent" in cal:
+        value = cal["budget_exponent"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 2.0:
+            raise PatternDBError(f"calibration.budget_exponent must be a number in [0, 2], got {value!r}")
+    if "objective" in cal and cal["objective"] not in OBJECTIVES:
+        raise PatternDBError(f"calibration.objective must be one of {list(OBJECTIVES)}, got {cal['objective']!r}")
+    return dict(cal)
+
+
 def from_json(data: Any, source: str = "") -> PatternDB:
     """Validate a parsed database; errors name the offending field."""
     if not isinstance(data, dict) or data.get("format") != FORMAT:
@@ -151,11 +194,11 @@ def from_json(data: Any, source: str = "") -> PatternDB:
             except ValueError as exc:
                 raise PatternDBError(f"{hw}: {exc}") from None
             score = head.get("score")
-            if score is not None and not isinstance(score, (int, float)):
+            if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
                 raise PatternDBError(f"{hw}.score must be a number, got {score!r}")
             entries.append(HeadEntry(pattern, score))
         parsed.append(tuple(entries))
-    return PatternDB(model, tuple(parsed), dict(data.get("calibration", {})), source)
+    return PatternDB(model, tuple(parsed), _check_calibration(data.get("calibration", {})), source)
 
 
 def shipped() -> list[str]:
@@ -163,8 +206,9 @@ def shipped() -> list[str]:
     return sorted(p.stem for p in SHIPPED_DIR.glob("*.json"))
 
 
-def load(name_or_path: str | os.PathLike) -> PatternDB:
-    """Read a database from a path or a shipped name."""
+def load(name_or_path: str | os.PathLike, model: Optional[ModelFingerprint] = None) -> PatternDB:
+    """Read a database from a path or a shipped name; with ``model``, also check that it is for
+    that model (``PatternDB.check_model``)."""
     path = Path(name_or_path)
     if not path.exists():
         path = SHIPPED_DIR / f"{name_or_path}.json"
@@ -174,10 +218,15 @@ def load(name_or_path: str | os.PathLike) -> PatternDB:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise PatternDBError(f"{path}: not valid JSON ({exc})") from None
-    return from_json(data, source=str(name_or_path))
+    db = from_json(data, source=str(name_or_path))
+    if model is not None:
+        db.check_model(model)
+    return db
 
 
 def save(db: PatternDB, path: str | os.PathLike) -> None:
+    """Write ``db`` as JSON (the one writer); it reads back equal through ``load``."""
+    from_json(db.to_json())  # never write what the loader would refuse
     Path(path).write_text(json.dumps(db.to_json(), indent=1) + "\n")
 
 
@@ -200,5 +249,5 @@ def uniform(model: ModelFingerprint, pattern: Pattern, calibration: Optional[dic
     return PatternDB(model, tuple(heads for _ in range(model.num_layers)), dict(calibration or {}))
 
 
-__all__ = ["PatternDB", "PatternDBError", "ModelFingerprint", "HeadEntry", "load", "save", "from_json",
+__all__ = ["PatternDB", "PatternDBError", "ModelFingerprint", "HeadEntry", "OBJECTIVES", "load", "save", "from_json",
            "shipped", "find_shipped", "uniform"]
