@@ -302,9 +302,16 @@ def main():
                    help="none: prefill only (the default; the only one that fits 1M on one GPU); gpu: "
                         "keep a DynamicCache; offload: transformers' offloaded DynamicCache (K/V in host "
                         "memory: 4 GiB per layer at 1M for Llama-3-8B, 128 GiB in all)")
+    p.add_argument("--ashape-budgets", default=None,
+                   help="sink,local of the ashape case (default 1000,6096); the estimation cost added to it "
+                        "is vertical-slash's at the same budgets")
     p.add_argument("--smoke", action="store_true", help="tiny random Llama on CPU, fp32 (dry run)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
+    if args.ashape_budgets:
+        sink, local = (int(x) for x in args.ashape_budgets.split(","))
+        ASHAPE.update(sink=sink, local=local)
+        VS.update(vertical=sink, slash=local)
     if args.fit and args.model != "llama8b":
         p.error("--fit builds 1- and 2-layer models of the llama8b shape only")
     args.device = "cpu" if args.smoke else "cuda"
