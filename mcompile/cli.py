@@ -13,7 +13,7 @@ import torch
 
 
 # Modules that add subcommands through ``add_commands(subparsers)``.
-COMMAND_MODULES: tuple = ("mcompile.pattern_db.commands",)
+COMMAND_MODULES: tuple = ("mcompile.pattern_db.commands", "mcompile.eval")
 
 
 def _pattern(text: str) -> dict:
@@ -134,8 +134,8 @@ def main(argv=None) -> int:
     p.add_argument("--length", type=int, default=4096, help="prompt tokens (default 4096)")
     p.add_argument("--depth", type=float, default=0.5, help="needle depth in 0..1 (default 0.5)")
     p.add_argument("--pattern", type=_pattern, default=None,
-                   help="one pattern for every head, e.g. vertical_slash:128,256 (default: the shipped "
-                        "searched database for SmolLM2)")
+                   help="one pattern for every head, e.g. vertical_slash:128,256 (default: the default "
+                        "policy, budgets scaled to the length)")
     p.add_argument("--dense-below", type=int, default=0, help="dense below this length (default 0: always sparse)")
     p.add_argument("--compiler", default="auto", choices=["auto", "inductor", "aot_eager", "eager"],
                    help="what runs the graphs (auto: inductor on GPU, eager on CPU)")

@@ -144,3 +144,14 @@ def test_shipped_smollm2_database_is_found_for_its_fingerprint():
     assert mean == sorted(mean, reverse=True) and mean[0] < 1.0
     target = cal["target"]["density"]
     assert mean[2] == pytest.approx(target, rel=0.25)  # nominal formula vs the fitted target
+
+
+def test_auto_picks_only_validated_databases(monkeypatch):
+    """``pattern_db="auto"`` chooses among AUTO_SELECTED only; a shipped database stays
+    reachable by name."""
+    import mcompile.pattern_db as pdb
+
+    assert pdb.find_shipped("llama", 9, 3, 64, num_layers=30, auto=True) is None
+    monkeypatch.setattr(pdb, "AUTO_SELECTED", frozenset(pdb.shipped()))
+    db = pdb.find_shipped("llama", 9, 3, 64, num_layers=30, auto=True)
+    assert db is not None and db.model.num_layers == 30

@@ -98,7 +98,7 @@ def resolve_db(config: MInferenceConfig, sites: list[AttentionSite]) -> tuple[Op
         return None, "auto: no match"
     s = ok[0]
     model_type = s.module_type.lower().replace("attention", "").replace("sdpa", "").replace("flash", "")
-    db = find_shipped(model_type, s.heads, s.kv_heads, s.head_dim, num_layers=max(x.layer for x in ok) + 1)
+    db = find_shipped(model_type, s.heads, s.kv_heads, s.head_dim, num_layers=max(x.layer for x in ok) + 1, auto=True)
     if db is None:
         return None, "auto: no match"
     return db, f"auto: {db.source}"
