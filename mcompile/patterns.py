@@ -137,8 +137,10 @@ def decode(kinds: Sequence[int], p0: Sequence[int], p1: Sequence[int]) -> list[P
 
 
 def max_density(pattern: Pattern, n: int) -> float:
-    """Upper bound of the fraction of the n(n+1)/2 causal (query, key) pairs a pattern keeps at
-    length ``n``: every vertical or slash costs at most n pairs, a 64x64 block 64*64."""
+    """Upper bound of the fraction of the n(n+1)/2 causal (query, key) pairs on a pattern's own
+    lines at length ``n``: every vertical or slash line holds at most n pairs, a 64x64 block
+    64*64. Not a bound on what the kernel computes: a slash is computed as a 64-key-wide tile
+    per query block, so stray slashes cost up to 64x more (``pattern_db.cost`` models that)."""
     causal = n * (n + 1) / 2
     if pattern.kind == PatternKind.DENSE:
         return 1.0
