@@ -47,11 +47,13 @@ DENSE_ABOVE_FRACTION = 0.5
 FRACTION_CHECK_MIN = 16384
 
 
-def _too_dense(index: SparseIndex, q: torch.Tensor, n: int) -> Optional[float]:
+def too_dense(index: SparseIndex, n: int, on_cuda: bool) -> Optional[float]:
     """The computed fraction when it says dense attention would be faster (CUDA, long inputs,
     not while a CUDA graph is being captured); else None."""
-    if not q.is_cuda or n < FRACTION_CHECK_MIN or torch.cuda.is_current_stream_capturing():
+    if not on_cuda or n < FRACTION_CHECK_MIN:
         return None
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return None  # a host read would break the capture
     fraction = float(computed_fraction(index, n))
     return fraction if fraction > DENSE_ABOVE_FRACTION else None
 
@@ -161,7 +163,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: to
     if runs_dense(q.shape[2], k.shape[2], dense_below):
         return dense_attention(q, k, v, scale, key_padding)
     index = SparseIndex(runs, run_count, diag_prefix, columns, column_count, blocks, block_count)
-    fraction = _too_dense(index, q, k.shape[2])
+    fraction = too_dense(index, k.shape[2], q.is_cuda)
     if fraction is not None:
         counters["mcompile"]["dense_by_fraction"] += 1
         log.info("mcompile: sparse index covers %.0f%% of the causal pairs at N=%d (> %.0f%%): dense attention is "

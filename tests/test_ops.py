@@ -193,3 +193,15 @@ def test_reference_matches_op():
     idx = estimate_index_ref(q, k, None, [2, 3, 1, 0], [30, 2, 4, 0], [100, 0, 64, 0], 0.25)
     out, _ = _run(q, k, v, [2, 3, 1, 0], [30, 2, 4, 0], [100, 0, 64, 0], 0.25)
     torch.testing.assert_close(out, sparse_attention_ref(q, k, v, idx, 0.25))
+
+
+def test_too_dense_sends_near_dense_indices_to_dense_attention():
+    """The run-time check (CUDA only) flags an index covering most causal pairs at long lengths
+    and leaves sparse ones, short inputs and CPU alone."""
+    n = ops.FRACTION_CHECK_MIN
+    q, k = torch.randn(1, 2, n, 16), torch.randn(1, 1, n, 16)
+    dense = SparseIndex(*ops.estimate_index(q, k, None, [0, 0], [0, 0], [0, 0], 0.25, 0))
+    sparse = SparseIndex(*ops.estimate_index(q, k, None, [1, 1], [16, 16], [256, 256], 0.25, 0))
+    assert ops.too_dense(dense, n, on_cuda=True) > ops.DENSE_ABOVE_FRACTION
+    assert ops.too_dense(sparse, n, on_cuda=True) is None
+    assert ops.too_dense(dense, n, on_cuda=False) is None
