@@ -297,20 +297,20 @@ def test_inductor_cache_key_covers_mcompile_and_options(monkeypatch, tmp_path):
     from mcompile import cache
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # a cache no other test has filled
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", True)
-    monkeypatch.setattr(inductor_config, "force_disable_caches", False)
-    model, ids = tiny_llama("sdpa", layers=1), _ids(1, 64)
+    # inductor_config.patch, not monkeypatch: undoing a monkeypatch deletes the config entry
+    with inductor_config.patch(fx_graph_cache=True, force_disable_caches=False):
+        model, ids = tiny_llama("sdpa", layers=1), _ids(1, 64)
 
-    def compile_once(options):
-        torch._dynamo.reset()
-        counters.clear()
-        _logits(torch.compile(model, backend="minference", options=options), ids)
-        return counters["inductor"]["fxgraph_cache_hit"]
+        def compile_once(options):
+            torch._dynamo.reset()
+            counters.clear()
+            _logits(torch.compile(model, backend="minference", options=options), ids)
+            return counters["inductor"]["fxgraph_cache_hit"]
 
-    torch._inductor.utils.clear_inductor_caches()
-    compile_once(SPARSE)
-    assert compile_once(SPARSE) == 1  # same sources, same options: a cache hit
-    assert compile_once(COVER) == 0  # other budgets: other graph, no hit
-    cache.source_hash.cache_clear()
-    monkeypatch.setattr(cache, "source_hash", lambda: b"another mcompile version")
-    assert compile_once(SPARSE) == 0  # other mcompile sources: no hit
+        torch._inductor.utils.clear_inductor_caches()
+        compile_once(SPARSE)
+        assert compile_once(SPARSE) == 1  # same sources, same options: a cache hit
+        assert compile_once(COVER) == 0  # other budgets: other graph, no hit
+        cache.source_hash.cache_clear()
+        monkeypatch.setattr(cache, "source_hash", lambda: b"another mcompile version")
+        assert compile_once(SPARSE) == 0  # other mcompile sources: no hit

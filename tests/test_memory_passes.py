@@ -176,7 +176,7 @@ def test_act_mul_triton_kernel_under_interpreter():
 
 
 MEMORY_SCRIPT = """
-import functools, resource, sys, torch
+import functools, re, sys, torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 from mcompile.backend import minference_backend
@@ -193,10 +193,15 @@ backend = functools.partial(minference_backend, options={{"chunk_mlp": {chunked}
 f = torch.compile(block, backend=backend, dynamic=True)
 with torch.no_grad():
     f(torch.randn(1, {warm}, {hidden}))  # compiles, and sizes the matmul library's buffers for a chunk
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    f(torch.randn(1, {tokens}, {hidden}))
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((after - before) // 1024)  # MiB of new peak (ru_maxrss is in KiB on Linux)
+    x = torch.randn(1, {tokens}, {hidden})
+    kib = lambda key: int(re.search(key + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1))
+    # Reset the peak (VmHWM) to the current RSS: a cold Inductor compile above can peak higher
+    # than the run being measured, which would hide it under a high-water mark.
+    open("/proc/self/clear_refs", "w").write("5")
+    before = kib("VmRSS")
+    f(x)
+    after = kib("VmHWM")
+print((after - before) // 1024)  # MiB of new peak
 """
 MEM_TOKENS, MEM_HIDDEN, MEM_INTER, MEM_CHUNK = 16384, 64, 4096, 1024
 MIB = 2 ** 20
@@ -217,11 +222,12 @@ def _peak_mib(chunked: bool) -> int:
     return int(run.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss units and semantics are Linux's")
+@pytest.mark.skipif(sys.platform != "linux", reason="reads and resets the peak RSS through /proc (Linux)")
 def test_chunked_mlp_bounds_peak_memory():
     """Unchunked, Inductor's run raises the process's peak by more than one N x intermediate_size
-    tensor (N x 4096 fp32, 256 MiB; measured 452 MiB: gate and up live at once); chunked, by
-    less than a quarter of one (measured 8 MiB: 1024-token chunks are 16 MiB each)."""
+    tensor (N x 4096 fp32, 256 MiB; measured 511 MiB: gate and up live at once); chunked, by
+    less than half of one (measured 67 MiB: a 1024-token chunk's gate, up and product are 16 MiB
+    each, plus the output and the allocator's slack)."""
     unchunked, chunked = _peak_mib(False), _peak_mib(True)
     assert unchunked > INTERMEDIATE_MIB, (unchunked, chunked)
-    assert chunked < INTERMEDIATE_MIB // 4, (unchunked, chunked)
+    assert chunked < INTERMEDIATE_MIB // 2 and 3 * chunked < unchunked, (unchunked, chunked)

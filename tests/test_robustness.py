@@ -308,7 +308,7 @@ def test_short_chunks_run_dense_in_the_op(nq):
     q, k, v = qkv(2, 4, 2, 200, 16, seed=nq)
     q = q[:, :, -nq:]
     out, index = _op(q, k, v, [2] * 4, [30] * 4, [100] * 4, 0.25)
-    assert ops.runs_dense(nq, 200, 0) and (index.run_count == 1).all()  # the dense index
+    assert ops.runs_dense(nq, 200, 0)  # (the index buffers are then left unfilled)
     torch.testing.assert_close(out, dense_offset_causal(q, k, v, 0.25), atol=2e-5, rtol=2e-5)
 
 
