@@ -57,22 +57,25 @@ def patterns(kind_list, h):
 
 
 def chunked_attention(q, k, v, index, scale, key_padding, low_precision):
-    """Masked attention by query chunks. low_precision: matmuls in q's dtype and P rounded to
-    it (what PyTorch attention does in that dtype); otherwise everything in fp32."""
-    b, h, n, d = q.shape
+    """Attention of q (B, H, Nq, D) at positions N - Nq.. over the index's mask (Nq = N: a
+    whole prompt), by chunks of query rows. low_precision: matmuls in q's dtype and P rounded
+    to it (what PyTorch attention does in that dtype); otherwise fp32 throughout. Rows with no
+    kept key -> 0."""
+    b, h, nq, _ = q.shape
+    n = k.shape[2]
+    p = n - nq
     group = h // k.shape[1]
-    kk = k.repeat_interleave(group, 1)
-    vv = v.repeat_interleave(group, 1)
+    kk, vv = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     if not low_precision:
         q, kk, vv = q.float(), kk.float(), vv.float()
-    out = torch.empty(b, h, n, v.shape[-1], dtype=torch.float32, device=q.device)
+    out = torch.empty(b, h, nq, v.shape[-1], dtype=torch.float32, device=q.device)
     step = max(BLOCK, CHUNK_ELEMS // (b * h * n) // BLOCK * BLOCK)
-    for r0 in range(0, n, step):
-        r1 = min(n, r0 + step)
+    for r0 in range(0, nq, step):
+        r1 = min(nq, r0 + step)
         s = (q[:, :, r0:r1] @ kk.transpose(-1, -2)).float() * scale
-        keep = block_mask_rows(index, r0, r1, n, key_padding)
-        p = torch.softmax(s.masked_fill(~keep, float("-inf")), -1).nan_to_num_(0.0)
-        out[:, :, r0:r1] = (p.to(vv.dtype) @ vv).float()
+        keep = block_mask_rows(index, p + r0, p + r1, n, key_padding)
+        w = torch.softmax(s.masked_fill(~keep, float("-inf")), -1).nan_to_num_(0.0)
+        out[:, :, r0:r1] = (w.to(vv.dtype) @ vv).float()
     return out
 
 

@@ -16,19 +16,22 @@ case and a PASS/FAIL summary; exits 1 on any failure.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
 import torch
 
-from mcompile import ops
-from mcompile.index import BLOCK, SparseIndex, block_mask_rows
-from mcompile.kernels import dispatch, estimate_triton
-from mcompile.kernels.estimate import vertical_slash_scores
-from mcompile.patterns import PatternKind
+sys.path.insert(0, os.path.dirname(__file__))
+from gpu_check_kernels import chunked_attention  # noqa: E402
+
+from mcompile import ops  # noqa: E402
+from mcompile.index import SparseIndex  # noqa: E402
+from mcompile.kernels import dispatch, estimate_triton  # noqa: E402
+from mcompile.kernels.estimate import vertical_slash_scores  # noqa: E402
+from mcompile.patterns import PatternKind  # noqa: E402
 
 FLOOR = 1e-3  # absolute error floor of the fp16/bf16 checks (fp32: 1e-5)
-CHUNK_ELEMS = 1 << 26  # score entries per chunk of the references
 # Per-head patterns: dense, A-shape (sink, local), vertical-slash, block-sparse.
 MIXED = [(PatternKind.DENSE, 0, 0), (PatternKind.A_SHAPE, 128, 1024),
          (PatternKind.VERTICAL_SLASH, 1000, 2048), (PatternKind.BLOCK_SPARSE, 16, 0)]
@@ -60,28 +63,6 @@ def patterns(h):
     return [int(k) for k in kinds], list(p0), list(p1)
 
 
-def masked_attention(q, k, v, index, scale, key_padding, low_precision):
-    """Attention of q (B, H, Nq, D) at positions N - Nq.. over the index's mask, by chunks of
-    query rows. low_precision: matmuls in q's dtype and P rounded to it (what PyTorch attention
-    does in that dtype); otherwise fp32 throughout. Rows with no kept key -> 0."""
-    b, h, nq, _ = q.shape
-    n = k.shape[2]
-    p = n - nq
-    group = h // k.shape[1]
-    kk, vv = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    if not low_precision:
-        q, kk, vv = q.float(), kk.float(), vv.float()
-    out = torch.empty(b, h, nq, v.shape[-1], dtype=torch.float32, device=q.device)
-    step = max(BLOCK, CHUNK_ELEMS // (b * h * n) // BLOCK * BLOCK)
-    for r0 in range(0, nq, step):
-        r1 = min(nq, r0 + step)
-        s = (q[:, :, r0:r1] @ kk.transpose(-1, -2)).float() * scale
-        keep = block_mask_rows(index, p + r0, p + r1, n, key_padding)
-        w = torch.softmax(s.masked_fill(~keep, float("-inf")), -1).nan_to_num_(0.0)
-        out[:, :, r0:r1] = (w.to(vv.dtype) @ vv).float()
-    return out
-
-
 def make_inputs(b, h, hk, n, nq, d, dtype, padded, seed):
     g = torch.Generator(device="cuda").manual_seed(seed)
     q = torch.randn(b, n, h, d, device="cuda", generator=g).to(dtype).transpose(1, 2)[:, :, n - nq:]  # strided
@@ -108,8 +89,8 @@ def check_case(name, b, h, hk, n, nq, d, dtype, padded):
     torch.cuda.synchronize()
     ms = 1e3 * (time.perf_counter() - t0)
     index = SparseIndex(*fields)
-    exact = masked_attention(q, k, v, index, scale, kp, low_precision=False)
-    same = masked_attention(q, k, v, index, scale, kp, low_precision=True)
+    exact = chunked_attention(q, k, v, index, scale, kp, low_precision=False)
+    same = chunked_attention(q, k, v, index, scale, kp, low_precision=True)
     err = (out.float() - exact).abs().max().item()
     base = (same - exact).abs().max().item()
     floor = 1e-5 if dtype == FP32 else FLOOR

@@ -42,6 +42,7 @@ def _ranges(items: list) -> str:
 class Explanation:
     reports: tuple  # one RewriteReport per compiled graph
     length: Optional[int]
+    memory: tuple = ()  # one passes.memory.MemoryReport per compiled graph
 
     @property
     def sites(self) -> list[SiteReport]:
@@ -83,7 +84,18 @@ class Explanation:
                              f"{dens:>15}  {detail}")
         lines.append(f"{self.rewritten} of {len(self.sites)} attentions rewritten in {len(self.reports)} graph(s); "
                      f"pattern database: {', '.join(sorted({r.pattern_db for r in self.reports})) or '-'}")
+        lines.extend(self.memory_lines())
         return "\n".join(lines)
+
+    def memory_lines(self) -> list[str]:
+        """What the memory passes did, one line per place they looked at (with the reason when
+        they left it alone)."""
+        lines = []
+        for g, report in enumerate(self.memory):
+            for site in report.sites:
+                what = "applied" if site.applied else f"kept: {site.reason}"
+                lines.append(f"graph {g} {site.pass_name} {site.module or '?'}: {what}")
+        return lines
 
     def summary(self, length: Optional[int] = None) -> str:
         """One line per distinct outcome, with the layers it applies to."""
@@ -106,19 +118,22 @@ class Explanation:
 def explain(model: torch.nn.Module, *args, options: Optional[dict] = None, length: Optional[int] = None,
             dynamic: Optional[bool] = None, **kwargs) -> Explanation:
     """Compile ``model`` with the minference backend on ``args``/``kwargs`` and report, per
-    attention: rewritten or not and why, layer, patterns per head, and the upper bound of the
-    kept density at ``length`` (default: the input's sequence length).
+    attention: rewritten or not and why, layer, patterns per head, and the expected share of
+    causal pairs the kernel computes at ``length`` (default: the input's sequence length); then
+    what the memory passes did, with their reasons.
 
     The rewritten graph runs once, uncompiled, to let Dynamo finish tracing.
     """
     reports: list[RewriteReport] = []
+    memory: list = []
     opts = dict(options or {})
     opts["compiler"] = "eager"
-    backend = functools.partial(minference_backend, options=opts, report_sink=reports.append)
+    backend = functools.partial(minference_backend, options=opts, report_sink=reports.append,
+                                memory_sink=memory.append)
     compiled = torch.compile(model, backend=backend, dynamic=dynamic)
     with torch.no_grad():
         compiled(*args, **kwargs)
     if length is None:
         first = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
         length = int(first.shape[-1]) if first is not None and first.dim() >= 1 else None
-    return Explanation(tuple(reports), length)
+    return Explanation(tuple(reports), length, tuple(memory))

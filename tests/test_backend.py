@@ -149,6 +149,9 @@ def test_regional_compilation_with_a_per_layer_database_says_what_to_do(tmp_path
     ({"dense_below": -1}, "dense_below must be an int >= 0"),
     ({"mode": "fastest"}, "mode must be one of"),
     ({"pattern_db": "no_such_db"}, "no pattern database"),
+    ({"budget_length": -5}, "budget_length must be an int >= 0"),
+    ({"budget_exponent": 3.0}, r"budget_exponent must be a number in \[0, 2\]"),
+    ({"logits": "first"}, "logits must be one of"),
 ])
 def test_bad_options_are_clear_errors(options, message):
     model = tiny_llama("sdpa", layers=1)
@@ -314,3 +317,21 @@ def test_inductor_cache_key_covers_mcompile_and_options(monkeypatch, tmp_path):
         cache.source_hash.cache_clear()
         monkeypatch.setattr(cache, "source_hash", lambda: b"another mcompile version")
         assert compile_once(SPARSE) == 0  # other mcompile sources: no hit
+
+
+def test_explain_reports_memory_passes_and_their_reasons():
+    """Chunked MLPs and the last-position logits pass show up in explain, applied or kept with
+    the reason (with logits_to_keep=1 the lm_head already sees one position)."""
+    model = tiny_llama("sdpa", layers=2)
+    e = mcompile.explain(model, _ids(1, 80), options={"dense_below": 0, "logits": "last"}, logits_to_keep=1)
+    lines = e.memory_lines()
+    assert sum("chunked_mlp" in x and "applied" in x for x in lines) == 2
+    assert any("last_logits" in x and "already sees one position" in x for x in lines)
+    assert "chunked_mlp" in e.table()
+
+
+def test_static_length_equal_to_the_hidden_size_is_not_quadratic():
+    """A 64-token prompt into a model of hidden size 64: (1, 64, 64) activations are N x hidden,
+    not N x N, and must not be reported as O(N^2)."""
+    e = mcompile.explain(tiny_llama("sdpa", layers=1), _ids(1, 64), options={"dense_below": 0})
+    assert not [x for x in e.memory_lines() if "quadratic" in x]

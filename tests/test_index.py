@@ -79,3 +79,17 @@ def test_computed_fraction_tracks_the_exact_count():
         assert abs(approx - exact) <= 0.25 * exact, (kinds, approx, exact)
     dense = estimate_index_ref(q, k, None, [0] * 4, [0] * 4, [0] * 4, 32 ** -0.5)
     assert abs(float(computed_fraction(dense, n)) - 1.0) < 0.05
+
+
+def test_budgets_scale_below_their_reference_length_only():
+    """patterns.scaled_budgets: (N / L)^exponent below L, never below the floors or above the
+    given budgets, unchanged at and past L, and absolute when L is 0; explain's default policy."""
+    from mcompile.patterns import DEFAULT_VERTICAL_SLASH as VS, Pattern, PatternKind, scaled_budgets
+
+    assert scaled_budgets(VS, 131072, 131072) == VS == scaled_budgets(VS, 1 << 20, 131072) == scaled_budgets(VS, 512, 0)
+    half = scaled_budgets(VS, 65536, 131072, 0.7)
+    assert (half.p0, half.p1) == (round(1000 * 0.5 ** 0.7), round(6096 * 0.5 ** 0.7))
+    tiny = scaled_budgets(VS, 64, 131072)
+    assert (tiny.p0, tiny.p1) == (64, 128)  # the floors
+    a = scaled_budgets(Pattern(PatternKind.A_SHAPE, 4, 4096), 1024, 131072)
+    assert a.p0 == 4 and 128 <= a.p1 < 4096  # the sink is never scaled

@@ -25,10 +25,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..capture import capture_qkv
+from ..capture import attention_recall, capture_qkv
 from ..explain import explain
-from ..index import BLOCK, SparseIndex, block_mask_rows, kept_fraction
+from ..index import BLOCK, SparseIndex, kept_fraction
 from ..kernels.estimate import estimate_index_ref
+from ..pattern_db.metrics import output_error
 from ..patterns import encode, scaled_budgets
 
 DEFAULT_ROW_BLOCKS = 32  # sampled 64-row query blocks per layer (2048 rows: recall to about +-0.01)
@@ -50,31 +51,7 @@ def recall_and_error(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: S
 
     q (B, H, N, D), k/v (B, Hk, N, D), causal, no padding.
     """
-    b, h, n, _ = q.shape
-    group = h // k.shape[1]
-    mass = torch.zeros(b, h, dtype=torch.float64, device=q.device)
-    err2 = torch.zeros_like(mass)
-    ref2 = torch.zeros_like(mass)
-    count = 0
-    keys = torch.arange(n, device=q.device)
-    for r0 in rows:
-        if r0 % BLOCK or not 0 <= r0 < n:
-            raise ValueError(f"row starts must be multiples of {BLOCK} in [0, {n}), got {r0}")
-        r1 = min(n, r0 + BLOCK)
-        kk = k[:, :, :r1].float().repeat_interleave(group, 1)  # (B, H, r1, D)
-        vv = v[:, :, :r1].float().repeat_interleave(group, 1)
-        s = torch.matmul(q[:, :, r0:r1].float(), kk.transpose(-1, -2)) * scale  # (B, H, R, r1)
-        causal = keys[None, :r1] <= torch.arange(r0, r1, device=q.device)[:, None]
-        p = torch.softmax(s.masked_fill(~causal, float("-inf")), -1)
-        kept = p * block_mask_rows(index, r0, r1, n)[..., :r1]
-        recall = kept.sum(-1, keepdim=True)  # (B, H, R, 1), > 0: diagonal 0 is always kept
-        dense = torch.matmul(p, vv)
-        sparse = torch.matmul(kept / recall, vv)
-        mass += recall.squeeze(-1).double().sum(-1)
-        err2 += (sparse - dense).double().pow(2).sum((-1, -2))
-        ref2 += dense.double().pow(2).sum((-1, -2))
-        count += r1 - r0
-    return (mass / max(count, 1)).float(), (err2 / ref2.clamp(min=1e-30)).sqrt().float()
+    return attention_recall(q, k, index, scale, rows=rows), output_error(q, k, v, index, scale, rows).float()
 
 
 def layer_patterns(model, options: dict) -> dict:

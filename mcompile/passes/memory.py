@@ -262,8 +262,13 @@ def _same(a, b) -> bool:
 
 
 def find_quadratic(gm: fx.GraphModule) -> list[MemorySite]:
-    """Nodes whose value has two dimensions equal to a sequence length of the inputs."""
+    """Nodes whose value has two dimensions equal to a sequence length of the inputs. A static
+    length that equals a dimension of a parameter (hidden size, head dim, ...) cannot be told
+    apart from it and is not checked; symbolic lengths always are."""
     lengths = [n for n in _sequence_lengths(gm.graph) if not (isinstance(n, int) and n <= 1)]
+    weight_dims = {d for node in gm.graph.find_nodes(op="placeholder")
+                   if isinstance(ex := example(node), torch.nn.Parameter) for d in ex.shape if isinstance(d, int)}
+    lengths = [n for n in lengths if not (isinstance(n, int) and n in weight_dims)]
     sites = []
     for node in gm.graph.nodes:
         ex = example(node)

@@ -36,38 +36,33 @@ def sample_blocks(n: int, count: int) -> list[int]:
     return sorted({int((i + 0.5) * nb / count) * BLOCK for i in range(count)})
 
 
-def _rows(r0: int, n: int) -> int:
-    return min(n, r0 + BLOCK)
+def _block_attention(q, k, v, scale, starts, keep_of) -> list[torch.Tensor]:
+    """fp32 attention of each sampled block over its causal prefix, keeping ``keep_of(r0, r1)``
+    ((B or 1, H or 1, rows, r1) bool); rows with no kept key are 0, as in the sparse kernel."""
+    n = q.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    out = []
+    for r0 in starts:
+        r1 = min(n, r0 + BLOCK)
+        keep = keep_of(r0, r1)
+        o = F.scaled_dot_product_attention(q[:, :, r0:r1].float(), k[:, :, :r1].float(), v[:, :, :r1].float(),
+                                           attn_mask=keep, scale=scale, enable_gqa=gqa)
+        out.append(torch.where(keep.any(-1, keepdim=True), o, 0))
+    return out
 
 
 def dense_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                starts: Sequence[int]) -> list[torch.Tensor]:
     """Dense causal attention output of each sampled block: [(B, H, rows, Dv)] in fp32."""
-    n = q.shape[2]
-    gqa = q.shape[1] != k.shape[1]
-    out = []
-    for r0 in starts:
-        r1 = _rows(r0, n)
-        causal = torch.arange(r1, device=q.device)[None, :] <= torch.arange(r0, r1, device=q.device)[:, None]
-        out.append(F.scaled_dot_product_attention(q[:, :, r0:r1].float(), k[:, :, :r1].float(),
-                                                  v[:, :, :r1].float(), attn_mask=causal, scale=scale,
-                                                  enable_gqa=gqa))
-    return out
+    def causal(r0, r1):
+        return torch.arange(r1, device=q.device)[None, :] <= torch.arange(r0, r1, device=q.device)[:, None]
+    return _block_attention(q, k, v, scale, starts, causal)
 
 
 def sparse_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SparseIndex, scale: float,
                 starts: Sequence[int]) -> list[torch.Tensor]:
     """Sparse attention output of each sampled block, as ``sparse_attention_ref``: [(B, H, rows, Dv)]."""
-    n = q.shape[2]
-    gqa = q.shape[1] != k.shape[1]
-    out = []
-    for r0 in starts:
-        r1 = _rows(r0, n)
-        keep = block_mask_rows(index, r0, r1, r1)  # (B, H, rows, r1)
-        o = F.scaled_dot_product_attention(q[:, :, r0:r1].float(), k[:, :, :r1].float(), v[:, :, :r1].float(),
-                                           attn_mask=keep, scale=scale, enable_gqa=gqa)
-        out.append(torch.where(keep.any(-1, keepdim=True), o, 0))
-    return out
+    return _block_attention(q, k, v, scale, starts, lambda r0, r1: block_mask_rows(index, r0, r1, r1))
 
 
 def output_error(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SparseIndex, scale: float,
