@@ -63,6 +63,11 @@ class MInferenceConfig:
         which runs them over ``mlp_chunk`` tokens at a time, so no N x intermediate_size tensor
         exists. False: the MLP stays as Inductor compiles it.
     mlp_chunk: tokens per MLP chunk (see DEFAULT_MLP_CHUNK).
+    inline_kernels: None (auto: where the Triton kernel runs on the graph's device, i.e. CUDA),
+        True (wherever the rewrite allows, any device: tests) or False:
+        whether sparse attention enters the graph as a ``torch.cond`` over a ``triton_op`` that
+        Inductor lowers into its own code (kernels/inline.py), rather than as the opaque op.
+        Either way the result is the same; inlining needs a whole prompt without key padding.
     compiler: "inductor", "aot_eager" or "eager".
     mode: an Inductor mode ("default", "reduce-overhead", "max-autotune", ...), as for
         backend="inductor".
@@ -77,6 +82,7 @@ class MInferenceConfig:
     logits: Logits = Logits.ALL
     chunk_mlp: bool = True
     mlp_chunk: int = DEFAULT_MLP_CHUNK
+    inline_kernels: Optional[bool] = None
     compiler: Compiler = Compiler.INDUCTOR
     mode: Optional[str] = None
     inductor_config: tuple = field(default_factory=tuple)  # sorted (key, value) pairs
@@ -107,6 +113,8 @@ class MInferenceConfig:
             raise ValueError(f"chunk_mlp must be True or False, got {self.chunk_mlp!r}")
         if not isinstance(self.mlp_chunk, int) or isinstance(self.mlp_chunk, bool) or self.mlp_chunk < 1:
             raise ValueError(f"mlp_chunk must be an int >= 1 (tokens per chunk), got {self.mlp_chunk!r}")
+        if self.inline_kernels not in (None, True, False):
+            raise ValueError(f"inline_kernels must be None, True or False, got {self.inline_kernels!r}")
         try:
             object.__setattr__(self, "compiler", Compiler(self.compiler))
         except ValueError:
@@ -151,4 +159,4 @@ class MInferenceConfig:
     def cache_key(self) -> str:
         """Everything that changes the rewritten graph (part of the compile cache key)."""
         return repr((self.pattern_db, self.default_pattern, self.dense_below, self.budget_length,
-                     self.budget_exponent, self.logits.value, self.chunk_mlp, self.mlp_chunk))
+                     self.budget_exponent, self.logits.value, self.chunk_mlp, self.mlp_chunk, self.inline_kernels))

@@ -78,6 +78,8 @@ class Explanation:
                 detail = f"{_pattern_summary(s.patterns)} [{s.pattern_source}]" if s.rewritten else s.reason
                 if s.key_padding:
                     detail += " +padding"
+                if s.inlined:
+                    detail += " +inlined"
                 heads = f"{s.heads}/{s.kv_heads}x{s.head_dim}" if s.heads else "?"
                 layer = "?" if s.layer is None else str(s.layer)
                 lines.append(f"{g:>5} {layer:>5}  {s.kind:<10} {heads:<9} {'sparse' if s.rewritten else 'dense':<9} "
@@ -103,7 +105,7 @@ class Explanation:
         groups: dict = {}
         for s in self.sites:
             d = self.density(s, n)
-            what = (f"sparse: {_pattern_summary(s.patterns)} [{s.pattern_source}]"
+            what = (f"sparse{' (inlined)' if s.inlined else ''}: {_pattern_summary(s.patterns)} [{s.pattern_source}]"
                     + (f", ~{100 * d:.1f}% of causal pairs computed at {n} tokens" if d is not None else "")
                     if s.rewritten else f"dense: {s.reason}")
             groups.setdefault(what, []).append("?" if s.layer is None else str(s.layer))

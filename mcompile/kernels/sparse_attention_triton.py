@@ -422,6 +422,22 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     out = torch.empty(b, h, nq, dv, dtype=q.dtype, device=q.device)
     if nq == 0 or b * h == 0:
         return out
+    grid, args, meta = launch_args(q, k, v, out, index, scale, key_padding, _length_bucket(n))
+    if block_n is None and _interpreting():
+        block_n = INTERPRET_BLOCK_N
+    if block_n is None:
+        _sparse_attention_tuned[grid](*args, **meta)
+    else:
+        _sparse_attention_kernel[grid](*args, **meta, BLOCK_N=block_n, num_warps=4, num_stages=2)
+    return out
+
+
+def launch_args(q, k, v, out, index: SparseIndex, scale: float, key_padding, n_bucket) -> tuple:
+    """(grid, positional args, constexpr meta) of ``_sparse_attention_kernel`` for contiguous
+    ``out``; ``n_bucket`` is the autotuning key (any int for an untuned launch). Only symbolic
+    arithmetic on sizes, so a traced launch (kernels/inline.py) adds no guards."""
+    b, h, nq, d = q.shape
+    hk, n, dv = k.shape[1], k.shape[2], v.shape[-1]
     q_start = n - nq  # position of query row 0
     nb, rows = num_blocks(n), index_rows(n)  # rows: per-block tensors carry a spare row
     runs, run_count, diag_prefix, columns, column_count, blocks, block_count = (
@@ -439,18 +455,12 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
         blocks = run_count
     args = (q, k, v, out, kp, runs, run_count, diag_prefix, columns, column_count, blocks, block_count,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *kp_strides,
-            n, q_start, h, h // hk, nb, rows, r, c, kb, float(scale) * LOG2E, _length_bucket(n))
+            n, q_start, h, h // hk, nb, rows, r, c, kb, float(scale) * LOG2E, n_bucket)
     meta = dict(HEAD_DIM=d, HEAD_DV=dv, BLOCK_M=BLOCK, KB_POW2=triton.next_power_of_2(max(kb, 1)),
                 HAS_PADDING=has_padding, HAS_COLUMNS=c > 0, HAS_BLOCKS=kb > 0,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     grid = (nb - q_start // BLOCK, b * h)  # the blocks that hold a query: the last ones
-    if block_n is None and _interpreting():
-        block_n = INTERPRET_BLOCK_N
-    if block_n is None:
-        _sparse_attention_tuned[grid](*args, **meta)
-    else:
-        _sparse_attention_kernel[grid](*args, **meta, BLOCK_N=block_n, num_warps=4, num_stages=2)
-    return out
+    return grid, args, meta
 
 
 def tuned_block_n(q: torch.Tensor, v: torch.Tensor) -> Optional[int]:

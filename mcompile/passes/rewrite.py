@@ -24,6 +24,7 @@ from torch._dynamo.utils import counters
 
 from .. import ops  # noqa: F401  (registers torch.ops.mcompile.*)
 from ..config import MInferenceConfig
+from ..kernels import inline
 from ..pattern_db import PatternDB, PatternDBError, find_shipped, load
 from ..patterns import Pattern, PatternKind, encode
 from .match import AttentionSite, find_attention
@@ -48,6 +49,8 @@ class SiteReport:
     pattern_source: str = ""
     key_padding: bool = False
     budget_scaling: tuple = (0, 0.0)  # (reference length, exponent) of the budgets; length 0: absolute
+    inlined: bool = False  # sparse attention lowered by Inductor (kernels/inline.py), not the opaque op
+    inline_reason: str = ""  # why not, where it was not
 
 
 @dataclass(frozen=True)
@@ -121,16 +124,34 @@ def site_patterns(site: AttentionSite, db: Optional[PatternDB], config: MInferen
             (config.budget_length, config.budget_exponent))
 
 
+def inline_decision(site: AttentionSite, config: MInferenceConfig) -> tuple[bool, str]:
+    """Whether the site's sparse attention is inlined (kernels/inline.py), and why not."""
+    if config.inline_kernels is False:
+        return False, "inline_kernels=False"
+    q, k, v = (x.meta.get("example_value") for x in (site.q, site.k, site.v))
+    if not all(isinstance(x, torch.Tensor) for x in (q, k, v)):
+        return False, "no example values in the graph"
+    if config.inline_kernels is None and q.device.type != "cuda":
+        return False, f"device {q.device.type} (auto inlines the Triton kernel on CUDA)"
+    reason = inline.inline_reason(q, k, v, site.key_padding, site.scale)
+    return reason is None, reason or ""
+
+
 def _rewrite_site(graph: fx.Graph, site: AttentionSite, patterns: list[Pattern], config: MInferenceConfig,
-                  scaling: tuple[int, float]):
+                  scaling: tuple[int, float], inlined: bool):
     kinds, p0, p1 = encode(patterns)
     with graph.inserting_before(site.node):
         est = graph.call_function(torch.ops.mcompile.estimate_index.default,
                                   (site.q, site.k, site.key_padding, kinds, p0, p1, site.scale, config.dense_below,
                                    *scaling))
         parts = [graph.call_function(operator.getitem, (est, i)) for i in range(INDEX_FIELDS)]
-        attn = graph.call_function(torch.ops.mcompile.sparse_attention.default,
-                                   (site.q, site.k, site.v, *parts, site.key_padding, site.scale, config.dense_below))
+        if inlined:
+            attn = graph.call_function(inline.sparse_attention,
+                                       (site.q, site.k, site.v, *parts, site.scale, config.dense_below))
+        else:
+            attn = graph.call_function(torch.ops.mcompile.sparse_attention.default,
+                                       (site.q, site.k, site.v, *parts, site.key_padding, site.scale,
+                                        config.dense_below))
     for node in (est, *parts, attn):
         for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
             if key in site.node.meta:
@@ -155,12 +176,14 @@ def rewrite_attention(gm: fx.GraphModule, config: MInferenceConfig, grad_enabled
     for site in sites:
         reason = site.reason or (GRAD_REASON if grad_enabled else None)
         patterns, source, scaling = [], "", (0, 0.0)
+        inlined, why_not = False, ""
         if reason is None:
             patterns, source, scaling = site_patterns(site, db, config, explicit)
             if all(p.kind == PatternKind.DENSE for p in patterns):
                 reason = f"every head is dense ({source})"
         if reason is None:
-            _rewrite_site(gm.graph, site, patterns, config, scaling)
+            inlined, why_not = inline_decision(site, config)
+            _rewrite_site(gm.graph, site, patterns, config, scaling, inlined)
             counters["mcompile"]["rewritten"] += 1
             log.info("mcompile: rewrote %s attention in %s (layer %s) with %s", site.kind, site.module or "?",
                      site.layer, source)
@@ -169,7 +192,7 @@ def rewrite_attention(gm: fx.GraphModule, config: MInferenceConfig, grad_enabled
             log.info("mcompile: kept %s attention in %s dense: %s", site.kind, site.module or "?", reason)
         reports.append(SiteReport(site.layer, site.module, site.kind, reason is None, reason or "", site.heads,
                                   site.kv_heads, site.head_dim, tuple(patterns), source, site.key_padding is not None,
-                                  scaling))
+                                  scaling, inlined, why_not))
     gm.graph.lint()
     gm.recompile()
     code = gm.print_readable(print_output=False)

@@ -1,0 +1,176 @@
+"""Sparse attention as Inductor sees it on CUDA: a ``triton_op`` inside a ``torch.cond``.
+
+The default rewrite (passes/rewrite.py) calls the opaque custom op ``mcompile::sparse_attention``,
+whose body chooses at run time between dense attention and the Triton kernel. Opaque ops are
+invisible to Inductor: the kernel launch is a call into Python. Where the rewrite can, it calls
+``sparse_attention`` below instead, which states the same choice in the graph::
+
+    out = cond(N >= dense_below,                      # a SymBool: no guard, one graph
+               sparse: cond(dense_check(index),       # 0-dim bool tensor: the run-time density check
+                            dense:  SDPA(is_causal)
+                            sparse: mcompile::sparse_attention_kernel   (triton_op)
+               dense:  SDPA(is_causal))
+
+AOTAutograd traces both branches (``cond_op``, the operator behind ``torch.cond``, called
+directly: ``torch.cond`` would trace the branches with Dynamo, which turns the float softmax scale
+they close over into a tensor); ``mcompile::sparse_attention_kernel`` is a
+``torch.library.triton_op`` whose body launches the kernel through ``wrap_triton``, so Inductor
+copies the Triton source into its output code and launches it from its wrapper, with no Python op
+in between, and lowers the dense branches' SDPA as it would for plain ``backend="inductor"``.
+
+Where it applies: whole prompts (query length == key length, known from the shapes), no key
+padding (the dense branch is plain causal SDPA), Inductor, and a device and dtype the Triton
+kernel supports (``capability``). Everything else keeps the opaque op. On a device without the
+kernel (the CPU, in tests) the triton_op's body runs the PyTorch reference through the opaque op,
+so the graph structure is the same everywhere.
+
+Launch configuration: a traced launch is not autotuned (Inductor would tune once, at whatever
+length it sees first); ``INLINE_CONFIG`` holds what the autotuner of the opaque path chose on an
+H100 at 32K-1M tokens for head dims 64 and 128 (docs/BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+from torch._higher_order_ops.cond import cond_op
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from .. import ops
+from ..index import SparseIndex
+
+log = logging.getLogger(__name__)
+
+# Key tile width, warps and pipeline stages of the inlined launch (module docstring).
+INLINE_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+
+
+def _triton():
+    from . import sparse_attention_triton
+
+    return sparse_attention_triton
+
+
+@torch.library.triton_op("mcompile::sparse_attention_kernel", mutates_args=())
+def sparse_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: torch.Tensor,
+                            run_count: torch.Tensor, diag_prefix: torch.Tensor, columns: torch.Tensor,
+                            column_count: torch.Tensor, blocks: torch.Tensor, block_count: torch.Tensor,
+                            scale: float) -> torch.Tensor:
+    """Sparse causal attention of a whole prompt (q (B, H, N, D), k/v (B, Hk, N, D)) over the
+    index: the Triton kernel on CUDA, launched through ``wrap_triton``; elsewhere the PyTorch
+    reference (through the opaque op, with ``dense_below`` 0 so it never turns dense)."""
+    index = (runs, run_count, diag_prefix, columns, column_count, blocks, block_count)
+    if q.device.type != "cuda":
+        return torch.ops.mcompile.sparse_attention(q, k, v, *index, None, scale, 0)
+    tri = _triton()
+    d, dv = q.shape[-1], v.shape[-1]
+    dp, dvp = tri.padded_head_dim(d), tri.padded_head_dim(dv)
+    qp, kp, vp = tri.pad_head_dim(q, dp), tri.pad_head_dim(k, dp), tri.pad_head_dim(v, dvp)
+    out = torch.empty(*q.shape[:3], dvp, dtype=q.dtype, device=q.device)
+    grid, args, meta = tri.launch_args(qp, kp, vp, out, SparseIndex(*index), scale, None, 0)
+    torch.library.wrap_triton(tri._sparse_attention_kernel)[grid](*args, **meta, **INLINE_CONFIG)
+    return out if dvp == dv else out[..., :dv].contiguous()
+
+
+@torch.library.custom_op("mcompile::dense_check", mutates_args=())
+def dense_check(runs: torch.Tensor, run_count: torch.Tensor, column_count: torch.Tensor,
+                block_count: torch.Tensor, n: int) -> torch.Tensor:
+    """0-dim bool tensor: True when the index covers so many pairs that dense attention is faster
+    (``ops.too_dense``; logged and counted as ``dense_by_fraction``, like the opaque op does)."""
+    empty = runs.new_empty(0)
+    index = SparseIndex(runs, run_count, empty, empty, column_count, empty, block_count)
+    fraction = ops.too_dense(index, n, runs.is_cuda)
+    if fraction is not None:
+        counters["mcompile"]["dense_by_fraction"] += 1
+        log.info("mcompile: sparse index covers %.0f%% of the causal pairs at N=%d (> %.0f%%): dense attention is "
+                 "faster, running it", 100 * fraction, n, 100 * ops.DENSE_ABOVE_FRACTION)
+    return torch.tensor(fraction is not None, device=runs.device)
+
+
+@dense_check.register_fake
+def _(runs, run_count, column_count, block_count, n):
+    return runs.new_empty((), dtype=torch.bool)
+
+
+def _causal(q, k, v, scale):
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa).contiguous()
+
+
+def sparse_attention(q, k, v, runs, run_count, diag_prefix, columns, column_count, blocks, block_count,
+                     scale: float, dense_below: int) -> torch.Tensor:
+    """``ops.sparse_attention`` for a whole prompt without key padding, as conditionals the
+    compiler traces (module docstring). Same result as the opaque op."""
+    n = k.shape[2]
+    # cond's lowering realises its operands in a layout of its choosing, while the branch graphs
+    # were traced with the operands' own strides (q and k are transposed views): a mismatch the
+    # branches' input checks reject. A 1-D tensor has one layout, so q, k, v cross the cond flat
+    # and are viewed back inside. They are fresh copies, so that no operand aliases another (q, k
+    # and v may be views of one fused projection); the copy fuses into the RoPE that produces q
+    # and k, v costs one copy of the KV heads. The branch graphs are traced on their own and may use only
+    # sizes they are handed: batch and N cross as operands (the generated code binds its size
+    # symbols from them); heads and head dims are constants (``inline_reason``).
+    b, h, hk, d, dv = q.shape[0], q.shape[1], k.shape[1], q.shape[3], v.shape[3]
+    symbolic = [isinstance(x, torch.SymInt) for x in (b, n)]  # static sizes stay constants
+    sizes = tuple(x for x, sym in zip((b, n), symbolic) if sym)
+    flat = tuple(x.clone(memory_format=torch.contiguous_format).view(-1) for x in (q, k, v))
+    operands = (*sizes, *flat, runs, run_count, diag_prefix, columns,
+                column_count, blocks, block_count)
+
+    def split(args):
+        """(b, n, q, k, v, index tensors) from a branch's operands."""
+        given = iter(args[:len(sizes)])
+        b_, n_ = (next(given) if sym else x for x, sym in zip((b, n), symbolic))
+        qf, kf, vf, *index = args[len(sizes):]
+        return b_, n_, qf.view(b_, h, n_, d), kf.view(b_, hk, n_, d), vf.view(b_, hk, n_, dv), index
+
+    # Branches return 1-tuples: the form cond's lowering expects.
+    def dense(*args):
+        _, _, q, k, v, _ = split(args)
+        return (_causal(q, k, v, scale),)
+
+    def kernel(*args):
+        _, _, q, k, v, index = split(args)
+        return (torch.ops.mcompile.sparse_attention_kernel(q, k, v, *index, scale),)
+
+    def sparse(*args):
+        _, n_, q, _, _, index = split(args)
+        runs, run_count, _, _, column_count, _, block_count = index
+        if q.device.type != "cuda":  # the check never fires off CUDA (ops.too_dense)
+            return kernel(*args)
+        check = torch.ops.mcompile.dense_check(runs, run_count, column_count, block_count, n_)
+        return cond_op(check, dense, kernel, args)
+
+    use_sparse = n >= dense_below
+    if statically_known_true(use_sparse):
+        return sparse(*operands)[0]
+    if statically_known_true(n < dense_below):
+        return dense(*operands)[0]
+    return cond_op(use_sparse, sparse, dense, operands)[0]
+
+
+def inline_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding, scale) -> str | None:
+    """None when ``sparse_attention`` can stand in for the opaque op for these (fake) inputs on
+    this device; else why not."""
+    if key_padding is not None:
+        return "key padding (the opaque op masks it)"
+    if not statically_known_true(q.shape[2] == k.shape[2]):
+        return "queries are not the whole prompt (a chunk after a cached prefix)"
+    if not all(isinstance(x, int) for x in (k.shape[1], q.shape[3], v.shape[3])):
+        return "symbolic head count or head dim"
+    if not isinstance(scale, float) or not math.isfinite(scale) or scale <= 0:
+        return "the softmax scale is not a positive constant"
+    if q.device.type == "cuda":
+        from .dispatch import triton_reason
+
+        reason = triton_reason(q)
+        if reason is not None:
+            return reason
+    return None
+
+
+__all__ = ["sparse_attention", "sparse_attention_kernel", "dense_check", "inline_reason", "INLINE_CONFIG"]
