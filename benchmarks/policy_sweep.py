@@ -441,6 +441,12 @@ def sweep_policies() -> dict:
                       (640, 220, 0.6)):
         v_ref, s_ref = budgets_at(4096, v4, s4, exponent=e)
         p[f"r3 vs v{v4} s{s4}@4K e{e}"] = vs_policy(v_ref, s_ref, exponent=e)
+    # round 4: slashes grow linearly with length (exponent 1.0), verticals slower; budgets at 131072
+    # tokens (MInference's slash default 6096 at e1.0 is 190 at 4K, 381 at 8K)
+    for v_ref, ve, s_ref in ((8689, 0.7, 6096), (8689, 0.7, 6400), (6144, 0.6, 6400), (8192, 0.6, 6096)):
+        p[f"r4 v{v_ref}@128K e{ve} s{s_ref}@128K e1.0"] = vs_policy(v_ref, s_ref, exponent=1.0, v_exponent=ve)
+    for v8, s8 in ((1248, 406), (1152, 400)):
+        p[f"r4 vs v{v8} s{s8}@8K e1.0"] = vs_policy(v8, s8, length=8192, exponent=1.0)
     return p
 
 

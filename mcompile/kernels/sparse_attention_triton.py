@@ -219,6 +219,7 @@ def _sparse_attention_kernel(
         HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, KB_POW2: tl.constexpr, HAS_PADDING: tl.constexpr,
         HAS_COLUMNS: tl.constexpr, HAS_BLOCKS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor's launcher passes Python floats as fp64
     m = NB - 1 - tl.program_id(0)  # heaviest query blocks first
     bh = tl.program_id(1)
     b = bh // H
