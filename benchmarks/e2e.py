@@ -234,7 +234,12 @@ def measure(args, tokens, layers=None):
             return model(ids, use_cache=False, logits_to_keep=1).logits[0, -1].float()
 
     same_dtype = eager()
+    # The fp32 reference runs the model cast to fp32 and back; the cast back would also turn the
+    # fp32 buffers (RoPE's inv_freq) into bf16 and change every later run, so they are restored.
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
     ref = eager() if args.dtype == torch.float32 else (model.float(), eager(), model.to(args.dtype))[1]
+    for name, b in model.named_buffers():
+        b.data = buffers[name]
     check = {"ref": ref, "eager_err": rel_err(same_dtype, ref)}
     check["tol"] = max(CHECK_FACTOR * check["eager_err"], CHECK_FLOOR)
     print(f"check at N={args.check_length}: eager {args.dtype} vs fp32 rel err {check['eager_err']:.1e}, "

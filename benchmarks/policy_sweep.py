@@ -447,6 +447,17 @@ def sweep_policies() -> dict:
         p[f"r4 v{v_ref}@128K e{ve} s{s_ref}@128K e1.0"] = vs_policy(v_ref, s_ref, exponent=1.0, v_exponent=ve)
     for v8, s8 in ((1248, 406), (1152, 400)):
         p[f"r4 vs v{v8} s{s8}@8K e1.0"] = vs_policy(v8, s8, length=8192, exponent=1.0)
+    # round 6: candidate r3 (768 / 200 at 4K, e0.7) with higher slash floors (they bind only at 2K)
+    v_ref, s_ref = budgets_at(4096, 768, 200)
+    for floor_s in (200, 256, 300):
+        p[f"r6 vs v768 s200@4K e0.7 floor_s{floor_s}"] = vs_policy(v_ref, s_ref, floor_s=floor_s)
+    # round 7: the budgets at 8K of the perplexity runs (one 8K window: only these matter)
+    for v8, s8 in ((144, 875), (144, 487), (144, 406), (1248, 406), (1248, 325)):
+        p[f"r7 at8K v{v8} s{s8}"] = vs_policy(v8, s8, length=8192, exponent=1.0)
+    # round 5: tile-aware selection at about the kept fraction of the round-3 candidates
+    for v4, w4 in ((768, 1024), (768, 1280), (768, 1536)):
+        v_ref, w_ref = budgets_at(4096, v4, w4)
+        p[f"r5 tile v{v4} w{w4}@4K e0.7"] = tile_policy(v_ref, w_ref, 131072, 0.7, floor_w=256)
     return p
 
 
@@ -538,11 +549,15 @@ class TileAwareEstimator:
 
 
 def candidate_options(name: str) -> tuple[dict, bool]:
-    """'default', 'vs:V,S' (budgets at 4096 tokens, scaled as the package does) or 'tile:V,W'."""
+    """'default', 'vs:V,S' (budgets at 4096 tokens, scaled as the package does), 'tile:V,W' or
+    'abs:V,S' (absolute budgets, no scaling: for one perplexity window, only its length's budgets
+    matter)."""
     if name == "default":
         return {}, False
     kind, spec = name.split(":")
     v4, x4 = (int(x) for x in spec.split(","))
+    if kind == "abs":
+        return {"default_pattern": Pattern(PatternKind.VERTICAL_SLASH, v4, x4), "budget_length": 0}, False
     v_ref, x_ref = budgets_at(4096, v4, x4)
     pattern = Pattern(PatternKind.VERTICAL_SLASH, v_ref, x_ref)
     return {"default_pattern": pattern, "budget_length": 131072, "budget_exponent": 0.7}, kind == "tile"
