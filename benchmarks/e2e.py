@@ -237,7 +237,8 @@ def measure(args, tokens, layers=None):
     # The fp32 reference runs the model cast to fp32 and back; the cast back would also turn the
     # fp32 buffers (RoPE's inv_freq) into bf16 and change every later run, so they are restored.
     buffers = {name: b.clone() for name, b in model.named_buffers()}
-    ref = eager() if args.dtype == torch.float32 else (model.float(), eager(), model.to(args.dtype))[1]
+    cast = torch.nn.Module.to  # transformers' own .float() refuses models loaded from GGUF
+    ref = eager() if args.dtype == torch.float32 else (cast(model, torch.float32), eager(), cast(model, args.dtype))[1]
     for name, b in model.named_buffers():
         b.data = buffers[name]
     check = {"ref": ref, "eager_err": rel_err(same_dtype, ref)}

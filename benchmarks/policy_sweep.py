@@ -225,18 +225,37 @@ def tile_policy(v_ref, w_ref, length, exponent, cand_factor=4, floor_v=64, floor
     return fn
 
 
+def multi_block_scores(q, k, scale, blocks: int = 4):
+    """Vertical / slash scores summed over ``blocks`` 64-query windows ending at evenly spaced
+    positions (the last one is the package's), each window's scores computed by the package's
+    ``vertical_slash_scores`` on the prefix it sees. Not in the package: a probe of whether
+    estimating from queries spread over the prompt beats the last 64 alone."""
+    n = k.shape[2]
+    h = q.shape[1]
+    vertical = torch.zeros(q.shape[0], h, n)
+    slash = torch.zeros(q.shape[0], h, n)
+    for i in range(1, blocks + 1):
+        e = max(BLOCK, (n * i // blocks) // BLOCK * BLOCK) if i < blocks else n
+        v, sl = vertical_slash_scores(q[:, :, :e], k[:, :, :e], None, scale, torch.arange(h))
+        vertical[..., :e] += v
+        slash[..., :e] += sl
+    return vertical, slash
+
+
 # --------------------------------------------------------------------------------------------
 # measurement: every policy on the same layer, sharing the scores and the dense softmax
 
 
 def measure_layer(q, k, v, scale, n, policies: dict, rows, crows):
-    """{policy: {"kept": (H,), "recall": (H,), "err": (H,), "budgets": ...}} for one layer."""
+    """{policy: {"kept": (H,), "recall": (H,), "err": (H,), "budgets": ...}} for one layer.
+    A policy whose name contains "multi" selects from ``multi_block_scores``."""
     h = q.shape[1]
     group = h // k.shape[1]
     vertical, slash = vertical_slash_scores(q, k, None, scale, torch.arange(h))
+    multi = multi_block_scores(q, k, scale) if any("multi" in name for name in policies) else None
     keeps, out = {}, {}
     for name, fn in policies.items():
-        cols, runs, rc, budgets = fn(vertical, slash, n)
+        cols, runs, rc, budgets = fn(*((multi if "multi" in name else (vertical, slash))), n)
         idx = make_index(cols, runs, rc, n)
         keeps[name] = block_keep(idx, n)
         out[name] = {"kept": kept_pairs(keeps[name], crows, n)[0], "budgets": budgets,
@@ -454,6 +473,11 @@ def sweep_policies() -> dict:
     # round 7: the budgets at 8K of the perplexity runs (one 8K window: only these matter)
     for v8, s8 in ((144, 875), (144, 487), (144, 406), (1248, 406), (1248, 325)):
         p[f"r7 at8K v{v8} s{s8}"] = vs_policy(v8, s8, length=8192, exponent=1.0)
+    # round 8: scores from 4 query windows spread over the prompt instead of the last 64 queries
+    for v4, s4 in ((768, 200), (88, 300)):
+        v_ref, s_ref = budgets_at(4096, v4, s4)
+        p[f"r8 multi vs v{v4} s{s4}@4K e0.7"] = vs_policy(v_ref, s_ref)
+        p[f"r8 last64 vs v{v4} s{s4}@4K e0.7"] = vs_policy(v_ref, s_ref)
     # round 5: tile-aware selection at about the kept fraction of the round-3 candidates
     for v4, w4 in ((768, 1024), (768, 1280), (768, 1536)):
         v_ref, w_ref = budgets_at(4096, v4, w4)
