@@ -12,30 +12,47 @@ own pieces (``vertical_slash_scores``, ``diagonals_to_runs``, ``SparseIndex``...
 
     python benchmarks/policy_sweep.py capture --lengths 2048,4096,6144,8192   # Q/K/V to --cache
     python benchmarks/policy_sweep.py breakdown --lengths 2048,4096,8192
-    python benchmarks/policy_sweep.py sweep --lengths 2048,4096,6144,8192 --out benchmarks/results/policy_sweep_cpu
+    python benchmarks/policy_sweep.py sweep --lengths 2048,4096,6144,8192 --out /tmp/sweep   # --only r3 etc.
+    python benchmarks/policy_sweep.py model --candidate abs:144,875 --parts perplexity      # first 8K window
+    python benchmarks/policy_sweep.py model --candidate tile:768,1536 --parts needle --dense
+
+Results and their reading: benchmarks/results/policy_sweep_cpu.md. One thread by default (--threads).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from mcompile.capture import attention_recall, capture_qkv
+from mcompile.capture import capture_qkv
 from mcompile.eval.attention import sample_rows
 from mcompile.eval.needle_grid import cell_value
-from mcompile.index import BLOCK, SENTINEL, SparseIndex, block_mask_rows, column_counts, index_rows, \
-    num_blocks, runs_to_diag_prefix
-from mcompile.kernels.estimate import _topk_sorted, diagonals_to_runs, estimate_index_ref, vertical_slash_scores
+from mcompile.index import (
+    BLOCK,
+    SENTINEL,
+    SparseIndex,
+    column_counts,
+    index_rows,
+    num_blocks,
+    runs_to_diag_prefix,
+)
+from mcompile.kernels.estimate import (
+    _topk_sorted,
+    diagonals_to_runs,
+    vertical_slash_scores,
+)
 from mcompile.needle import needle_prompt
-from mcompile.pattern_db.metrics import dense_rows, sparse_rows
-from mcompile.patterns import DEFAULT_VERTICAL_SLASH, LOCAL_DIAGONALS, SINK_COLUMNS, Pattern, PatternKind, \
-    encode, scaled_budgets
+from mcompile.patterns import (
+    LOCAL_DIAGONALS,
+    SINK_COLUMNS,
+    Pattern,
+    PatternKind,
+)
 
 CACHE = Path("/tmp/mcompile_policy_sweep")
 
@@ -255,7 +272,7 @@ def measure_layer(q, k, v, scale, n, policies: dict, rows, crows):
     multi = multi_block_scores(q, k, scale) if any("multi" in name for name in policies) else None
     keeps, out = {}, {}
     for name, fn in policies.items():
-        cols, runs, rc, budgets = fn(*((multi if "multi" in name else (vertical, slash))), n)
+        cols, runs, rc, budgets = fn(*(multi if "multi" in name else (vertical, slash)), n)
         idx = make_index(cols, runs, rc, n)
         keeps[name] = block_keep(idx, n)
         out[name] = {"kept": kept_pairs(keeps[name], crows, n)[0], "budgets": budgets,
@@ -344,14 +361,14 @@ def _filter(cols, runs, rc, *, sink_cols=True, verticals=True, local_run=True, s
 
 
 COMPONENTS = {  # name: which parts are kept
-    "band": dict(sink_cols=False, verticals=False, local_run=True, slash_runs=False, band_only=True),
-    "local": dict(sink_cols=False, verticals=False, local_run=True, slash_runs=False),
-    "sink": dict(sink_cols=True, verticals=False, local_run=False, slash_runs=False),
-    "verticals": dict(sink_cols=False, verticals=True, local_run=False, slash_runs=False),
-    "slash_runs": dict(sink_cols=False, verticals=False, local_run=False, slash_runs=True),
-    "local+sink": dict(sink_cols=True, verticals=False, local_run=True, slash_runs=False),
-    "local+sink+verticals": dict(sink_cols=True, verticals=True, local_run=True, slash_runs=False),
-    "local+sink+slash": dict(sink_cols=True, verticals=False, local_run=True, slash_runs=True),
+    "band": {"sink_cols": False, "verticals": False, "local_run": True, "slash_runs": False, "band_only": True},
+    "local": {"sink_cols": False, "verticals": False, "local_run": True, "slash_runs": False},
+    "sink": {"sink_cols": True, "verticals": False, "local_run": False, "slash_runs": False},
+    "verticals": {"sink_cols": False, "verticals": True, "local_run": False, "slash_runs": False},
+    "slash_runs": {"sink_cols": False, "verticals": False, "local_run": False, "slash_runs": True},
+    "local+sink": {"sink_cols": True, "verticals": False, "local_run": True, "slash_runs": False},
+    "local+sink+verticals": {"sink_cols": True, "verticals": True, "local_run": True, "slash_runs": False},
+    "local+sink+slash": {"sink_cols": True, "verticals": False, "local_run": True, "slash_runs": True},
     "all": {},
 }
 
@@ -404,7 +421,7 @@ def breakdown(lengths, cache: Path, base=None, row_blocks: int = 32, log=print) 
     stats = slash_stats(base, lengths, cache)
     table = {}
     for n in lengths:
-        g = lambda name, key="kept_mean": res[name][n][key]
+        g = lambda name, key="kept_mean", n=n: res[name][n][key]
         table[n] = {"budgets": stats[n]["budgets"], "tokens": stats[n]["tokens"],
                     "alone": {c: g(c) for c in ("band", "local", "sink", "verticals", "slash_runs")},
                     "incremental": {"band": g("band"), "+merged_into_local": g("local") - g("band"),
@@ -470,6 +487,8 @@ def sweep_policies() -> dict:
     v_ref, s_ref = budgets_at(4096, 768, 200)
     for floor_s in (200, 256, 300):
         p[f"r6 vs v768 s200@4K e0.7 floor_s{floor_s}"] = vs_policy(v_ref, s_ref, floor_s=floor_s)
+    v_ref, s_ref = budgets_at(4096, 768, 200, exponent=0.6)
+    p["r6 vs v768 s200@4K e0.6 floor_s200"] = vs_policy(v_ref, s_ref, exponent=0.6, floor_s=200)
     # round 7: the budgets at 8K of the perplexity runs (one 8K window: only these matter)
     for v8, s8 in ((144, 875), (144, 487), (144, 406), (1248, 406), (1248, 325)):
         p[f"r7 at8K v{v8} s{s8}"] = vs_policy(v8, s8, length=8192, exponent=1.0)
@@ -486,8 +505,8 @@ def sweep_policies() -> dict:
 
 
 def fmt_table(results: dict, lengths) -> str:
-    lines = ["| policy | length | budgets (v / s or w) | kept mean | kept max | recall mean | recall min | "
-             "out err mean | out err max | layer 0 recall | weakest layer recall | slash runs / head |",
+    lines = [("| policy | length | budgets (v / s or w) | kept mean | kept max | recall mean | recall min | "
+             "out err mean | out err max | layer 0 recall | weakest layer recall | slash runs / head |"),
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, by_n in results.items():
         for n in lengths:
@@ -503,17 +522,17 @@ def fmt_table(results: dict, lengths) -> str:
 
 def fmt_breakdown(table: dict) -> str:
     pc = lambda x: f"{100 * x:.1f}%"
-    lines = ["| length | budgets v / s | forced band (diag 0-99) | + slashes merged into the local run | + sink columns | "
+    lines = [("| length | budgets v / s | forced band (diag 0-99) | + slashes merged into the local run | + sink columns | "
              "+ vertical columns | + other slash runs (tiles) | total kept | other runs / head (single diagonals) | "
-             "their diagonals / head | same diagonals at 1 key per row |",
+             "selected diagonals beyond the forced ones / head | those diagonals as lines (1 key per query) |"),
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for n, r in table.items():
         inc, sl = r["incremental"], r["slash"]
         lines.append(f"| {n} | {r['budgets'][0]} / {r['budgets'][1]} | {pc(inc['band'])} | {pc(inc['+merged_into_local'])} | "
                      f"{pc(inc['+sink'])} | {pc(inc['+verticals'])} | {pc(inc['+slash_runs'])} | {pc(r['total'])} | "
                      f"{sl['runs']:.1f} ({sl['single']:.1f}) | {sl['diagonals']:.0f} | {pc(sl['line_pairs'])} |")
-    lines += ["", "| length | local run ends at diagonal (mean) | recall: local+sink | + verticals | + slashes (no verticals) | "
-              "all | out err: local+sink | + verticals | + slashes | all |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", ("| length | local run ends at diagonal (mean) | recall: local+sink | + verticals | + slashes (no verticals) | "
+              "all | out err: local+sink | + verticals | + slashes | all |"), "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for n, r in table.items():
         rc, er = r["recall"], r["err_mean"]
         keys = ("local+sink", "local+sink+verticals", "local+sink+slash", "all")
@@ -615,8 +634,9 @@ def run_model(name: str, parts, lengths, depths, ppl_window: int, dense: bool, l
                 t = time.perf_counter()
                 with compiled(model, variant) as comp:
                     cells = needle_grid.run_grid(model, tok, lengths, depths, "cpu",
-                                                 on_cell=lambda c: log(f"{variant.name} {c.length} {c.depth}: "
-                                                                       f"{'pass' if c.passed else 'MISS'} {c.answer!r}"))
+                                                 on_cell=lambda c, name=variant.name: log(
+                                                     f"{name} {c.length} {c.depth}: "
+                                                     f"{'pass' if c.passed else 'MISS'} {c.answer!r}"))
                 res["needle"] = {"cells": needle_grid.cells_to_json(cells), "compile": comp.summary(),
                                  "seconds": round(time.perf_counter() - t)}
         if est is not None:

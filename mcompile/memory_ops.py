@@ -109,9 +109,55 @@ def _(x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation, chunk):
     return x.new_empty(*x.shape[:-1], w_down.shape[0])
 
 
+def _act(g: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == Activation.SILU:
+        return F.silu(g)
+    return F.gelu(g, approximate="tanh" if activation == Activation.GELU_TANH else "none")
+
+
+def gated_mlp(x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation: str, chunk: int) -> torch.Tensor:
+    """What the memory pass puts in the graph: ``chunked_mlp`` when x holds more than ``chunk``
+    tokens, else the MLP as written (``down(act(gate(x)) * up(x))``), which Inductor lowers and
+    fuses as it would without the pass, with no opaque op on a short prompt's path. The choice is
+    a ``cond`` on the symbolic token count: no guard, one graph. As in kernels/inline.py, x crosses
+    the cond flat (one layout) and the branches get the symbolic sizes as operands."""
+    from torch._higher_order_ops.cond import cond_op
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    lead, hidden = tuple(x.shape[:-1]), x.shape[-1]
+    tokens = x.numel() // hidden
+    symbolic = [isinstance(s, torch.SymInt) for s in lead]
+    sizes = tuple(s for s, sym in zip(lead, symbolic) if sym)
+    biases = [t for t in (b_gate, b_up, b_down) if t is not None]
+    operands = (*sizes, x.clone(memory_format=torch.contiguous_format).view(-1), w_gate, w_up, w_down, *biases)
+
+    def split(args):
+        given = iter(args[:len(sizes)])
+        shape = tuple(next(given) if sym else s for s, sym in zip(lead, symbolic))
+        xf, wg, wu, wd, *bs = args[len(sizes):]
+        bs = iter(bs)
+        bg, bu, bd = (next(bs) if t is not None else None for t in (b_gate, b_up, b_down))
+        return xf.view(*shape, hidden), wg, wu, wd, bg, bu, bd
+
+    def plain(*args):
+        x, wg, wu, wd, bg, bu, bd = split(args)
+        return (F.linear(_act(F.linear(x, wg, bg), activation) * F.linear(x, wu, bu), wd, bd),)
+
+    def chunked(*args):
+        x, wg, wu, wd, bg, bu, bd = split(args)
+        return (torch.ops.mcompile.chunked_mlp(x, wg, wu, wd, bg, bu, bd, activation, chunk),)
+
+    many = tokens > chunk
+    if statically_known_true(many):
+        return chunked(*operands)[0]
+    if statically_known_true(tokens <= chunk):
+        return plain(*operands)[0]
+    return cond_op(many, chunked, plain, operands)[0]
+
+
 def mlp_ref(x, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None, activation: str = "silu"):
     """The unchunked MLP, for tests."""
     return F.linear(act_mul_ref(F.linear(x, w_gate, b_gate), F.linear(x, w_up, b_up), activation), w_down, b_down)
 
 
-__all__ = ["Activation", "ACTIVATIONS", "chunked_mlp", "act_mul", "act_mul_ref", "mlp_ref"]
+__all__ = ["Activation", "ACTIVATIONS", "chunked_mlp", "gated_mlp", "act_mul", "act_mul_ref", "mlp_ref"]

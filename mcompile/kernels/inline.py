@@ -6,7 +6,8 @@ invisible to Inductor: the kernel launch is a call into Python. Where the rewrit
 ``sparse_attention`` below instead, which states the same choice in the graph::
 
     out = cond(N >= dense_below,                      # a SymBool: no guard, one graph
-               sparse: cond(dense_check(index),       # 0-dim bool tensor: the run-time density check
+               sparse: index = estimate_index(q, k)   # the opaque op, only on this branch
+                       cond(dense_check(index),       # 0-dim bool tensor: the run-time density check
                             dense:  SDPA(is_causal)
                             sparse: mcompile::sparse_attention_kernel   (triton_op)
                dense:  SDPA(is_causal))
@@ -42,6 +43,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import ops
 from ..index import SparseIndex
+from ..patterns import DEFAULT_BUDGET_EXPONENT
 
 log = logging.getLogger(__name__)
 
@@ -101,25 +103,25 @@ def _causal(q, k, v, scale):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa).contiguous()
 
 
-def sparse_attention(q, k, v, runs, run_count, diag_prefix, columns, column_count, blocks, block_count,
-                     scale: float, dense_below: int) -> torch.Tensor:
-    """``ops.sparse_attention`` for a whole prompt without key padding, as conditionals the
-    compiler traces (module docstring). Same result as the opaque op."""
+def sparse_attention(q, k, v, kinds: list[int], p0: list[int], p1: list[int], scale: float, dense_below: int,
+                     budget_length: int = 0, budget_exponent: float = DEFAULT_BUDGET_EXPONENT) -> torch.Tensor:
+    """``ops.estimate_index`` + ``ops.sparse_attention`` for a whole prompt without key padding,
+    as conditionals the compiler traces (module docstring). Same result as the opaque ops; the
+    estimation runs inside the sparse branch, so a prompt below ``dense_below`` calls no opaque op."""
     n = k.shape[2]
     # cond's lowering realises its operands in a layout of its choosing, while the branch graphs
     # were traced with the operands' own strides (q and k are transposed views): a mismatch the
     # branches' input checks reject. A 1-D tensor has one layout, so q, k, v cross the cond flat
     # and are viewed back inside. They are fresh copies, so that no operand aliases another (q, k
     # and v may be views of one fused projection); the copy fuses into the RoPE that produces q
-    # and k, v costs one copy of the KV heads. The branch graphs are traced on their own and may use only
-    # sizes they are handed: batch and N cross as operands (the generated code binds its size
-    # symbols from them); heads and head dims are constants (``inline_reason``).
+    # and k, v costs one copy of the KV heads. The branch graphs are traced on their own and may
+    # use only sizes they are handed: batch and N cross as operands (the generated code binds its
+    # size symbols from them); heads and head dims are constants (``inline_reason``).
     b, h, hk, d, dv = q.shape[0], q.shape[1], k.shape[1], q.shape[3], v.shape[3]
     symbolic = [isinstance(x, torch.SymInt) for x in (b, n)]  # static sizes stay constants
     sizes = tuple(x for x, sym in zip((b, n), symbolic) if sym)
     flat = tuple(x.clone(memory_format=torch.contiguous_format).view(-1) for x in (q, k, v))
-    operands = (*sizes, *flat, runs, run_count, diag_prefix, columns,
-                column_count, blocks, block_count)
+    operands = (*sizes, *flat)
 
     def split(args):
         """(b, n, q, k, v, index tensors) from a branch's operands."""
@@ -138,10 +140,13 @@ def sparse_attention(q, k, v, runs, run_count, diag_prefix, columns, column_coun
         return (torch.ops.mcompile.sparse_attention_kernel(q, k, v, *index, scale),)
 
     def sparse(*args):
-        _, n_, q, _, _, index = split(args)
-        runs, run_count, _, _, column_count, _, block_count = index
+        _, n_, q, k, _, _ = split(args)
+        index = torch.ops.mcompile.estimate_index(q, k, None, kinds, p0, p1, scale, 0, budget_length,
+                                                  budget_exponent)
+        args = (*args, *index)
         if q.device.type != "cuda":  # the check never fires off CUDA (ops.too_dense)
             return kernel(*args)
+        runs, run_count, _, _, column_count, _, block_count = index
         check = torch.ops.mcompile.dense_check(runs, run_count, column_count, block_count, n_)
         return cond_op(check, dense, kernel, args)
 

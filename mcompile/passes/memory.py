@@ -9,9 +9,12 @@
   elementwise ops (a loss would need every position).
 - ``chunk_mlps`` (option ``chunk_mlp``): every gated MLP of a ``...mlp`` module,
 
-      down(act(gate(x)) * up(x))       ->   mcompile.chunked_mlp(x, Wg, Wu, Wd, ..., act, chunk)
+      down(act(gate(x)) * up(x))       ->   cond(tokens > chunk,
+                                                  mcompile.chunked_mlp(x, Wg, Wu, Wd, ..., act, chunk),
+                                                  down(act(gate(x)) * up(x)))
 
-  so no N x intermediate_size tensor exists (memory_ops.py). Norms need no pass: Inductor fuses
+  so no N x intermediate_size tensor exists, and a prompt of at most ``chunk`` tokens runs the MLP
+  as Inductor compiles it, with no opaque op (memory_ops.gated_mlp). Norms need no pass: Inductor fuses
   an RMSNorm into one kernel per row, whose only N-sized tensor is the normalised output the
   next matmul reads anyway.
 - ``find_quadratic``: a check, not a rewrite: tensors with two sequence-length dimensions that
@@ -214,7 +217,8 @@ def _shape_reason(m: MLPMatch) -> Optional[str]:
 
 
 def chunk_mlps(gm: fx.GraphModule, config: MInferenceConfig, grad_enabled: bool = False) -> list[MemorySite]:
-    """Replace every gated MLP by ``mcompile::chunked_mlp`` (``config.chunk_mlp``)."""
+    """Replace every gated MLP by ``memory_ops.gated_mlp``: ``mcompile::chunked_mlp`` above
+    ``config.mlp_chunk`` tokens, the MLP as written below (``config.chunk_mlp``)."""
     sites = []
     for module, nodes in _mlp_groups(gm.graph).items():
         if not config.chunk_mlp:
@@ -231,7 +235,7 @@ def chunk_mlps(gm: fx.GraphModule, config: MInferenceConfig, grad_enabled: bool 
         _, wu, bu = _linear_parts(match.up)
         _, wd, bd = _linear_parts(match.down)
         with gm.graph.inserting_before(match.down):
-            new = gm.graph.call_function(torch.ops.mcompile.chunked_mlp.default,
+            new = gm.graph.call_function(memory_ops.gated_mlp,
                                          (match.x, wg, wu, wd, bg, bu, bd, match.activation.value, config.mlp_chunk))
         new.meta.update({k: match.prod.meta[k] for k in ("nn_module_stack", "stack_trace") if k in match.prod.meta})
         match.down.replace_all_uses_with(new)

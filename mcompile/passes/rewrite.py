@@ -141,18 +141,19 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite, patterns: list[Pattern],
                   scaling: tuple[int, float], inlined: bool):
     kinds, p0, p1 = encode(patterns)
     with graph.inserting_before(site.node):
-        est = graph.call_function(torch.ops.mcompile.estimate_index.default,
-                                  (site.q, site.k, site.key_padding, kinds, p0, p1, site.scale, config.dense_below,
-                                   *scaling))
-        parts = [graph.call_function(operator.getitem, (est, i)) for i in range(INDEX_FIELDS)]
-        if inlined:
-            attn = graph.call_function(inline.sparse_attention,
-                                       (site.q, site.k, site.v, *parts, site.scale, config.dense_below))
+        if inlined:  # estimation happens inside (kernels/inline.py)
+            new = [graph.call_function(inline.sparse_attention, (site.q, site.k, site.v, kinds, p0, p1, site.scale,
+                                                                config.dense_below, *scaling))]
         else:
-            attn = graph.call_function(torch.ops.mcompile.sparse_attention.default,
-                                       (site.q, site.k, site.v, *parts, site.key_padding, site.scale,
-                                        config.dense_below))
-    for node in (est, *parts, attn):
+            est = graph.call_function(torch.ops.mcompile.estimate_index.default,
+                                      (site.q, site.k, site.key_padding, kinds, p0, p1, site.scale,
+                                       config.dense_below, *scaling))
+            parts = [graph.call_function(operator.getitem, (est, i)) for i in range(INDEX_FIELDS)]
+            new = [est, *parts, graph.call_function(torch.ops.mcompile.sparse_attention.default,
+                                                    (site.q, site.k, site.v, *parts, site.key_padding, site.scale,
+                                                     config.dense_below))]
+    attn = new[-1]
+    for node in new:
         for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
             if key in site.node.meta:
                 node.meta[key] = site.node.meta[key]
