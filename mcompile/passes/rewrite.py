@@ -5,6 +5,10 @@
     index = mcompile.estimate_index(q, k, padding, kinds, p0, p1, scale, dense_below)
     attn  = mcompile.sparse_attention(q, k, v, *index, padding, scale, dense_below)
 
+On CUDA, a whole prompt without key padding gets ``kernels.inline.sparse_attention`` instead
+(estimation and kernel inside a ``torch.cond`` that Inductor lowers into its own code); the
+report says which sites were inlined and why others were not.
+
 Per-head patterns come from the pattern database by layer (``nn_module_stack``) and head, or
 from the default pattern. Attentions that cannot be proven causal prefill stay as they are,
 with the reason in the report. Dead code (the O(N^2) mask, ``repeat_kv``, the eager softmax
