@@ -19,15 +19,17 @@ they close over into a tensor); ``mcompile::sparse_attention_kernel`` is a
 copies the Triton source into its output code and launches it from its wrapper, with no Python op
 in between, and lowers the dense branches' SDPA as it would for plain ``backend="inductor"``.
 
-Where it applies: whole prompts (query length == key length, known from the shapes), no key
-padding (the dense branch is plain causal SDPA), Inductor, and a device and dtype the Triton
-kernel supports (``capability``). Everything else keeps the opaque op. On a device without the
+Where it applies (``inline_reason``): whole prompts (query length == key length, known from the
+shapes), no key padding (the dense branch is plain causal SDPA), static head counts and head dims,
+a positive constant scale, and on CUDA a dtype and head dim the Triton kernel supports. By default
+(option ``inline_kernels``) only CUDA graphs are inlined. Everything else keeps the opaque op. On a device without the
 kernel (the CPU, in tests) the triton_op's body runs the PyTorch reference through the opaque op,
 so the graph structure is the same everywhere.
 
 Launch configuration: a traced launch is not autotuned (Inductor would tune once, at whatever
-length it sees first); ``INLINE_CONFIG`` holds what the autotuner of the opaque path chose on an
-H100 at 32K-1M tokens for head dims 64 and 128 (docs/BENCHMARKS.md).
+length it sees first). ``INLINE_CONFIG`` follows what the autotuner of the opaque path chose on an
+H100 for head dims 64 and 128 at 4K-128K: BLOCK_N 64 and 4 warps everywhere, 2 stages at most
+lengths, 3 at a few (docs/BENCHMARKS.md, "Inlined into Inductor").
 """
 
 from __future__ import annotations
