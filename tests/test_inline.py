@@ -86,6 +86,9 @@ def test_explain_reports_inlining_and_why_not():
     ids = _ids(300)
     e = mcompile.explain(tiny_llama("sdpa"), ids, options={**OPTS, "inline_kernels": True})
     assert all(s.inlined for s in e.sites) and "+inlined" in e.table()
+    # A short prompt calls no opaque op: estimation lives inside the conditional.
+    code = e.graph_code()
+    assert "mcompile_kernels_inline_sparse_attention(" in code and "estimate_index" not in code
     auto = mcompile.explain(tiny_llama("sdpa"), ids, options=OPTS)  # auto inlines on CUDA only
     assert not any(s.inlined for s in auto.sites)
     assert all(s.inline_reason.startswith("device cpu") for s in auto.sites)
