@@ -555,13 +555,12 @@ class TileAwareEstimator:
     def __init__(self, cand_factor: int = 4, local: int = LOCAL_DIAGONALS, sink: int = SINK_COLUMNS):
         self.cand_factor, self.local, self.sink, self.calls = cand_factor, local, sink, 0
 
-    def assemble(self, q, k, key_padding, kinds, p0, p1, scale, dense=False, vs_scores=vertical_slash_scores,
-                 capacity=None):
+    def assemble(self, q, k, key_padding, kinds, p0, p1, scale, vs_scores=vertical_slash_scores, capacity=None):
         from mcompile.kernels import estimate as est
 
-        if dense or key_padding is not None or any(int(x) != PatternKind.VERTICAL_SLASH for x in kinds) \
+        if key_padding is not None or any(int(x) != PatternKind.VERTICAL_SLASH for x in kinds) \
                 or len(set(p0)) > 1 or len(set(p1)) > 1 or q.shape[2] != k.shape[2]:
-            return self._orig(q, k, key_padding, kinds, p0, p1, scale, dense, vs_scores, capacity)
+            return self._orig(q, k, key_padding, kinds, p0, p1, scale, vs_scores, capacity)
         b, h = q.shape[:2]
         n = k.shape[2]
         r_cap, c_cap, _ = capacity if capacity is not None else est.index_capacity(n, kinds, p0, p1)

@@ -86,8 +86,19 @@ class Explanation:
                              f"{dens:>15}  {detail}")
         lines.append(f"{self.rewritten} of {len(self.sites)} attentions rewritten in {len(self.reports)} graph(s); "
                      f"pattern database: {', '.join(sorted({r.pattern_db for r in self.reports})) or '-'}")
+        lines.extend(self.inline_lines())
         lines.extend(self.memory_lines())
         return "\n".join(lines)
+
+    def inline_lines(self) -> list[str]:
+        """How the rewritten attentions reach Inductor (kernels/inline.py), one line per outcome:
+        inlined, or not with the reason."""
+        groups: dict = {}
+        for s in self.sites:
+            if s.rewritten:
+                what = "inlined into Inductor's code" if s.inlined else f"opaque op, not inlined: {s.inline_reason}"
+                groups.setdefault(what, []).append("?" if s.layer is None else str(s.layer))
+        return [f"layers {_ranges(layers)}: {what}" for what, layers in groups.items()]
 
     def memory_lines(self) -> list[str]:
         """What the memory passes did, one line per place they looked at (with the reason when
@@ -105,11 +116,12 @@ class Explanation:
         groups: dict = {}
         for s in self.sites:
             d = self.density(s, n)
-            what = (f"sparse{' (inlined)' if s.inlined else ''}: {_pattern_summary(s.patterns)} [{s.pattern_source}]"
+            what = (f"sparse: {_pattern_summary(s.patterns)} [{s.pattern_source}]"
                     + (f", ~{100 * d:.1f}% of causal pairs computed at {n} tokens" if d is not None else "")
                     if s.rewritten else f"dense: {s.reason}")
             groups.setdefault(what, []).append("?" if s.layer is None else str(s.layer))
         lines = [f"layers {_ranges(layers)}: {what}" for what, layers in groups.items()]
+        lines.extend(self.inline_lines())
         lines.append(f"{self.rewritten} of {len(self.sites)} attentions rewritten in {len(self.reports)} graph(s)")
         return "\n".join(lines)
 

@@ -39,16 +39,15 @@ class Activation(str, enum.Enum):
 ACTIVATIONS = tuple(a.value for a in Activation)
 
 
+def _act(g: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == Activation.SILU:
+        return F.silu(g)
+    return F.gelu(g, approximate="tanh" if activation == Activation.GELU_TANH else "none")
+
+
 def act_mul_ref(g: torch.Tensor, u: torch.Tensor, activation: str) -> torch.Tensor:
     """act(g) * u, computed in fp32 and rounded once (as Inductor's fused kernel does)."""
-    gf, uf = g.float(), u.float()
-    if activation == Activation.SILU:
-        y = F.silu(gf)
-    elif activation == Activation.GELU_TANH:
-        y = F.gelu(gf, approximate="tanh")
-    else:
-        y = F.gelu(gf)
-    return (y * uf).to(g.dtype)
+    return (_act(g.float(), activation) * u.float()).to(g.dtype)
 
 
 @functools.lru_cache(maxsize=1)
@@ -109,50 +108,29 @@ def _(x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation, chunk):
     return x.new_empty(*x.shape[:-1], w_down.shape[0])
 
 
-def _act(g: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == Activation.SILU:
-        return F.silu(g)
-    return F.gelu(g, approximate="tanh" if activation == Activation.GELU_TANH else "none")
-
-
 def gated_mlp(x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation: str, chunk: int) -> torch.Tensor:
     """What the memory pass puts in the graph: ``chunked_mlp`` when x holds more than ``chunk``
     tokens, else the MLP as written (``down(act(gate(x)) * up(x))``), which Inductor lowers and
     fuses as it would without the pass, with no opaque op on a short prompt's path. The choice is
-    a ``cond`` on the symbolic token count: no guard, one graph. As in kernels/inline.py, x crosses
-    the cond flat (one layout) and the branches get the symbolic sizes as operands."""
-    from torch._higher_order_ops.cond import cond_op
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
+    a conditional on the symbolic token count (``conditional.flat_cond``): no guard, one graph."""
+    from .conditional import flat_cond
 
-    lead, hidden = tuple(x.shape[:-1]), x.shape[-1]
-    tokens = x.numel() // hidden
-    symbolic = [isinstance(s, torch.SymInt) for s in lead]
-    sizes = tuple(s for s, sym in zip(lead, symbolic) if sym)
-    biases = [t for t in (b_gate, b_up, b_down) if t is not None]
-    operands = (*sizes, x.clone(memory_format=torch.contiguous_format).view(-1), w_gate, w_up, w_down, *biases)
+    biases = tuple(t for t in (b_gate, b_up, b_down) if t is not None)
 
-    def split(args):
-        given = iter(args[:len(sizes)])
-        shape = tuple(next(given) if sym else s for s, sym in zip(lead, symbolic))
-        xf, wg, wu, wd, *bs = args[len(sizes):]
+    def weights(rest):
+        wg, wu, wd, *bs = rest
         bs = iter(bs)
-        bg, bu, bd = (next(bs) if t is not None else None for t in (b_gate, b_up, b_down))
-        return xf.view(*shape, hidden), wg, wu, wd, bg, bu, bd
+        return (wg, wu, wd, *(next(bs) if t is not None else None for t in (b_gate, b_up, b_down)))
 
-    def plain(*args):
-        x, wg, wu, wd, bg, bu, bd = split(args)
-        return (F.linear(_act(F.linear(x, wg, bg), activation) * F.linear(x, wu, bu), wd, bd),)
+    def plain(x, *rest):
+        wg, wu, wd, bg, bu, bd = weights(rest)
+        return F.linear(_act(F.linear(x, wg, bg), activation) * F.linear(x, wu, bu), wd, bd)
 
-    def chunked(*args):
-        x, wg, wu, wd, bg, bu, bd = split(args)
-        return (torch.ops.mcompile.chunked_mlp(x, wg, wu, wd, bg, bu, bd, activation, chunk),)
+    def chunked(x, *rest):
+        return torch.ops.mcompile.chunked_mlp(x, *weights(rest), activation, chunk)
 
-    many = tokens > chunk
-    if statically_known_true(many):
-        return chunked(*operands)[0]
-    if statically_known_true(tokens <= chunk):
-        return plain(*operands)[0]
-    return cond_op(many, chunked, plain, operands)[0]
+    tokens = x.numel() // x.shape[-1]
+    return flat_cond(tokens > chunk, chunked, plain, (x,), (w_gate, w_up, w_down, *biases))
 
 
 def mlp_ref(x, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None, activation: str = "silu"):

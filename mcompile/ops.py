@@ -58,6 +58,17 @@ def too_dense(index: SparseIndex, n: int, on_cuda: bool) -> Optional[float]:
     return fraction if fraction > DENSE_ABOVE_FRACTION else None
 
 
+def dense_by_fraction(index: SparseIndex, n: int, on_cuda: bool) -> bool:
+    """``too_dense``, logged and counted (``counters["mcompile"]["dense_by_fraction"]``) when it fires."""
+    fraction = too_dense(index, n, on_cuda)
+    if fraction is None:
+        return False
+    counters["mcompile"]["dense_by_fraction"] += 1
+    log.info("mcompile: sparse index covers %.0f%% of the causal pairs at N=%d (> %.0f%%): dense attention is "
+             "faster, running it", 100 * fraction, n, 100 * DENSE_ABOVE_FRACTION)
+    return True
+
+
 def runs_dense(nq: int, nk: int, dense_below: int) -> bool:
     """Whether the ops take the dense path: context shorter than ``dense_below`` (``nk``, the
     key length: the prompt, or cached prefix + chunk), or a short chunk after a cached prefix."""
@@ -101,7 +112,7 @@ def estimate_index(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch
         return _index_buffers(q, n, capacity)
     p0, p1 = scale_lists(kinds, p0, p1, n, budget_length, budget_exponent)
     impl = dispatch.estimate_impl(q)
-    return tuple(impl(q, k, key_padding, kinds, p0, p1, scale, dense=False, capacity=capacity))
+    return tuple(impl(q, k, key_padding, kinds, p0, p1, scale, capacity=capacity))
 
 
 def _index_buffers(q: torch.Tensor, n, capacity) -> tuple:
@@ -163,11 +174,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: to
     if runs_dense(q.shape[2], k.shape[2], dense_below):
         return dense_attention(q, k, v, scale, key_padding)
     index = SparseIndex(runs, run_count, diag_prefix, columns, column_count, blocks, block_count)
-    fraction = too_dense(index, k.shape[2], q.is_cuda)
-    if fraction is not None:
-        counters["mcompile"]["dense_by_fraction"] += 1
-        log.info("mcompile: sparse index covers %.0f%% of the causal pairs at N=%d (> %.0f%%): dense attention is "
-                 "faster, running it", 100 * fraction, k.shape[2], 100 * DENSE_ABOVE_FRACTION)
+    if dense_by_fraction(index, k.shape[2], q.is_cuda):
         return dense_attention(q, k, v, scale, key_padding)
     return dispatch.attention_impl(q)(q, k, v, index, scale, key_padding)
 

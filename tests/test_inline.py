@@ -89,9 +89,11 @@ def test_explain_reports_inlining_and_why_not():
     # A short prompt calls no opaque op: estimation lives inside the conditional.
     code = e.graph_code()
     assert "mcompile_kernels_inline_sparse_attention(" in code and "estimate_index" not in code
+    assert "inlined into Inductor's code" in e.summary()
     auto = mcompile.explain(tiny_llama("sdpa"), ids, options=OPTS)  # auto inlines on CUDA only
     assert not any(s.inlined for s in auto.sites)
     assert all(s.inline_reason.startswith("device cpu") for s in auto.sites)
+    assert "not inlined: device cpu" in auto.summary() and "not inlined: device cpu" in auto.table()
     mask = torch.ones(1, 300, dtype=torch.long)
     mask[0, :5] = 0
     padded = mcompile.explain(tiny_llama("sdpa"), ids, attention_mask=mask, options={**OPTS, "inline_kernels": True})

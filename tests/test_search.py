@@ -84,7 +84,7 @@ def test_formulas_match_the_kernel_work(n, pattern):
 def test_solve_budget_inverts_the_formula():
     n, target = 8192, 0.3 * causal_pairs(8192)
     for kind, share in ((A, 0.2), (VS, 0.25), (BS, 0.0)):
-        b = solve_budget(kind, n, target, sink_share=share, vertical_share=share)
+        b = solve_budget(kind, n, target, share=share)
         if kind == BS:
             p = Pattern(BS, round(b))
         else:

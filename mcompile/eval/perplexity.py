@@ -62,12 +62,12 @@ def window_nll(decoder, head, ids: torch.Tensor, first: int) -> tuple[float, int
     """Summed NLL of ``ids[0, first:]`` given everything before, and the count."""
     with torch.no_grad():
         hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state  # (1, W, hidden)
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=ids.device)
         for r0 in range(first - 1, ids.shape[1] - 1, LOGIT_ROWS):
             r1 = min(ids.shape[1] - 1, r0 + LOGIT_ROWS)
             logits = head(hidden[:, r0:r1]).float()  # (1, rows, vocab), predicting tokens r0+1 .. r1
-            total += F.cross_entropy(logits[0], ids[0, r0 + 1:r1 + 1], reduction="sum").item()
-    return total, ids.shape[1] - first
+            total += F.cross_entropy(logits[0], ids[0, r0 + 1:r1 + 1], reduction="sum").double()
+    return total.item(), ids.shape[1] - first  # one host read per window
 
 
 def perplexity(model, tokens: list[int], window: int, stride: int, device: str = "cpu",

@@ -178,12 +178,11 @@ def _forced_columns(key_padding: Optional[torch.Tensor], n: int, device) -> tupl
 
 def assemble_index(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch.Tensor],
                    kinds: Sequence[int], p0: Sequence[int], p1: Sequence[int], scale: float,
-                   dense: bool = False, vs_scores: Callable = vertical_slash_scores,
+                   vs_scores: Callable = vertical_slash_scores,
                    capacity: Optional[tuple] = None) -> SparseIndex:
     """Sparse index of every head of a layer. q (B, H, Nq, D), k (B, Hk, N, D), key_padding (B, N);
     Nq <= N (a chunk after a cached prefix; the index is over N, index.py).
 
-    ``dense=True`` returns the dense index (every head one run over all diagonals).
     ``vs_scores(q, k, key_padding, scale, heads)`` computes the vertical-slash scores; the rest
     is shared by every implementation. Per-head tables are built on the host from the pattern
     lists: no host sync, no loop over heads. ``capacity`` (R, C, KB) sizes the index when the
@@ -195,7 +194,7 @@ def assemble_index(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch
     dev = q.device
     r_cap, c_cap, kb_cap = capacity if capacity is not None else index_capacity(n, kinds, p0, p1)
     nb = num_blocks(n)
-    kinds_l = [int(PatternKind.DENSE)] * h if dense else [int(x) for x in kinds]
+    kinds_l = [int(x) for x in kinds]
     heads_of = {kd: [i for i, x in enumerate(kinds_l) if x == kd] for kd in PatternKind}
 
     # Dense: one run over every diagonal. A-shape: ``sink`` columns and one run of ``local`` diagonals.
@@ -245,7 +244,7 @@ def assemble_index(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch
                        column_counts(columns, n), blocks, block_count)
 
 
-def estimate_index_ref(q, k, key_padding, kinds, p0, p1, scale: float, dense: bool = False,
+def estimate_index_ref(q, k, key_padding, kinds, p0, p1, scale: float,
                        capacity: Optional[tuple] = None) -> SparseIndex:
     """The pure-PyTorch estimation (CPU path and reference)."""
-    return assemble_index(q, k, key_padding, kinds, p0, p1, scale, dense, vertical_slash_scores, capacity)
+    return assemble_index(q, k, key_padding, kinds, p0, p1, scale, vertical_slash_scores, capacity)

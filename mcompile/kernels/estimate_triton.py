@@ -238,8 +238,8 @@ def _check(q, k, key_padding, kinds, p0, p1):
 
 def estimate_index_triton(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch.Tensor],
                           kinds: Sequence[int], p0: Sequence[int], p1: Sequence[int],
-                          scale: float, dense: bool = False, capacity: Optional[tuple] = None) -> SparseIndex:
+                          scale: float, capacity: Optional[tuple] = None) -> SparseIndex:
     """Same contract and result as ``estimate_index_ref``; vertical-slash scores come from the
     fused kernels above, the index assembly is the shared one."""
     _check(q, k, key_padding, kinds, p0, p1)
-    return assemble_index(q, k, key_padding, kinds, p0, p1, scale, dense, vertical_slash_scores_triton, capacity)
+    return assemble_index(q, k, key_padding, kinds, p0, p1, scale, vertical_slash_scores_triton, capacity)

@@ -12,9 +12,8 @@ invisible to Inductor: the kernel launch is a call into Python. Where the rewrit
                             sparse: mcompile::sparse_attention_kernel   (triton_op)
                dense:  SDPA(is_causal))
 
-AOTAutograd traces both branches (``cond_op``, the operator behind ``torch.cond``, called
-directly: ``torch.cond`` would trace the branches with Dynamo, which turns the float softmax scale
-they close over into a tensor); ``mcompile::sparse_attention_kernel`` is a
+AOTAutograd traces both branches (``conditional.flat_cond``: ``torch.cond`` with the workarounds
+it needs); ``mcompile::sparse_attention_kernel`` is a
 ``torch.library.triton_op`` whose body launches the kernel through ``wrap_triton``, so Inductor
 copies the Triton source into its output code and launches it from its wrapper, with no Python op
 in between, and lowers the dense branches' SDPA as it would for plain ``backend="inductor"``.
@@ -34,20 +33,16 @@ lengths, 3 at a few (docs/BENCHMARKS.md, "Inlined into Inductor").
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
 import torch.nn.functional as F
-from torch._dynamo.utils import counters
-from torch._higher_order_ops.cond import cond_op
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import ops
+from ..conditional import flat_cond
 from ..index import SparseIndex
 from ..patterns import DEFAULT_BUDGET_EXPONENT
-
-log = logging.getLogger(__name__)
 
 # Key tile width, warps and pipeline stages of the inlined launch (module docstring).
 INLINE_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
@@ -84,15 +79,10 @@ def sparse_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
 def dense_check(runs: torch.Tensor, run_count: torch.Tensor, column_count: torch.Tensor,
                 block_count: torch.Tensor, n: int) -> torch.Tensor:
     """0-dim bool tensor: True when the index covers so many pairs that dense attention is faster
-    (``ops.too_dense``; logged and counted as ``dense_by_fraction``, like the opaque op does)."""
+    (``ops.dense_by_fraction``, the opaque op's check, logged and counted the same way)."""
     empty = runs.new_empty(0)
     index = SparseIndex(runs, run_count, empty, empty, column_count, empty, block_count)
-    fraction = ops.too_dense(index, n, runs.is_cuda)
-    if fraction is not None:
-        counters["mcompile"]["dense_by_fraction"] += 1
-        log.info("mcompile: sparse index covers %.0f%% of the causal pairs at N=%d (> %.0f%%): dense attention is "
-                 "faster, running it", 100 * fraction, n, 100 * ops.DENSE_ABOVE_FRACTION)
-    return torch.tensor(fraction is not None, device=runs.device)
+    return torch.tensor(ops.dense_by_fraction(index, n, runs.is_cuda), device=runs.device)
 
 
 @dense_check.register_fake
@@ -108,56 +98,27 @@ def _causal(q, k, v, scale):
 def sparse_attention(q, k, v, kinds: list[int], p0: list[int], p1: list[int], scale: float, dense_below: int,
                      budget_length: int = 0, budget_exponent: float = DEFAULT_BUDGET_EXPONENT) -> torch.Tensor:
     """``ops.estimate_index`` + ``ops.sparse_attention`` for a whole prompt without key padding,
-    as conditionals the compiler traces (module docstring). Same result as the opaque ops; the
-    estimation runs inside the sparse branch, so a prompt below ``dense_below`` calls no opaque op."""
+    as conditionals the compiler traces (module docstring; ``conditional.flat_cond``). Same
+    result as the opaque ops; the estimation runs inside the sparse branch, so a prompt below
+    ``dense_below`` calls no opaque op."""
     n = k.shape[2]
-    # cond's lowering realises its operands in a layout of its choosing, while the branch graphs
-    # were traced with the operands' own strides (q and k are transposed views): a mismatch the
-    # branches' input checks reject. A 1-D tensor has one layout, so q, k, v cross the cond flat
-    # and are viewed back inside. They are fresh copies, so that no operand aliases another (q, k
-    # and v may be views of one fused projection); the copy fuses into the RoPE that produces q
-    # and k, v costs one copy of the KV heads. The branch graphs are traced on their own and may
-    # use only sizes they are handed: batch and N cross as operands (the generated code binds its
-    # size symbols from them); heads and head dims are constants (``inline_reason``).
-    b, h, hk, d, dv = q.shape[0], q.shape[1], k.shape[1], q.shape[3], v.shape[3]
-    symbolic = [isinstance(x, torch.SymInt) for x in (b, n)]  # static sizes stay constants
-    sizes = tuple(x for x, sym in zip((b, n), symbolic) if sym)
-    flat = tuple(x.clone(memory_format=torch.contiguous_format).view(-1) for x in (q, k, v))
-    operands = (*sizes, *flat)
 
-    def split(args):
-        """(b, n, q, k, v, index tensors) from a branch's operands."""
-        given = iter(args[:len(sizes)])
-        b_, n_ = (next(given) if sym else x for x, sym in zip((b, n), symbolic))
-        qf, kf, vf, *index = args[len(sizes):]
-        return b_, n_, qf.view(b_, h, n_, d), kf.view(b_, hk, n_, d), vf.view(b_, hk, n_, dv), index
+    def dense(q, k, v, *index):
+        return _causal(q, k, v, scale)
 
-    # Branches return 1-tuples: the form cond's lowering expects.
-    def dense(*args):
-        _, _, q, k, v, _ = split(args)
-        return (_causal(q, k, v, scale),)
+    def kernel(q, k, v, *index):
+        return torch.ops.mcompile.sparse_attention_kernel(q, k, v, *index, scale)
 
-    def kernel(*args):
-        _, _, q, k, v, index = split(args)
-        return (torch.ops.mcompile.sparse_attention_kernel(q, k, v, *index, scale),)
-
-    def sparse(*args):
-        _, n_, q, k, _, _ = split(args)
+    def sparse(q, k, v):
         index = torch.ops.mcompile.estimate_index(q, k, None, kinds, p0, p1, scale, 0, budget_length,
                                                   budget_exponent)
-        args = (*args, *index)
         if q.device.type != "cuda":  # the check never fires off CUDA (ops.too_dense)
-            return kernel(*args)
+            return kernel(q, k, v, *index)
         runs, run_count, _, _, column_count, _, block_count = index
-        check = torch.ops.mcompile.dense_check(runs, run_count, column_count, block_count, n_)
-        return cond_op(check, dense, kernel, args)
+        check = torch.ops.mcompile.dense_check(runs, run_count, column_count, block_count, k.shape[2])
+        return flat_cond(check, dense, kernel, (q, k, v), index, copy=False)  # q, k, v: operands already
 
-    use_sparse = n >= dense_below
-    if statically_known_true(use_sparse):
-        return sparse(*operands)[0]
-    if statically_known_true(n < dense_below):
-        return dense(*operands)[0]
-    return cond_op(use_sparse, sparse, dense, operands)[0]
+    return flat_cond(n >= dense_below, sparse, dense, (q, k, v))
 
 
 def inline_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding, scale) -> str | None:

@@ -414,7 +414,7 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     if block_n is not None and block_n not in (64, 128):
         raise ValueError(f"block_n must be 64 or 128, got {block_n}")
     b, h, nq, d = q.shape
-    hk, n, dv = k.shape[1], k.shape[2], v.shape[-1]
+    n, dv = k.shape[2], v.shape[-1]
     dp, dvp = padded_head_dim(d), padded_head_dim(dv)
     if dp != d or dvp != dv:
         out = sparse_attention_triton(pad_head_dim(q, dp), pad_head_dim(k, dp), pad_head_dim(v, dvp), index,

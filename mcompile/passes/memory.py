@@ -40,6 +40,8 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from .. import memory_ops  # noqa: F401  (registers torch.ops.mcompile.chunked_mlp)
 from ..config import Logits, MInferenceConfig
 from ..memory_ops import Activation
+from .mask_proof import _same
+from .match import _module_info
 from .nodes import example, target_name
 from .rewrite import erase_dead
 
@@ -76,8 +78,7 @@ class MemoryReport:
 
 
 def _module_path(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    return str(list(stack.values())[-1][0]) if stack else ""
+    return str(_module_info(node)[1])
 
 
 def _is_linear(node: fx.Node) -> bool:
@@ -257,12 +258,6 @@ def _sequence_lengths(graph: fx.Graph) -> list:
                                              or (ex.dim() == 3 and ex.is_floating_point())):
             lengths.append(ex.shape[1])
     return lengths
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
-        return isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt) and a.node.expr == b.node.expr
-    return a == b
 
 
 def find_quadratic(gm: fx.GraphModule) -> list[MemorySite]:

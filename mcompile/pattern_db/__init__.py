@@ -226,8 +226,9 @@ def load(name_or_path: str | os.PathLike, model: Optional[ModelFingerprint] = No
 
 def save(db: PatternDB, path: str | os.PathLike) -> None:
     """Write ``db`` as JSON (the one writer); it reads back equal through ``load``."""
-    from_json(db.to_json())  # never write what the loader would refuse
-    Path(path).write_text(json.dumps(db.to_json(), indent=1) + "\n")
+    data = db.to_json()
+    from_json(data)  # never write what the loader would refuse
+    Path(path).write_text(json.dumps(data, indent=1) + "\n")
 
 
 # Shipped databases that ``pattern_db="auto"`` may pick on its own. A database qualifies once it

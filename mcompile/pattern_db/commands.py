@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import time
 from pathlib import Path
 
 import torch
 
 from ..patterns import PatternKind
-
-log = logging.getLogger(__name__)
 
 MODELS = ("smollm2", "tiny")
 TINY_SEED = 0  # random token ids of the tiny test model (it has no tokenizer)

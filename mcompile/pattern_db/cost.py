@@ -104,8 +104,7 @@ def expected_density(pattern: Pattern, n: int) -> float:
     return min(1.0, pattern_pairs(pattern, n) / causal_pairs(n))
 
 
-def solve_budget(kind: PatternKind, n: int, target: float, sink_share: float = 0.0,
-                 vertical_share: float = 0.0) -> float:
+def solve_budget(kind: PatternKind, n: int, target: float, share: float = 0.0) -> float:
     """The total budget (tokens; blocks for block-sparse) whose formula cost at length ``n`` is
     ``target`` pairs: ``sink = share * B, local = (1 - share) * B`` for A-shape,
     ``vertical = share * B, slash = (1 - share) * B`` for vertical-slash. Real-valued; the
@@ -118,7 +117,6 @@ def solve_budget(kind: PatternKind, n: int, target: float, sink_share: float = 0
         params = {symbols[1]: budget}
         upper = num_blocks(n)
     else:
-        share = sink_share if kind == PatternKind.A_SHAPE else vertical_share
         params = {symbols[1]: share * budget, symbols[2]: (1 - share) * budget}
         upper = 2 * n
     equation = sp.expand(expr.subs(params).subs(symbols[0], n) - target)

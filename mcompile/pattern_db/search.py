@@ -91,7 +91,7 @@ class Candidate:
         return Pattern(self.kind, sink, max(1, budget - sink))
 
     def initial_budget(self, n: int, target: float) -> int:
-        b = solve_budget(self.kind, n, target, sink_share=self.share, vertical_share=self.share)
+        b = solve_budget(self.kind, n, target, share=self.share)
         lo, hi = self.bounds(n)
         return min(hi, max(lo, round(b)))
 
@@ -175,7 +175,8 @@ def fit_candidate(candidate: Candidate, q: torch.Tensor, k: torch.Tensor, scale:
     best_err = torch.full((h,), math.inf, dtype=torch.float64)
     for _ in range(FIT_STEPS):
         patterns = [candidate.pattern(int(b)) for b in budget]
-        cost = kernel_pairs(assemble_index(q, k, None, *encode(patterns), scale, vs_scores=vs_scores), n)[0]
+        index = assemble_index(q, k, None, *encode(patterns), scale, vs_scores=vs_scores)
+        cost = kernel_pairs(index, n)[0].cpu()  # the fit's state lives on the host, whatever q's device
         err = (cost - target).abs()
         improved = err < best_err
         best, best_err = torch.where(improved, budget, best), torch.where(improved, err, best_err)
