@@ -9,10 +9,13 @@ plus ``options=`` or ``mode=`` when the user gave one.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 from typing import Callable, Optional
 
 import torch
+from torch._dynamo.utils import counters
 
 from .config import Compiler, MInferenceConfig
 from .passes.memory import MemoryReport, apply_memory_passes
@@ -42,12 +45,39 @@ def minference_backend(gm: torch.fx.GraphModule, example_inputs, options: Option
     logits, chunked MLP; passes/memory.py), Inductor for everything."""
     config = MInferenceConfig.from_options(options, mode)
     grad = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
+    # Inlined attention (kernels/inline.py) leans on torch.cond's lowering, which changes between
+    # torch releases: when it was chosen automatically and the compile fails, compile again with
+    # the opaque ops (same results), saying why, rather than failing the user's model.
+    original = None
+    if config.inline_kernels is None:
+        try:
+            original = copy.deepcopy(gm)
+        except Exception as exc:  # a graph that cannot be copied compiles without the safety net
+            log.debug("mcompile: graph not copied for the inline fallback: %s", exc)
     report = rewrite_attention(gm, config, grad_enabled=grad)
+    memory = apply_memory_passes(gm, config, grad_enabled=grad)
+    try:
+        compiled = compile_graph(gm, example_inputs, config)
+    except torch._dynamo.exc.TensorifyScalarRestartAnalysis:
+        raise  # Dynamo's own restart, not a failure
+    except Exception as exc:
+        if original is None or not any(s.inlined for s in report.sites):
+            raise
+        log.warning("mcompile: compiling the inlined sparse attention failed (%s: %s); compiling with the opaque "
+                    "ops instead (inline_kernels=False)", type(exc).__name__, str(exc).splitlines()[0][:200])
+        counters["mcompile"]["inline_failed"] += 1
+        config = dataclasses.replace(config, inline_kernels=False)
+        gm = original
+        report = rewrite_attention(gm, config, grad_enabled=grad)
+        reason = f"the inlined compile failed ({type(exc).__name__})"
+        report = dataclasses.replace(report, sites=tuple(
+            dataclasses.replace(s, inline_reason=reason) if s.rewritten else s for s in report.sites))
+        memory = apply_memory_passes(gm, config, grad_enabled=grad)
+        compiled = compile_graph(gm, example_inputs, config)
     log.info("mcompile: %d of %d attentions rewritten (pattern database: %s)", report.rewritten,
              len(report.sites), report.pattern_db)
     if report_sink is not None:
         report_sink(report)
-    memory = apply_memory_passes(gm, config, grad_enabled=grad)
     if memory_sink is not None:
         memory_sink(memory)
-    return compile_graph(gm, example_inputs, config)
+    return compiled

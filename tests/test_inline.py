@@ -120,3 +120,37 @@ def test_inline_reason_needs_whole_prompt_and_constant_scale():
     assert inline.inline_reason(q, k, v, None, 0.25) is None
     assert "prefix" in inline.inline_reason(q[:, :, -70:], k, v, None, 0.25)
     assert "scale" in inline.inline_reason(q, k, v, None, -1.0)
+
+
+def test_failed_inlined_compile_falls_back_to_the_opaque_ops(monkeypatch):
+    """Auto-inlining depends on torch.cond's lowering: if compiling it fails, the backend compiles
+    the opaque ops instead, says why in the report and counts it, and the model still runs."""
+    import functools
+
+    from mcompile.backend import minference_backend
+    from mcompile.passes import rewrite
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("simulated lowering failure")
+
+    # Inline on the CPU as auto would on CUDA; the inlined attention fails to trace.
+    monkeypatch.setattr(rewrite, "inline_decision", lambda site, config: (config.inline_kernels is not False, ""))
+    monkeypatch.setattr(inline, "sparse_attention", fail)
+    reports = []
+    model = tiny_llama("sdpa")
+    backend = functools.partial(minference_backend, options=OPTS, report_sink=reports.append)
+    compiled = torch.compile(model, backend=backend)
+    ids = _ids(300)
+    with torch.no_grad():
+        out = compiled(ids, use_cache=False).logits
+    ref = torch.compile(model, backend="minference", options={**OPTS, "inline_kernels": False})
+    with torch.no_grad():
+        torch.testing.assert_close(out, ref(ids, use_cache=False).logits)
+    assert counters["mcompile"]["inline_failed"] >= 1
+    site = reports[-1].sites[0]
+    assert site.rewritten and not site.inlined and "inlined compile failed (RuntimeError)" in site.inline_reason
+    # Asked for explicitly, the failure is the user's to see.
+    torch._dynamo.reset()
+    forced = torch.compile(model, backend="minference", options={**OPTS, "inline_kernels": True})
+    with pytest.raises(Exception, match="simulated lowering failure"), torch.no_grad():
+        forced(ids, use_cache=False)

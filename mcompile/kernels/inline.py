@@ -21,7 +21,8 @@ in between, and lowers the dense branches' SDPA as it would for plain ``backend=
 Where it applies (``inline_reason``): whole prompts (query length == key length, known from the
 shapes), no key padding (the dense branch is plain causal SDPA), static head counts and head dims,
 a positive constant scale, and on CUDA a dtype and head dim the Triton kernel supports. By default
-(option ``inline_kernels``) only CUDA graphs are inlined. Everything else keeps the opaque op. On a device without the
+(option ``inline_kernels``) only CUDA graphs are inlined. Everything else keeps the opaque op, as
+does a graph whose inlined compile fails (backend.py compiles it again with the opaque ops). On a device without the
 kernel (the CPU, in tests) the triton_op's body runs the PyTorch reference through the opaque op,
 so the graph structure is the same everywhere.
 
