@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import torch
 from torch._dynamo.utils import counters
 
+from .conditional import shared_regions
 from .config import Compiler, MInferenceConfig
 from .passes.memory import MemoryReport, apply_memory_passes
 from .passes.rewrite import RewriteReport, rewrite_attention
@@ -45,9 +46,10 @@ def minference_backend(gm: torch.fx.GraphModule, example_inputs, options: Option
     logits, chunked MLP; passes/memory.py), Inductor for everything."""
     config = MInferenceConfig.from_options(options, mode)
     grad = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
-    # Inlined attention (kernels/inline.py) leans on torch.cond's lowering, which changes between
-    # torch releases: when it was chosen automatically and the compile fails, compile again with
-    # the opaque ops (same results), saying why, rather than failing the user's model.
+    # Inlined attention (kernels/inline.py) and the MLP pass lean on torch.cond's and
+    # invoke_subgraph's lowering, which change between torch releases: when inlining was chosen
+    # automatically and the compile fails, compile again with the opaque ops and without shared
+    # regions (same results), saying why, rather than failing the user's model.
     original = None
     if config.inline_kernels is None:
         try:
@@ -61,10 +63,11 @@ def minference_backend(gm: torch.fx.GraphModule, example_inputs, options: Option
     except torch._dynamo.exc.TensorifyScalarRestartAnalysis:
         raise  # Dynamo's own restart, not a failure
     except Exception as exc:
-        if original is None or not any(s.inlined for s in report.sites):
+        if original is None or not (any(s.inlined for s in report.sites) or memory.applied("chunked_mlp")):
             raise
         log.warning("mcompile: compiling the inlined sparse attention failed (%s: %s); compiling with the opaque "
-                    "ops instead (inline_kernels=False)", type(exc).__name__, str(exc).splitlines()[0][:200])
+                    "ops and without shared regions instead (inline_kernels=False)", type(exc).__name__,
+                    str(exc).splitlines()[0][:200])
         counters["mcompile"]["inline_failed"] += 1
         config = dataclasses.replace(config, inline_kernels=False)
         gm = original
@@ -72,8 +75,9 @@ def minference_backend(gm: torch.fx.GraphModule, example_inputs, options: Option
         reason = f"the inlined compile failed ({type(exc).__name__})"
         report = dataclasses.replace(report, sites=tuple(
             dataclasses.replace(s, inline_reason=reason) if s.rewritten else s for s in report.sites))
-        memory = apply_memory_passes(gm, config, grad_enabled=grad)
-        compiled = compile_graph(gm, example_inputs, config)
+        with shared_regions(False):
+            memory = apply_memory_passes(gm, config, grad_enabled=grad)
+            compiled = compile_graph(gm, example_inputs, config)
     log.info("mcompile: %d of %d attentions rewritten (pattern database: %s)", report.rewritten,
              len(report.sites), report.pattern_db)
     if report_sink is not None:

@@ -43,9 +43,42 @@ def stdlib_docs() -> str:
     return "\n\n".join(parts)
 
 
-def haystack(tokenizer, tokens: int, offset: int = 0) -> list[int]:
-    """``tokens`` token ids of real text (stdlib documentation), starting ``offset`` tokens in."""
-    ids = _tokenized(tokenizer)
+# Packages whose documentation is calibration text: real technical English like the standard
+# library's, but a different text, so what is tuned on it is never scored on the evaluation text.
+CALIBRATION_PACKAGES = ("torch", "torch.nn", "torch.nn.functional", "torch.optim", "torch.utils.data",
+                        "torch.distributions", "torch.fx", "torch.autograd", "torch.linalg", "torch.fft")
+
+
+@functools.lru_cache(maxsize=1)
+def calibration_docs() -> str:
+    """Docstrings of PyTorch's public modules, classes and functions, in a fixed order: text for
+    calibrating patterns that the evaluation (``stdlib_docs``) never scores."""
+    parts = []
+    seen = set()
+    for name in CALIBRATION_PACKAGES:
+        try:
+            mod = importlib.import_module(name)
+        except Exception:
+            continue
+        doc = inspect.getdoc(mod)
+        if doc and len(doc) > 200:
+            parts.append(doc)
+        for attr in sorted(a for a in dir(mod) if not a.startswith("_")):
+            obj = getattr(mod, attr, None)
+            if obj is None or id(obj) in seen or not (inspect.isclass(obj) or inspect.isfunction(obj)
+                                                      or inspect.isbuiltin(obj)):
+                continue
+            seen.add(id(obj))
+            d = inspect.getdoc(obj)
+            if d and len(d) > 200:
+                parts.append(d)
+    return "\n\n".join(parts)
+
+
+def haystack(tokenizer, tokens: int, offset: int = 0, source: str = "stdlib") -> list[int]:
+    """``tokens`` token ids of real text, starting ``offset`` tokens in: the standard library's
+    documentation (``source="stdlib"``, the evaluation text) or PyTorch's (``"calibration"``)."""
+    ids = _tokenized(tokenizer) if source == "stdlib" else _tokenized_calibration(tokenizer)
     if offset + tokens > len(ids):
         reps = (offset + tokens) // len(ids) + 1
         ids = ids * reps
@@ -55,3 +88,8 @@ def haystack(tokenizer, tokens: int, offset: int = 0) -> list[int]:
 @functools.lru_cache(maxsize=4)
 def _tokenized(tokenizer) -> list[int]:
     return tokenizer(stdlib_docs(), add_special_tokens=False)["input_ids"]
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenized_calibration(tokenizer) -> list[int]:
+    return tokenizer(calibration_docs(), add_special_tokens=False)["input_ids"]

@@ -113,14 +113,15 @@ def gated_mlp(x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation: str, ch
     tokens, else the MLP as written (``down(act(gate(x)) * up(x))``), which Inductor lowers and
     fuses as it would without the pass, with no opaque op on a short prompt's path. The choice is
     a conditional on the symbolic token count (``conditional.flat_cond``): no guard, one graph."""
-    from .conditional import flat_cond
+    from .conditional import flat_cond, shared_region
 
+    has_bias = tuple(t is not None for t in (b_gate, b_up, b_down))
     biases = tuple(t for t in (b_gate, b_up, b_down) if t is not None)
 
     def weights(rest):
         wg, wu, wd, *bs = rest
         bs = iter(bs)
-        return (wg, wu, wd, *(next(bs) if t is not None else None for t in (b_gate, b_up, b_down)))
+        return (wg, wu, wd, *(next(bs) if h else None for h in has_bias))
 
     def plain(x, *rest):
         wg, wu, wd, bg, bu, bd = weights(rest)
@@ -129,8 +130,11 @@ def gated_mlp(x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation: str, ch
     def chunked(x, *rest):
         return torch.ops.mcompile.chunked_mlp(x, *weights(rest), activation, chunk)
 
-    tokens = x.numel() // x.shape[-1]
-    return flat_cond(tokens > chunk, chunked, plain, (x,), (w_gate, w_up, w_down, *biases))
+    def mlp(x, *rest):
+        tokens = x.numel() // x.shape[-1]
+        return flat_cond(tokens > chunk, chunked, plain, (x,), rest)
+
+    return shared_region("gated_mlp", mlp, (x, w_gate, w_up, w_down, *biases), (activation, chunk, has_bias))
 
 
 def mlp_ref(x, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None, activation: str = "silu"):

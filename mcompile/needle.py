@@ -23,11 +23,13 @@ class NeedlePrompt:
         return self.value in answer
 
 
-def needle_prompt(tokenizer, length: int, depth: float, value: str = DEFAULT_VALUE, offset: int = 0) -> NeedlePrompt:
-    """A prompt of about ``length`` tokens: real text with the needle at ``depth`` (0..1)."""
+def needle_prompt(tokenizer, length: int, depth: float, value: str = DEFAULT_VALUE, offset: int = 0,
+                  source: str = "stdlib") -> NeedlePrompt:
+    """A prompt of about ``length`` tokens: real text (``data.haystack``'s ``source``) with the
+    needle at ``depth`` (0..1)."""
     needle = tokenizer(NEEDLE.format(value=value), add_special_tokens=False)["input_ids"]
     question = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
-    body = haystack(tokenizer, max(1, length - len(needle) - len(question) - 1), offset)
+    body = haystack(tokenizer, max(1, length - len(needle) - len(question) - 1), offset, source)
     pos = int(round(len(body) * depth))
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     ids = bos + body[:pos] + needle + body[pos:] + question

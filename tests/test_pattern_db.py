@@ -80,7 +80,7 @@ def test_database_patterns_reach_the_graph(tmp_path):
     (lambda c: c.update(budget_length="8K"), "calibration.budget_length must be an int"),
     (lambda c: c.update(budget_exponent=3), r"calibration.budget_exponent must be a number in \[0, 2\]"),
     (lambda c: c.update(length=0), "calibration.length must be >= 1"),
-    (lambda c: c.update(objective="loss"), r"calibration.objective must be one of \['output', 'recall'\]"),
+    (lambda c: c.update(objective="perplexity"), r"calibration.objective must be one of \['output', 'recall', 'loss'\]"),
 ])
 def test_bad_calibration_names_the_field(tmp_path, edit, message):
     data = uniform(MODEL, DEFAULT_VERTICAL_SLASH, {"length": 4096, "budget_length": 4096}).to_json()

@@ -13,7 +13,9 @@ invisible to Inductor: the kernel launch is a call into Python. Where the rewrit
                dense:  SDPA(is_causal))
 
 AOTAutograd traces both branches (``conditional.flat_cond``: ``torch.cond`` with the workarounds
-it needs); ``mcompile::sparse_attention_kernel`` is a
+it needs), once per distinct pattern set: the whole structure is a ``conditional.shared_region``
+(``invoke_subgraph``), so layers with the same patterns share one traced and lowered subgraph;
+``mcompile::sparse_attention_kernel`` is a
 ``torch.library.triton_op`` whose body launches the kernel through ``wrap_triton``, so Inductor
 copies the Triton source into its output code and launches it from its wrapper, with no Python op
 in between, and lowers the dense branches' SDPA as it would for plain ``backend="inductor"``.
@@ -41,12 +43,15 @@ import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import ops
-from ..conditional import flat_cond
+from ..conditional import flat_cond, shared_region
 from ..index import SparseIndex
 from ..patterns import DEFAULT_BUDGET_EXPONENT
 
 # Key tile width, warps and pipeline stages of the inlined launch (module docstring).
 INLINE_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+# Benchmarks only: the run-time density check (the inner conditional) off CUDA too, where it never
+# fires, so that a CPU compile has the graph structure of a CUDA one (benchmarks/compile_time.py).
+_DENSE_CHECK_EVERYWHERE = False
 
 
 def _triton():
@@ -102,24 +107,28 @@ def sparse_attention(q, k, v, kinds: list[int], p0: list[int], p1: list[int], sc
     as conditionals the compiler traces (module docstring; ``conditional.flat_cond``). Same
     result as the opaque ops; the estimation runs inside the sparse branch, so a prompt below
     ``dense_below`` calls no opaque op."""
-    n = k.shape[2]
+    def attention(q, k, v):
+        n = k.shape[2]
 
-    def dense(q, k, v, *index):
-        return _causal(q, k, v, scale)
+        def dense(q, k, v, *index):
+            return _causal(q, k, v, scale)
 
-    def kernel(q, k, v, *index):
-        return torch.ops.mcompile.sparse_attention_kernel(q, k, v, *index, scale)
+        def kernel(q, k, v, *index):
+            return torch.ops.mcompile.sparse_attention_kernel(q, k, v, *index, scale)
 
-    def sparse(q, k, v):
-        index = torch.ops.mcompile.estimate_index(q, k, None, kinds, p0, p1, scale, 0, budget_length,
-                                                  budget_exponent)
-        if q.device.type != "cuda":  # the check never fires off CUDA (ops.too_dense)
-            return kernel(q, k, v, *index)
-        runs, run_count, _, _, column_count, _, block_count = index
-        check = torch.ops.mcompile.dense_check(runs, run_count, column_count, block_count, k.shape[2])
-        return flat_cond(check, dense, kernel, (q, k, v), index, copy=False)  # q, k, v: operands already
+        def sparse(q, k, v):
+            index = torch.ops.mcompile.estimate_index(q, k, None, kinds, p0, p1, scale, 0, budget_length,
+                                                      budget_exponent)
+            if q.device.type != "cuda" and not _DENSE_CHECK_EVERYWHERE:  # never fires off CUDA (ops.too_dense)
+                return kernel(q, k, v, *index)
+            runs, run_count, _, _, column_count, _, block_count = index
+            check = torch.ops.mcompile.dense_check(runs, run_count, column_count, block_count, k.shape[2])
+            return flat_cond(check, dense, kernel, (q, k, v), index, copy=False)  # q, k, v: operands already
 
-    return flat_cond(n >= dense_below, sparse, dense, (q, k, v))
+        return flat_cond(n >= dense_below, sparse, dense, (q, k, v))
+
+    return shared_region("sparse_attention", attention, (q, k, v),
+                         (kinds, p0, p1, scale, dense_below, budget_length, budget_exponent, _DENSE_CHECK_EVERYWHERE))
 
 
 def inline_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding, scale) -> str | None:

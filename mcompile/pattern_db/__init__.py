@@ -17,11 +17,13 @@ On disk a database is JSON::
   ``budget_length`` (the prompt length at which the budgets hold; shorter prompts get them
   scaled by ``(N / budget_length) ** budget_exponent``, see patterns.scaled_budgets; 0 or absent:
   absolute budgets), ``budget_exponent`` (0.7 if absent), ``length`` (calibration tokens) and
-  ``objective`` (``output`` or ``recall``). The rest (target, data, command, ...) is a record.
+  ``objective`` (``output``, ``recall`` or ``loss``). The rest (target, data, command, ...) is a record.
 - per head: the pattern kind and its parameters (patterns.Pattern.from_dict), and optionally
   ``score``: the search objective of the chosen candidate on the calibration text, the relative
   L2 error of the head's attention output for ``objective: output`` (lower is better), the
-  attention recall for ``objective: recall`` (higher is better).
+  attention recall for ``objective: recall`` (higher is better), the change of the model's loss
+  on calibration inputs when the head's layer runs the pattern for ``objective: loss``
+  (allocate.py; lower is better).
 
 ``load`` is the one reader (it validates every field and names the bad one, and with ``model=``
 checks the database against the model being compiled), ``save`` the one writer. Databases
@@ -140,7 +142,7 @@ def _require(obj: Any, key: str, kind, where: str):
     return value
 
 
-OBJECTIVES = ("output", "recall")
+OBJECTIVES = ("output", "recall", "loss")
 
 
 def _check_calibration(cal: Any) -> dict:

@@ -1,4 +1,4 @@
-"""Command line: ``mcompile search``, ``mcompile evaluate-db`` and ``mcompile plot``.
+"""Command line: ``mcompile search``, ``mcompile allocate``, ``mcompile evaluate-db`` and ``mcompile plot``.
 
 ``add_commands(subparsers)`` registers them (mcompile/cli.py lists this module in
 ``COMMAND_MODULES``); each handler takes the parsed arguments and returns an exit code.
@@ -166,6 +166,149 @@ def plot_cmd(args) -> int:
     return 0
 
 
+def _kept_targets(text: str) -> dict:
+    """``4096:0.28,6144:0.26,8192:0.24`` -> {4096: 0.28, ...}."""
+    try:
+        out = {}
+        for part in text.split(","):
+            n, _, t = part.partition(":")
+            out[int(n)] = float(t)
+        if not out or any(not 0 < t <= 1 for t in out.values()):
+            raise ValueError("targets must be fractions in (0, 1]")
+        return out
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--kept takes LENGTH:FRACTION,... (e.g. 4096:0.28,8192:0.24): {exc}") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _allocate_command(args, targets: dict) -> str:
+    """The options that shaped an allocation, in canonical form, for the database's record."""
+    ints = lambda xs: ",".join(str(x) for x in xs)
+    parts = ["mcompile allocate --model smollm2", f"--dtype {args.dtype}", f"--window {args.window}",
+             f"--texts {args.texts}", f"--needle-lengths {ints(args.needle_lengths)}",
+             f"--depths {','.join(f'{d:g}' for d in args.depths)}", f"--offset {args.offset}",
+             f"--verticals {ints(args.verticals)}", f"--slashes {ints(args.slashes)}",
+             f"--reference-length {args.reference_length}", f"--exponent {args.exponent:g}",
+             f"--kept {','.join(f'{n}:{t:g}' for n, t in targets.items())}", f"--min-recall {args.min_recall:g}",
+             f"--needle-weight {args.needle_weight:g}"]
+    if args.yarn:
+        parts.append(f"--yarn {args.yarn:g}")
+    return " ".join(parts)
+
+
+def allocate_cmd(args) -> int:
+    """Sensitivity of every (layer, option), then one allocation per target scale, each checked
+    with all layers sparse; writes ``allocation.json`` and one database per scale into ``--out``."""
+    from tqdm.auto import tqdm
+
+    from . import ModelFingerprint, save
+    from .allocate import (
+        Entry,
+        Losses,
+        Session,
+        allocate,
+        calibration_inputs,
+        database,
+        default_options,
+        sensitivity,
+    )
+
+    t0 = time.perf_counter()
+    dtype = getattr(torch, args.dtype)
+    if args.model != "smollm2":
+        raise SystemExit("mcompile allocate needs a model with a tokenizer: --model smollm2")
+    from ..models import load_smollm2
+
+    model, tok = load_smollm2(dtype=dtype, device=args.device, yarn_factor=args.yarn)
+    cal = calibration_inputs(tok, args.window, args.texts, args.needle_lengths, args.depths, args.offset)
+    options = default_options(args.verticals, args.slashes)
+    layers = model.config.num_hidden_layers
+    fp = ModelFingerprint.from_config(model.config, "SmolLM2-135M-Instruct")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with Session(model, args.reference_length, args.exponent) as session:
+        base, table = None, []
+        if args.from_table:  # a previous run's sensitivity, complete or interrupted (same options and inputs)
+            previous = json.loads(Path(args.from_table).read_text())
+            if previous["options"] != [o.describe() for o in options] or previous["calibration"] != cal.description:
+                raise SystemExit(f"{args.from_table} was measured with other options or calibration inputs")
+            base = Losses(previous["dense"]["text"], previous["dense"]["needle"], previous["dense"]["needles"])
+            table = [[Entry.from_json(e) for e in row] for row in previous["table"]]
+
+        def save_progress(base, table):  # after every layer, so an interrupted run can resume
+            record = {"calibration": cal.description, "options": [o.describe() for o in options],
+                      "dense": {"text": base.text, "needle": base.needle, "needles": base.needles},
+                      "table": [[e.to_json() for e in row] for row in table], "allocations": []}
+            (out / "allocation.json").write_text(json.dumps(record, indent=1) + "\n")
+            if args.time_limit and time.perf_counter() - t0 > args.time_limit and len(table) < layers:
+                raise TimeoutError(f"{len(table)} of {layers} layers measured")
+            return record
+
+        bar = tqdm(total=layers * (len(options) - 1), initial=len(table) * (len(options) - 1), desc="sensitivity",
+                   disable=args.quiet)
+        try:
+            base, table = sensitivity(session, cal, options, layers, on_step=bar.update, base=base, table=table,
+                                      on_layer=save_progress)
+        except TimeoutError as exc:
+            print(f"time limit reached: {exc}; resume with --from-table {out / 'allocation.json'}")
+            return 3
+        bar.close()
+        record = save_progress(base, table)
+        log_time = time.perf_counter() - t0
+        print(f"dense: text loss {base.text:.4f}, needle answer loss {base.needle:.4f} "
+              f"(sensitivity done at {log_time:.0f} s)")
+        print("scale | kept targets | predicted text / needle | measured text / needle | kept by length | "
+              "recall by length | options")
+        for scale in args.scales:
+            targets = {n: min(1.0, t * scale) for n, t in args.kept.items()}
+            alloc = allocate(table, targets, args.min_recall, args.needle_weight)
+            if alloc is None:
+                print(f"{scale:g} | {targets} | infeasible")
+                continue
+            measured = None
+            if not args.no_check:
+                res, kept, recall = session.run(cal, dict(enumerate(alloc.patterns(options))), measure=True)
+                by_len = lambda d: {n: round(sum(v for (_, m), v in d.items() if m == n) / layers, 4)
+                                    for n in sorted({m for _, m in d})}
+                measured = {"text": res.text - base.text, "needle": res.needle - base.needle, "needles": res.needles,
+                            "kept": by_len(kept), "recall": by_len(recall)}
+            calibration = {"length": args.window, "budget_length": args.reference_length,
+                           "budget_exponent": args.exponent, "objective": "loss", "data": cal.description,
+                           "dtype": args.dtype, "kept_targets": {str(n): t for n, t in targets.items()},
+                           "min_recall": args.min_recall, "needle_weight": args.needle_weight,
+                           "predicted": {"text": alloc.predicted_text, "needle": alloc.predicted_needle,
+                                         "kept": {str(n): v for n, v in alloc.kept.items()},
+                                         "recall": {str(n): v for n, v in alloc.recall.items()}},
+                           "command": _allocate_command(args, targets)}
+            if measured is not None:
+                calibration["measured"] = {"text": measured["text"], "needle": measured["needle"],
+                                           "kept": {str(n): v for n, v in measured["kept"].items()}}
+            db = database(fp, options, alloc, table, calibration, args.needle_weight)
+            path = out / f"db_{scale:g}.json"
+            save(db, path)
+            record["allocations"].append({"scale": scale, "targets": {str(n): t for n, t in targets.items()},
+                                          "choice": alloc.choice, "patterns": [options[j].describe() for j in alloc.choice],
+                                          "predicted": {"text": alloc.predicted_text, "needle": alloc.predicted_needle,
+                                                        "kept": alloc.kept, "recall": alloc.recall},
+                                          "measured": measured, "database": str(path)})
+            names = ", ".join(f"{sum(1 for j in alloc.choice if j == i)}x {options[i].describe()}"
+                              for i in sorted(set(alloc.choice)))
+            shown = (f"{measured['text']:+.4f} / {measured['needle']:+.3f} | {measured['kept']} | {measured['recall']}"
+                     if measured else f"not checked | {alloc.kept} (predicted) | {alloc.recall} (predicted)")
+            print(f"{scale:g} | {targets} | {alloc.predicted_text:+.4f} / {alloc.predicted_needle:+.3f} | {shown} | "
+                  f"{names}", flush=True)
+    record["seconds"] = round(time.perf_counter() - t0)
+    (out / "allocation.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {out / 'allocation.json'} ({record['seconds']} s)")
+    return 0
+
+
 def add_commands(sub) -> None:
     from .search import OBJECTIVES, SEARCH_BLOCKS, Target
 
@@ -187,6 +330,42 @@ def add_commands(sub) -> None:
     p.add_argument("--vs-out", default=None, help="also write the best vertical-slash candidate of every head")
     p.add_argument("--details", default=None, help="also write every candidate's score (JSON)")
     p.set_defaults(fn=search_cmd)
+
+    from .allocate import (
+        BUDGET_EXPONENT,
+        NEEDLE_WEIGHT,
+        REFERENCE_LENGTH,
+        SLASHES,
+        VERTICALS,
+    )
+
+    p = sub.add_parser("allocate", help="per-layer budgets from the model's loss, under a kept-fraction budget")
+    p.add_argument("--model", default="smollm2", choices=("smollm2",))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--yarn", type=float, default=None, help="extend RoPE with YaRN by this factor")
+    p.add_argument("--kept", type=_kept_targets, default={4096: 0.28, 6144: 0.26, 8192: 0.24},
+                   help="mean kept fraction of causal keys allowed per length (default 4096:0.28,6144:0.26,8192:0.24)")
+    p.add_argument("--scales", type=_floats, default=[1.0], help="also allocate at these multiples of --kept")
+    p.add_argument("--min-recall", type=float, default=0.955, help="mean attention recall floor at every length")
+    p.add_argument("--needle-weight", type=float, default=NEEDLE_WEIGHT)
+    p.add_argument("--window", type=int, default=8192, help="calibration text window (default: 8192)")
+    p.add_argument("--texts", type=int, default=2, help="calibration text windows")
+    p.add_argument("--needle-lengths", type=_ints, default=[4096, 6144, 8192])
+    p.add_argument("--depths", type=_floats, default=[0.1, 0.5, 0.9])
+    p.add_argument("--offset", type=int, default=0, help="first token of the calibration text")
+    p.add_argument("--verticals", type=_ints, default=list(VERTICALS))
+    p.add_argument("--slashes", type=_ints, default=list(SLASHES))
+    p.add_argument("--reference-length", type=int, default=REFERENCE_LENGTH)
+    p.add_argument("--exponent", type=float, default=BUDGET_EXPONENT)
+    p.add_argument("--from-table", default=None, help="reuse (or resume) the sensitivity table of a previous allocation.json")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="stop measuring after this many seconds (progress is saved; exit code 3)")
+    p.add_argument("--no-check", action="store_true",
+                   help="do not run the allocations with all layers sparse (predictions only)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--out", required=True, help="folder for allocation.json and the databases")
+    p.set_defaults(fn=allocate_cmd)
 
     p = sub.add_parser("evaluate-db", help="attention recall and output error of pattern policies on real text")
     p.add_argument("--model", default="smollm2", choices=MODELS)
