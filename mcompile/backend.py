@@ -70,11 +70,12 @@ def minference_backend(gm: torch.fx.GraphModule, example_inputs, options: Option
                     str(exc).splitlines()[0][:200])
         counters["mcompile"]["inline_failed"] += 1
         config = dataclasses.replace(config, inline_kernels=False)
-        gm = original
+        gm, was_inlined = original, [s.inlined for s in report.sites]
         report = rewrite_attention(gm, config, grad_enabled=grad)
         reason = f"the inlined compile failed ({type(exc).__name__})"
         report = dataclasses.replace(report, sites=tuple(
-            dataclasses.replace(s, inline_reason=reason) if s.rewritten else s for s in report.sites))
+            dataclasses.replace(s, inline_reason=reason) if inlined else s
+            for s, inlined in zip(report.sites, was_inlined)))
         with shared_regions(False):
             memory = apply_memory_passes(gm, config, grad_enabled=grad)
             compiled = compile_graph(gm, example_inputs, config)

@@ -1,4 +1,5 @@
-"""Real English text that ships with Python: the documentation of the standard library.
+"""Real English text that ships with the software: the documentation of the standard library
+(the demo's and the evaluation's text) and of PyTorch (calibration text, never evaluated on).
 
 Long-context demos and evaluations need real text, not generated filler, and nothing can be
 downloaded; the docstrings of the standard library are a few MB of real technical English.
@@ -75,10 +76,15 @@ def calibration_docs() -> str:
     return "\n\n".join(parts)
 
 
+SOURCES = {"stdlib": stdlib_docs, "calibration": calibration_docs}
+
+
 def haystack(tokenizer, tokens: int, offset: int = 0, source: str = "stdlib") -> list[int]:
     """``tokens`` token ids of real text, starting ``offset`` tokens in: the standard library's
     documentation (``source="stdlib"``, the evaluation text) or PyTorch's (``"calibration"``)."""
-    ids = _tokenized(tokenizer) if source == "stdlib" else _tokenized_calibration(tokenizer)
+    if source not in SOURCES:
+        raise ValueError(f"unknown text source {source!r}; valid sources: {sorted(SOURCES)}")
+    ids = _tokenized(tokenizer, source)
     if offset + tokens > len(ids):
         reps = (offset + tokens) // len(ids) + 1
         ids = ids * reps
@@ -86,10 +92,5 @@ def haystack(tokenizer, tokens: int, offset: int = 0, source: str = "stdlib") ->
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenized(tokenizer) -> list[int]:
-    return tokenizer(stdlib_docs(), add_special_tokens=False)["input_ids"]
-
-
-@functools.lru_cache(maxsize=4)
-def _tokenized_calibration(tokenizer) -> list[int]:
-    return tokenizer(calibration_docs(), add_special_tokens=False)["input_ids"]
+def _tokenized(tokenizer, source: str = "stdlib") -> list[int]:
+    return tokenizer(SOURCES[source](), add_special_tokens=False)["input_ids"]

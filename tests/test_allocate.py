@@ -177,3 +177,17 @@ def test_sensitivity_resumes_an_interrupted_table(model):
         _, resumed = sensitivity(s, cal, options, 2, base=base, table=full[:1])
     assert saved == [1, 2]
     assert resumed == full
+
+
+def test_calibration_text_is_not_the_evaluation_text():
+    from mcompile.data import calibration_docs, haystack, stdlib_docs
+
+    assert len(calibration_docs()) > 100_000 and calibration_docs()[:2000] not in stdlib_docs()
+    with pytest.raises(ValueError, match="unknown text source"):
+        haystack(None, 10, source="wiki")
+
+
+def test_targets_at_unmeasured_lengths_are_an_error():
+    table = [[_entry(0.1, 0.2), _entry(0.0, 1.0)]]
+    with pytest.raises(ValueError, match="6144"):
+        allocate(table, {6144: 0.3})

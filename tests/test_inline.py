@@ -154,3 +154,24 @@ def test_failed_inlined_compile_falls_back_to_the_opaque_ops(monkeypatch):
     forced = torch.compile(model, backend="minference", options={**OPTS, "inline_kernels": True})
     with pytest.raises(Exception, match="simulated lowering failure"), torch.no_grad():
         forced(ids, use_cache=False)
+
+
+def test_layers_share_one_compiled_region():
+    """Every layer's attention conditionals (and MLP conditional) are one shared region: Inductor
+    generates each once and calls it per layer (compile time); off, each layer has its own."""
+    import re
+
+    from mcompile.conditional import shared_regions
+
+    model = tiny_llama("sdpa", layers=3)
+    calls, logits = {}, {}
+    for enabled in (True, False):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="minference", dynamic=True, options={**OPTS, "inline_kernels": True})
+        with shared_regions(enabled), torch.no_grad():
+            out, code = run_and_get_code(compiled, _ids(300), use_cache=False)
+        calls[enabled] = re.findall(r"= (repeated_subgraph\d+)\(repeated_subgraph\d+_args\)", "\n".join(code))
+        logits[enabled] = out.logits
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
+    assert len(calls[True]) == 6 and len(set(calls[True])) == 2  # attention and MLP, 3 layers each
+    assert calls[False] == []

@@ -40,19 +40,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
+from .. import ops  # noqa: F401  (registers torch.ops.mcompile.*)
 from ..capture import attention_recall
+from ..eval.perplexity import window_nll
 from ..index import SparseIndex, kept_fraction
-from ..kernels import dispatch
-from ..kernels.estimate import index_capacity
-from ..patterns import DENSE, Pattern, PatternKind, encode, scaled_budgets
+from ..patterns import DENSE, Pattern, PatternKind, encode
 from . import HeadEntry, ModelFingerprint, PatternDB
 
 ALLOCATE_IMPL = "mcompile_allocate"  # name registered with transformers' AttentionInterface
 # The ladder: vertical-slash budgets at REFERENCE_LENGTH. A vertical costs at most one key per
 # query, a slash run a 64-key tile per query block, so the ladder moves mostly along slashes.
-VERTICALS = (200, 1200)
+VERTICALS = (1200,)
 SLASHES = (100, 200, 350, 600, 1000, 1700)
 REFERENCE_LENGTH = 8192
 BUDGET_EXPONENT = 0.7
@@ -60,7 +59,6 @@ BUDGET_EXPONENT = 0.7
 # prompts outweighs a 1% perplexity change of the text.
 NEEDLE_WEIGHT = 0.05
 RECALL_BLOCKS = 16  # sampled 64-query blocks per layer for the recall measurement
-LOGIT_ROWS = 1024  # rows per step when scoring (bounds the (rows, vocab) logits)
 COST_STEPS = 400  # discretisation of one layer's cost in the knapsack (cost 1.0 = the target)
 
 
@@ -80,8 +78,8 @@ class Calibration:
     description: str = ""
 
 
-def calibration_inputs(tokenizer, window: int, texts: int = 2, needle_lengths: Sequence[int] = (4096, 6144, 8192),
-                       depths: Sequence[float] = (0.1, 0.5, 0.9), offset: int = 0) -> Calibration:
+def calibration_inputs(tokenizer, window: int, texts: int = 1, needle_lengths: Sequence[int] = (4096, 8192),
+                       depths: Sequence[float] = (0.1, 0.9), offset: int = 0) -> Calibration:
     """Calibration inputs from ``data.calibration_docs``: ``texts`` windows of ``window`` tokens
     (scored from ``window // 4`` on) and needle prompts at every length x depth, each with its own
     number."""
@@ -106,8 +104,9 @@ def calibration_inputs(tokenizer, window: int, texts: int = 2, needle_lengths: S
 
 
 class _Attention:
-    """The attention function the calibration runs use: SDPA for dense layers, the backend's
-    estimation and sparse attention (``kernels.dispatch``) for layers in ``patterns``."""
+    """The attention function the calibration runs use: SDPA for dense layers, the backend's own
+    ops (``mcompile::estimate_index``, budgets scaled to the length, and
+    ``mcompile::sparse_attention``) for layers in ``patterns``."""
 
     def __init__(self, reference_length: int, exponent: float):
         self.patterns: dict = {}  # layer -> Pattern; absent or dense: SDPA
@@ -129,11 +128,12 @@ class _Attention:
             raise ValueError("allocation runs whole prompts of batch 1")
         n, h = key.shape[2], query.shape[1]
         scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-        kinds, p0, p1 = encode([scaled_budgets(pattern, n, self.reference_length, self.exponent)] * h)
-        capacity = index_capacity(n, kinds, p0, p1)
-        index = SparseIndex(*dispatch.estimate_impl(query)(query, key, None, kinds, p0, p1, scale, capacity=capacity))
-        out = dispatch.attention_impl(query)(query, key, value, index, scale, None)
+        kinds, p0, p1 = encode([pattern] * h)
+        parts = torch.ops.mcompile.estimate_index(query, key, None, kinds, p0, p1, scale, 0, self.reference_length,
+                                                  self.exponent)
+        out = torch.ops.mcompile.sparse_attention(query, key, value, *parts, None, scale, 0)
         if self.measure:
+            index = SparseIndex(*parts)
             from ..eval.attention import sample_rows
 
             at = (module.layer_idx, self.length or n)
@@ -141,17 +141,6 @@ class _Attention:
             rows = sample_rows(n, RECALL_BLOCKS)
             self.recall.setdefault(at, []).append(float(attention_recall(query, key, index, scale, rows).mean()))
         return out.transpose(1, 2).contiguous(), None
-
-
-def _nll(decoder, head, ids: torch.Tensor, first: int) -> tuple[float, int]:
-    """Summed next-token loss of ``ids[0, first:]`` and the count."""
-    hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
-    total = torch.zeros((), dtype=torch.float64, device=ids.device)
-    for r0 in range(first - 1, ids.shape[1] - 1, LOGIT_ROWS):
-        r1 = min(ids.shape[1] - 1, r0 + LOGIT_ROWS)
-        logits = head(hidden[:, r0:r1]).float()
-        total += F.cross_entropy(logits[0], ids[0, r0 + 1:r1 + 1], reduction="sum").double()
-    return total.item(), ids.shape[1] - first
 
 
 @dataclass
@@ -169,10 +158,10 @@ def losses(model, cal: Calibration, device, on_input: Callable[[int], None] | No
     with torch.inference_mode():
         for t in cal.texts:
             on_input(t.shape[1])
-            text.append(_nll(decoder, head, t.to(device), cal.first))
+            text.append(window_nll(decoder, head, t.to(device), cal.first))
         for ids, start, n in cal.needles:
             on_input(n)
-            needles.append(_nll(decoder, head, ids.to(device), start)[0])
+            needles.append(window_nll(decoder, head, ids.to(device), start)[0])
     return Losses(sum(a for a, _ in text) / sum(c for _, c in text), sum(needles) / max(1, len(needles)), needles)
 
 
@@ -193,11 +182,6 @@ class Entry:
     def from_json(cls, data: dict) -> Entry:
         return cls(data["text"], data["needle"], {int(k): v for k, v in data["kept"].items()},
                    {int(k): v for k, v in data["recall"].items()})
-
-
-def _means(table: dict) -> dict:
-    """{(layer, n): [values]} -> {n: mean over inputs} (one layer's entries)."""
-    return {n: sum(v) / len(v) for (_, n), v in sorted(table.items())}
 
 
 class Session:
@@ -311,6 +295,10 @@ def allocate(table: list, kept_targets: dict, min_recall: float = 0.0,
     even the cheapest options exceed the targets or no multiplier reaches the recall floor."""
     layers = len(table)
     lengths = sorted(kept_targets)
+    measured = set(table[0][0].kept)
+    if not set(lengths) <= measured:
+        raise ValueError(f"kept targets at {sorted(set(lengths) - measured)} tokens, but the table measured "
+                         f"{sorted(measured)}")
     ratio = torch.tensor([[max(e.kept[n] / kept_targets[n] for n in lengths) for e in row] for row in table])
     costs = torch.ceil(ratio * COST_STEPS - 1e-9).long()
     loss = torch.tensor([[e.text + needle_weight * e.needle for e in row] for row in table], dtype=torch.float64)
