@@ -87,11 +87,11 @@ def torch_same_dtype(q, k, v, mask, scale):
     return p.to(q.dtype) @ vv
 
 
-def check(q, k, v, index, scale, key_padding=None, block_n=None, block_m=None):
+def check(q, k, v, index, scale, key_padding=None, block_n=None):
     """Run the kernel; compare with the reference op and with dense masked attention. q may be
     a chunk after a cached prefix (Nq < N): its rows are the last Nq positions."""
     n = k.shape[2]
-    out = attn_triton.sparse_attention_triton(q, k, v, index, scale, key_padding, block_n=block_n, block_m=block_m)
+    out = attn_triton.sparse_attention_triton(q, k, v, index, scale, key_padding, block_n=block_n)
     assert out.shape == (*q.shape[:3], v.shape[-1]) and out.dtype == q.dtype and out.is_contiguous()
     mask = index_to_mask(index, n, key_padding, queries=q.shape[2])
     exact = oracle(q, k, v, mask, scale)
@@ -132,12 +132,11 @@ def test_estimated_index(shape, padded, dtype):
 # Sparse attention: random indexes (many runs, columns inside run tiles, non-causal blocks)
 # ------------------------------------------------------------------------------------------------
 
-def random_index(b, h, n, seed, key_blocks=True):
+def random_index(b, h, n, seed):
     """Per head, by h % 4: dense run; random diagonals (merged into runs) with random columns,
     some inside run tiles; block lists with the diagonal block and sometimes the one after it
-    (masked to nothing by causality), or without ``key_blocks`` random diagonals and columns as in
-    the second style; a short local run plus random columns, or in odd batch rows random
-    columns alone (no run covers the diagonal, so columns need the causal mask)."""
+    (masked to nothing by causality); a short local run plus random columns, or in odd batch
+    rows random columns alone (no run covers the diagonal, so columns need the causal mask)."""
     g = torch.Generator().manual_seed(seed)
     nb = num_blocks(n)
     diags = torch.full((b, h, n), SENTINEL, dtype=torch.int32)
@@ -151,8 +150,6 @@ def random_index(b, h, n, seed, key_blocks=True):
     for bi in range(b):
         for hi in range(h):
             style = hi % 4
-            if style == 2 and not key_blocks:
-                style = 1
             if style == 0:
                 chosen = torch.arange(n)
             elif style == 1:  # local diagonals 0-2, then groups of 1-6 diagonals >= BLOCK apart
@@ -179,50 +176,22 @@ def random_index(b, h, n, seed, key_blocks=True):
                     blocks[bi, hi, m, :len(picks)] = picks.int()
                     block_count[bi, hi, m] = len(picks)
     runs, run_count = diagonals_to_runs(diags)
-    if not key_blocks:
-        blocks = blocks[..., :0].contiguous()
     return SparseIndex(runs, run_count, runs_to_diag_prefix(runs, run_count, n), columns,
                        column_counts(columns, n), blocks, block_count)
 
 
-@pytest.mark.parametrize("block_m", [64, 128])
 @pytest.mark.parametrize("block_n", [64, 128])
-@pytest.mark.parametrize("shape", [(2, 4, 4, 63, 16), (2, 4, 2, 130, 16), (1, 8, 8, 200, 32), (1, 4, 2, 330, 16)],
+@pytest.mark.parametrize("shape", [(2, 4, 4, 63, 16), (2, 4, 2, 130, 16), (1, 8, 8, 200, 32)],
                          ids=lambda s: "B{}H{}Hk{}N{}D{}".format(*s))
-def test_random_index(shape, block_n, block_m):
-    """Programs of one index block (64 rows, with key blocks) and of two (128 rows, whose halves
-    see different run bands and different run-covered columns)."""
+def test_random_index(shape, block_n):
     b, h, hk, n, d = shape
     q, k, v = inputs(b, h, hk, n, d, seed=n + block_n)
-    index = random_index(b, h, n, seed=n, key_blocks=block_m == BLOCK)
+    index = random_index(b, h, n, seed=n)
     assert (index.column_count > 0).any()
     if n > 2 * BLOCK:  # room for runs BLOCK diagonals apart
         assert (index.run_count > 1).any()
-    check(q, k, v, index, d ** -0.5, padding(b, n, seed=n + 1), block_n=block_n, block_m=block_m)
-    check(q.half(), k.half(), v.half(), index, d ** -0.5, None, block_n=block_n, block_m=block_m)
-
-
-@pytest.mark.parametrize("padded", [False, True], ids=["nopad", "pad"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}H{}Hk{}N{}D{}".format(*s))
-def test_estimated_index_two_blocks_per_program(shape, padded):
-    """128 query rows per program on estimated dense / A-shape / vertical-slash heads (an index
-    without key blocks, the case the launcher runs that way)."""
-    b, h, hk, n, d = shape
-    q, k, v = inputs(b, h, hk, n, d, seed=n * 5 + h)
-    kp = padding(b, n, seed=n + 2) if padded else None
-    kinds, p0, p1 = zip(*(PATTERNS[i % 3] for i in range(h)))
-    index = estimate_index_ref(q, k, kp, list(kinds), list(p0), list(p1), d ** -0.5)
-    assert index.blocks.shape[3] == 0 and attn_triton.default_block_m(False) == 2 * BLOCK
-    check(q, k, v, index, d ** -0.5, kp, block_m=2 * BLOCK)
-
-
-def test_two_blocks_per_program_refuses_key_blocks():
-    b, h, n, d = 1, 4, 130, 16
-    q, k, v = inputs(b, h, h, n, d, seed=2)
-    index = random_index(b, h, n, seed=3)
-    assert index.blocks.shape[3] > 0
-    with pytest.raises(ValueError, match="key blocks"):
-        attn_triton.sparse_attention_triton(q, k, v, index, d ** -0.5, block_m=128)
+    check(q, k, v, index, d ** -0.5, padding(b, n, seed=n + 1), block_n=block_n)
+    check(q.half(), k.half(), v.half(), index, d ** -0.5, None, block_n=block_n)
 
 
 def test_columns_inside_run_tiles_are_not_counted_twice():
@@ -317,12 +286,8 @@ def test_autotune_pruning():
     configs = attn_triton._configs()
     for d in attn_triton.HEAD_DIMS:
         kept = attn_triton._prune_configs(configs, {"HEAD_DIM": d, "HEAD_DV": d})
-        assert kept and not any(c.kwargs["BLOCK_M"] == 64 and c.kwargs["BLOCK_N"] == 64 and c.num_warps == 8
-                                for c in kept)
+        assert kept and all(not (c.kwargs["BLOCK_N"] == 64 and c.num_warps == 8) for c in kept)
         assert {c.kwargs["BLOCK_N"] for c in kept} == {64, 128}
-        assert {c.kwargs["BLOCK_M"] for c in kept} == {64, 128}
-        with_blocks = attn_triton._prune_configs(configs, {"HEAD_DIM": d, "HEAD_DV": d, "HAS_BLOCKS": True})
-        assert with_blocks and {c.kwargs["BLOCK_M"] for c in with_blocks} == {64}
     big = attn_triton._prune_configs(configs, {"HEAD_DIM": 128, "HEAD_DV": 128})
     assert not any(c.kwargs["BLOCK_N"] == 128 and c.num_stages == 3 for c in big)
     small = attn_triton._prune_configs(configs, {"HEAD_DIM": 64, "HEAD_DV": 64})
@@ -439,16 +404,12 @@ def test_cached_prefix(shape, padded):
     torch.testing.assert_close(slash, ref_s, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("nq", [101, 37, 150])
-@pytest.mark.parametrize("block_m", [64, 128])
-def test_cached_prefix_random_index(block_m, nq):
-    """Random indexes (many runs, columns inside run tiles, future key blocks with 64-row
-    programs) at an offset: P = 99, 163, 50 (a 128-row program then starts before P, and
-    P // 64 is odd or even)."""
-    b, h, n, d = 2, 4, 200, 16
-    q, k, v = inputs(b, h, 2, n, d, seed=31 + nq)
-    index = random_index(b, h, n, seed=5, key_blocks=block_m == BLOCK)
-    check(q[:, :, n - nq:], k, v, index, d ** -0.5, padding(b, n, seed=6), block_n=128, block_m=block_m)
+def test_cached_prefix_random_index():
+    """Random indexes (many runs, columns inside run tiles, future key blocks) at an offset."""
+    b, h, n, nq, d = 2, 4, 200, 101, 16
+    q, k, v = inputs(b, h, 2, n, d, seed=31)
+    index = random_index(b, h, n, seed=5)
+    check(q[:, :, n - nq:], k, v, index, d ** -0.5, padding(b, n, seed=6), block_n=128)
 
 
 @pytest.mark.parametrize("d", [48, 80, 96])

@@ -30,9 +30,8 @@ so the graph structure is the same everywhere.
 
 Launch configuration: a traced launch is not autotuned (Inductor would tune once, at whatever
 length it sees first). ``INLINE_CONFIG`` follows what the autotuner of the opaque path chose on an
-H100 for head dims 64 and 128 at 4K-128K: 64 query rows, BLOCK_N 64 and 4 warps everywhere, 2
-stages at most lengths, 3 at a few; 128 query rows per program lost by 10-40% at head dim 128
-(docs/BENCHMARKS.md, "Inlined into Inductor" and "Launch configurations").
+H100 for head dims 64 and 128 at 4K-128K: BLOCK_N 64 and 4 warps everywhere, 2 stages at most
+lengths, 3 at a few (docs/BENCHMARKS.md, "Inlined into Inductor" and "Launch configurations").
 """
 
 from __future__ import annotations
@@ -48,9 +47,8 @@ from ..conditional import flat_cond, shared_region
 from ..index import SparseIndex
 from ..patterns import DEFAULT_BUDGET_EXPONENT
 
-# Query rows per program, key tile width, warps and pipeline stages of the inlined launch (module
-# docstring). 64 query rows also serve indexes with key blocks.
-INLINE_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+# Key tile width, warps and pipeline stages of the inlined launch (module docstring).
+INLINE_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 # Benchmarks only: the run-time density check (the inner conditional) off CUDA too, where it never
 # fires, so that a CPU compile has the graph structure of a CUDA one (benchmarks/compile_time.py).
 _DENSE_CHECK_EVERYWHERE = False
@@ -78,9 +76,8 @@ def sparse_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
     dp, dvp = tri.padded_head_dim(d), tri.padded_head_dim(dv)
     qp, kp, vp = tri.pad_head_dim(q, dp), tri.pad_head_dim(k, dp), tri.pad_head_dim(v, dvp)
     out = torch.empty(*q.shape[:3], dvp, dtype=q.dtype, device=q.device)
-    config = dict(INLINE_CONFIG)
-    grid, args, meta = tri.launch_args(qp, kp, vp, out, SparseIndex(*index), scale, None, 0, config.pop("BLOCK_M"))
-    torch.library.wrap_triton(tri._sparse_attention_kernel)[grid](*args, **meta, **config)
+    grid, args, meta = tri.launch_args(qp, kp, vp, out, SparseIndex(*index), scale, None, 0)
+    torch.library.wrap_triton(tri._sparse_attention_kernel)[grid](*args, **meta, **INLINE_CONFIG)
     return out if dvp == dv else out[..., :dv].contiguous()
 
 

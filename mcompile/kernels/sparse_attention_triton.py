@@ -17,14 +17,11 @@ Query row i sits at position ``P + i`` with ``P = N - Nq`` (a chunk after a cach
         q row 0 (pos 5)      x  x  x  x  x  x  .  .
         q row 2 (pos 7)      x  x  x  x  x  x  x  x
 
-Grid: ``(cdiv(N, BLOCK_M) - P // BLOCK_M, B * H)``, one program per ``BLOCK_M`` absolute
-positions that hold a query: one index block of ``BLOCK`` = 64 rows (index.py), or two
-(``BLOCK_M`` = 128, where the index has no key blocks), so that each K/V tile loaded serves
-128 queries (two warpgroups on Hopper). Programs take rows from the last ones down, so the
-rows with the most keys start first. The offset enters only the q loads and output stores
-(row ``position - P``, masked to ``[P, N)``); everything else works on positions. Each
-program walks the three key sets of its rows' index blocks (which the format keeps disjoint
-within a block)::
+Grid: ``(NB - P // BLOCK, B * H)``, one program per query block of ``BLOCK`` = 64 absolute
+positions that holds a query (index.py). Programs take query blocks from the last one down,
+so the blocks with the most keys start first. The offset enters only the q loads and output
+stores (row ``position - P``, masked to ``[P, N)``); everything else works on positions. Each
+program walks the three key sets of its block (which the format keeps disjoint)::
 
     (a) key blocks   blocks[b, h, m, :block_count]   64-key tiles [n*64, n*64 + 64)
     (b) runs         runs[b, h, :run_count]          keys [m*64 - d_hi, (m+1)*64 - d_lo)
@@ -32,15 +29,6 @@ within a block)::
     (c) columns      columns[b, h, :column_count[m]] gathered BLOCK_N at a time; a column
                                                       inside a run tile of this block is
                                                       masked (that tile computed it)
-
-With two index blocks ``m, m+1`` per program, a run's tiles cover the union of the two bands,
-``[m*64 - d_hi, (m+2)*64 - d_lo)``, each row masked to its own block's band where the bands
-differ (one tile at each end); a column covered by a run tile of one block only is masked
-for that block's rows alone::
-
-        keys ->              [m*64-d_hi ........................ (m+2)*64-d_lo)
-        rows of block m      |  band m             |       masked: not in band m
-        rows of block m+1    | masked  |  band m+1                              |
 
 Masks are built only where needed: a contiguous tile whose last key is <= the block's first
 query and < the interval end needs none; for a tile crossing the diagonal::
@@ -81,7 +69,6 @@ LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E): the kernel's softmax wo
 # Start of the running row max: finite, so a row whose keys are all masked computes
 # exp2(-inf - NEG_INIT) = 0 and exp2(NEG_INIT - NEG_INIT) = 1, never NaN; real scores are far above it.
 NEG_INIT = tl.constexpr(-1.0e30)
-INDEX_BLOCK = tl.constexpr(BLOCK)  # query rows per index block (index.py); a program spans 1 or 2
 HEAD_DIMS = (16, 32, 64, 128)  # head dims the kernel is built for (16/32 mainly for tests)
 MAX_HEAD_DIM = HEAD_DIMS[-1]  # larger head dims do not fit the tiles: the reference runs them
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -110,38 +97,26 @@ def _interpreting() -> bool:
 # Autotune configs
 # ----------------------------------------------------------------------------------------------
 
-BLOCK_MS = (BLOCK, 2 * BLOCK)  # query rows per program: one index block, or two
-
-
 def _configs():
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm in BLOCK_MS for bn in (64, 128) for w in (4, 8) for s in (2, 3)]
+    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bn in (64, 128) for w in (4, 8) for s in (2, 3)]
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop configs whose K/V pipeline overflows shared memory at this head dim; 8 warps on a
-    64x64 tile (two warpgroups on one 64-row wgmma leave each half idle); 128 query rows when
-    the index has key blocks (listed per 64-row block)."""
+    """Drop configs whose K/V pipeline overflows shared memory at this head dim, and 8 warps
+    on a 64x64 tile (two warpgroups on one 64-row wgmma leave each half idle)."""
     args = {**named_args, **kwargs}
     d, dv = args["HEAD_DIM"], args["HEAD_DV"]
     elem = 4 if args.get("DOT_PRECISION") == "ieee" else 2
     kept = []
     for c in configs:
-        bm, bn = c.kwargs.get("BLOCK_M", BLOCK), c.kwargs["BLOCK_N"]
+        bn = c.kwargs["BLOCK_N"]
         if c.num_stages * bn * (d + dv) * elem > SMEM_BUDGET:
             continue
-        if bm == BLOCK and bn == 64 and c.num_warps == 8:
-            continue
-        if bm > BLOCK and args.get("HAS_BLOCKS"):
+        if bn == 64 and c.num_warps == 8:
             continue
         kept.append(c)
     return kept or configs[:1]
-
-
-def default_block_m(has_blocks: bool) -> int:
-    """Query rows per program for an untuned launch: two index blocks (K/V tiles shared by 128
-    rows) unless the index lists key blocks, which are per 64-row block."""
-    return BLOCK if has_blocks else 2 * BLOCK
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,12 +139,9 @@ def _online_update(acc, l_i, m_i, qk, v, qk_scale, DOT_PRECISION: tl.constexpr):
 def _contiguous_tile(acc, l_i, m_i, q, k_base, v_base, kp_base, start, end, rows,
                      stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
                      HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr, TILE: tl.constexpr,
-                     MASKED: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                     band_lo=0, band_hi=0, BAND: tl.constexpr = False):
-    """Keys [start, start + TILE). MASKED: keep key < end and key <= row, and with BAND also
-    ``band_lo[row] <= key < band_hi[row]`` (a run's band when a program spans several index
-    blocks); otherwise the caller proved the whole tile is below the diagonal, before ``end``
-    (<= N) and inside every row's band."""
+                     MASKED: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Keys [start, start + TILE). MASKED: keep key < end and key <= row; otherwise the caller
+    proved the whole tile is below the diagonal and before ``end`` (<= N)."""
     offs = tl.arange(0, TILE)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DV)
@@ -187,8 +159,6 @@ def _contiguous_tile(acc, l_i, m_i, q, k_base, v_base, kp_base, start, end, rows
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
         keep = in_range[None, :] & (keys[None, :] <= rows[:, None])
-        if BAND:
-            keep = keep & (keys[None, :] >= band_lo[:, None]) & (keys[None, :] < band_hi[:, None])
         if HAS_PADDING:
             pad = tl.load(kp_base + keys64 * stride_kpn, mask=in_range, other=0)
             keep = keep & (pad != 0)[None, :]
@@ -200,44 +170,27 @@ def _contiguous_tile(acc, l_i, m_i, q, k_base, v_base, kp_base, start, end, rows
 
 
 @triton.jit
-def _covered(pre_base, j, valid, blk_row0, N):
-    """Whether column j falls inside a run tile of the index block starting at row ``blk_row0``:
-    iff a run diagonal lies in [lo, hi] (index.py)."""
-    lo = tl.maximum(blk_row0 - j, 0)
-    hi = blk_row0 + INDEX_BLOCK - 1 - j
-    span_ok = valid & (hi >= lo)
-    hi_c = tl.minimum(hi, N - 1)
-    return (tl.load(pre_base + hi_c + 1, mask=span_ok, other=0)
-            - tl.load(pre_base + lo, mask=span_ok, other=0)) > 0
-
-
-@triton.jit
-def _column_ids(col_base, c0, c_end, BLOCK_N: tl.constexpr):
-    """Columns[c0 : c0 + BLOCK_N] (0 past c_end) and which of them exist."""
-    idx = c0 + tl.arange(0, BLOCK_N)
-    valid = idx < c_end
-    return tl.load(col_base + idx, mask=valid, other=0), valid
-
-
-@triton.jit
 def _column_tile(acc, l_i, m_i, q, k_base, v_base, kp_base, col_base, pre_base, c0, c_end,
                  row0, rows, N, stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
                  BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr,
                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr,
                  DOT_PRECISION: tl.constexpr):
     """Columns[c0 : min(c0 + BLOCK_N, c_end)], K/V rows gathered by index. A column inside a
-    run tile of a row's index block is dropped for that row (the run tile computed it); with
-    two index blocks per program the two halves decide apart. CAUSAL: the chunk may hold
-    columns >= the program's first row. The K/V gather is masked by the list's length alone
-    (run coverage and padding act on the scores), so that its addresses depend on one load."""
-    j, valid = _column_ids(col_base, c0, c_end, BLOCK_N)
-    valid = valid & (j < N)
-    cov_a = _covered(pre_base, j, valid, row0, N)
-    if BLOCK_M > INDEX_BLOCK:
-        cov_b = _covered(pre_base, j, valid, row0 + INDEX_BLOCK, N)
-    else:
-        cov_b = cov_a
-    keep = valid
+    run tile of this block is dropped (the run tile computed it). CAUSAL: the chunk may hold
+    columns >= the block's first row. The gather is masked by the list's length alone, and run
+    coverage and padding act on the scores, so that the K/V addresses depend on one load (the
+    column numbers), not on the coverage loads after it (measured: equal or up to 5% faster)."""
+    idx = c0 + tl.arange(0, BLOCK_N)
+    j = tl.load(col_base + idx, mask=idx < c_end, other=0)
+    valid = (idx < c_end) & (j < N)
+    # Covered by a run tile iff a run diagonal lies in [lo, hi] (index.py).
+    lo = tl.maximum(row0 - j, 0)
+    hi = row0 + BLOCK_M - 1 - j
+    span_ok = valid & (hi >= lo)
+    hi_c = tl.minimum(hi, N - 1)
+    covered = (tl.load(pre_base + hi_c + 1, mask=span_ok, other=0)
+               - tl.load(pre_base + lo, mask=span_ok, other=0)) > 0
+    keep = valid & ~covered
     j64 = j.to(tl.int64)
     if HAS_PADDING:
         keep = keep & (tl.load(kp_base + j64 * stride_kpn, mask=valid, other=0) != 0)
@@ -248,11 +201,7 @@ def _column_tile(acc, l_i, m_i, q, k_base, v_base, kp_base, col_base, pre_base, 
     v = tl.load(v_base + j64[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                 mask=valid[:, None], other=0.0)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    if BLOCK_M > INDEX_BLOCK:
-        second = rows >= row0 + INDEX_BLOCK
-        mask = keep[None, :] & ~tl.where(second[:, None], cov_b[None, :], cov_a[None, :])
-    else:
-        mask = keep[None, :] & ~cov_a[None, :]
+    mask = keep[None, :]
     if CAUSAL:
         mask = mask & (j[None, :] <= rows[:, None])
     qk = tl.where(mask, qk, float("-inf"))
@@ -273,18 +222,13 @@ def _sparse_attention_kernel(
         BLOCK_N: tl.constexpr, KB_POW2: tl.constexpr, HAS_PADDING: tl.constexpr,
         HAS_COLUMNS: tl.constexpr, HAS_BLOCKS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor's launcher passes Python floats as fp64
-    p = tl.cdiv(N, BLOCK_M) - 1 - tl.program_id(0)  # heaviest query rows first
+    m = NB - 1 - tl.program_id(0)  # heaviest query blocks first
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     hk = h // GROUP
-    row0 = p * BLOCK_M
+    row0 = m * BLOCK_M
     rows = row0 + tl.arange(0, BLOCK_M)
-    # Index blocks of the program's rows: m_first .. m_last (the same one unless BLOCK_M = 128;
-    # m_last may be the spare row NB, whose rows are all past N).
-    m_first = row0 // INDEX_BLOCK
-    m_last = m_first + BLOCK_M // INDEX_BLOCK - 1
-    blk_row0 = (rows // INDEX_BLOCK) * INDEX_BLOCK  # first row of each row's index block
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DV)
 
@@ -306,8 +250,6 @@ def _sparse_attention_kernel(
     # (a) Key blocks, sorted: those before block m are below the diagonal (no mask), the rest
     # (block m itself, and any later one, which masks to nothing) get the causal mask.
     if HAS_BLOCKS:
-        tl.static_assert(BLOCK_M == INDEX_BLOCK, "key blocks are listed per 64-row query block")
-        m = m_first
         blk_base = Blocks + (bh64 * ROWS + m) * KB
         cnt = tl.load(BlockCount + bh64 * ROWS + m)
         slot = tl.arange(0, KB_POW2)
@@ -326,10 +268,8 @@ def _sparse_attention_kernel(
                 rows, stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
                 HEAD_DIM, HEAD_DV, BLOCK_M, True, HAS_PADDING, DOT_PRECISION)
 
-    # (b) Runs: one contiguous key interval each, the union of the program's index blocks'
-    # bands [blk_row0 - d_hi, blk_row0 + 64 - d_lo). Full tiles inside every row's band, at or
-    # before the first query and before the interval end go unmasked; the one tile before them
-    # (when the program spans two index blocks) and the last one or two tiles are masked.
+    # (b) Runs: one contiguous key interval each; full tiles ending at or before the block's
+    # first query (and the interval end) go unmasked, the last one or two tiles are masked.
     run_count = tl.load(RunCount + bh64)
     run_base = Runs + bh64 * R * 2
     for r in range(0, run_count):
@@ -337,36 +277,23 @@ def _sparse_attention_kernel(
         d_hi = tl.load(run_base + 2 * r + 1)
         lo = tl.maximum(row0 - d_hi, 0)
         hi = tl.minimum(row0 + BLOCK_M - d_lo, N)
-        band_lo = blk_row0 - d_hi
-        band_hi = blk_row0 + INDEX_BLOCK - d_lo
-        free_lo = tl.maximum(row0 + BLOCK_M - INDEX_BLOCK - d_hi, lo)  # == lo when BLOCK_M == 64
-        free_hi = tl.minimum(tl.minimum(hi, row0 + 1), row0 + INDEX_BLOCK - d_lo)
-        n_pre = tl.cdiv(free_lo - lo, BLOCK_N)
-        s0 = lo + n_pre * BLOCK_N
-        n_free = tl.maximum(free_hi - s0, 0) // BLOCK_N
-        for t in range(0, n_pre):
+        n_free = tl.maximum(tl.minimum(hi, row0 + 1) - lo, 0) // BLOCK_N
+        for t in range(0, n_free):
             acc, l_i, m_i = _contiguous_tile(
                 acc, l_i, m_i, q, k_base, v_base, kp_base, lo + t * BLOCK_N, hi, rows,
                 stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
-                HEAD_DIM, HEAD_DV, BLOCK_N, True, HAS_PADDING, DOT_PRECISION,
-                band_lo, band_hi, BLOCK_M > INDEX_BLOCK)
-        for t in range(0, n_free):
-            acc, l_i, m_i = _contiguous_tile(
-                acc, l_i, m_i, q, k_base, v_base, kp_base, s0 + t * BLOCK_N, hi, rows,
-                stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
                 HEAD_DIM, HEAD_DV, BLOCK_N, False, HAS_PADDING, DOT_PRECISION)
-        for start in range(s0 + n_free * BLOCK_N, hi, BLOCK_N):
+        for start in range(lo + n_free * BLOCK_N, hi, BLOCK_N):
             acc, l_i, m_i = _contiguous_tile(
                 acc, l_i, m_i, q, k_base, v_base, kp_base, start, hi, rows,
                 stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
-                HEAD_DIM, HEAD_DV, BLOCK_N, True, HAS_PADDING, DOT_PRECISION,
-                band_lo, band_hi, BLOCK_M > INDEX_BLOCK)
+                HEAD_DIM, HEAD_DV, BLOCK_N, True, HAS_PADDING, DOT_PRECISION)
 
-    # (c) Columns below the program's last row; those below its first row
-    # (column_count[m_first - 1] of them) need no causal mask, so chunks wholly among them skip it.
+    # (c) Columns below (m+1)*64; those below m*64 (column_count[m-1] of them) need no
+    # causal mask, so chunks wholly among them skip it.
     if HAS_COLUMNS:
-        c_end = tl.load(ColumnCount + bh64 * ROWS + m_last)
-        c_prev = tl.load(ColumnCount + bh64 * ROWS + m_first - 1, mask=m_first > 0, other=0)
+        c_end = tl.load(ColumnCount + bh64 * ROWS + m)
+        c_prev = tl.load(ColumnCount + bh64 * ROWS + m - 1, mask=m > 0, other=0)
         col_base = Columns + bh64 * C
         pre_base = DiagPrefix + bh64 * (N + 1)
         n_free = c_prev // BLOCK_N
@@ -389,7 +316,7 @@ def _sparse_attention_kernel(
 
 
 _sparse_attention_tuned = triton.autotune(
-    configs=_configs(), key=["HEAD_DIM", "HEAD_DV", "N_BUCKET", "HAS_BLOCKS"],
+    configs=_configs(), key=["HEAD_DIM", "HEAD_DV", "N_BUCKET"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_sparse_attention_kernel)
 
@@ -474,56 +401,44 @@ def pad_head_dim(x: torch.Tensor, dp: int) -> torch.Tensor:
 
 def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SparseIndex,
                             scale: float, key_padding: Optional[torch.Tensor] = None,
-                            block_n: Optional[int] = None, block_m: Optional[int] = None) -> torch.Tensor:
+                            block_n: Optional[int] = None) -> torch.Tensor:
     """q (B, H, Nq, D), k/v (B, Hk, N, D), Nq <= N, key_padding (B, N) bool -> (B, H, Nq, Dv) in
     q's dtype. Query row i is at position N - Nq + i (a chunk after a cached prefix).
 
     Same contract as ``sparse_attention_ref``, with ``scale > 0`` (it is folded into the base-2
-    exponent, where a sign flip would turn the running max into a min). ``block_n`` (64 or 128)
-    pins the key tile width and ``block_m`` (64 or 128) the query rows per program instead of
-    autotuning; pinning one pins both (the other takes 64 and ``default_block_m``). Under
-    TRITON_INTERPRET they default to ``INTERPRET_BLOCK_N`` and ``default_block_m``. Head dims
-    outside HEAD_DIMS (up to MAX_HEAD_DIM) are zero-padded (module docstring).
+    exponent, where a sign flip would turn the running max into a min). ``block_n`` pins the key tile width (64 or 128)
+    instead of autotuning; under TRITON_INTERPRET it defaults to ``INTERPRET_BLOCK_N``. Head
+    dims outside HEAD_DIMS (up to MAX_HEAD_DIM) are zero-padded (module docstring).
     """
     _check_contract(q, k, v, index, key_padding)
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number, got {scale}")
     if block_n is not None and block_n not in (64, 128):
         raise ValueError(f"block_n must be 64 or 128, got {block_n}")
-    if block_m is not None and block_m not in BLOCK_MS:
-        raise ValueError(f"block_m must be one of {BLOCK_MS}, got {block_m}")
-    if block_m is not None and block_m != BLOCK and index.blocks.shape[3] > 0:
-        raise ValueError(f"block_m {block_m} cannot run an index with key blocks (listed per {BLOCK}-row block)")
     b, h, nq, d = q.shape
     n, dv = k.shape[2], v.shape[-1]
     dp, dvp = padded_head_dim(d), padded_head_dim(dv)
     if dp != d or dvp != dv:
         out = sparse_attention_triton(pad_head_dim(q, dp), pad_head_dim(k, dp), pad_head_dim(v, dvp), index,
-                                      scale, key_padding, block_n, block_m)
+                                      scale, key_padding, block_n)
         return out[..., :dv].contiguous()
     out = torch.empty(b, h, nq, dv, dtype=q.dtype, device=q.device)
     if nq == 0 or b * h == 0:
         return out
-    pinned = block_n is not None or block_m is not None or _interpreting()
-    if pinned:
-        block_m = block_m or default_block_m(index.blocks.shape[3] > 0)
-        block_n = block_n or (INTERPRET_BLOCK_N if _interpreting() else 64)
-        grid, args, meta = launch_args(q, k, v, out, index, scale, key_padding, _length_bucket(n), block_m)
-        _sparse_attention_kernel[grid](*args, **meta, BLOCK_N=block_n, num_warps=4 if block_m == BLOCK else 8,
-                                       num_stages=2)
-    else:
-        grid, args, meta = launch_args(q, k, v, out, index, scale, key_padding, _length_bucket(n))
+    grid, args, meta = launch_args(q, k, v, out, index, scale, key_padding, _length_bucket(n))
+    if block_n is None and _interpreting():
+        block_n = INTERPRET_BLOCK_N
+    if block_n is None:
         _sparse_attention_tuned[grid](*args, **meta)
+    else:
+        _sparse_attention_kernel[grid](*args, **meta, BLOCK_N=block_n, num_warps=4, num_stages=2)
     return out
 
 
-def launch_args(q, k, v, out, index: SparseIndex, scale: float, key_padding, n_bucket,
-                block_m: Optional[int] = None) -> tuple:
+def launch_args(q, k, v, out, index: SparseIndex, scale: float, key_padding, n_bucket) -> tuple:
     """(grid, positional args, constexpr meta) of ``_sparse_attention_kernel`` for contiguous
-    ``out``; ``n_bucket`` is the autotuning key (any int for an untuned launch). With ``block_m``
-    the grid is a tuple and meta holds BLOCK_M; without it (autotuned) the grid is a function of
-    the chosen config. Only symbolic arithmetic on sizes, so a traced launch (kernels/inline.py)
-    adds no guards."""
+    ``out``; ``n_bucket`` is the autotuning key (any int for an untuned launch). Only symbolic
+    arithmetic on sizes, so a traced launch (kernels/inline.py) adds no guards."""
     b, h, nq, d = q.shape
     hk, n, dv = k.shape[1], k.shape[2], v.shape[-1]
     q_start = n - nq  # position of query row 0
@@ -544,30 +459,17 @@ def launch_args(q, k, v, out, index: SparseIndex, scale: float, key_padding, n_b
     args = (q, k, v, out, kp, runs, run_count, diag_prefix, columns, column_count, blocks, block_count,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *kp_strides,
             n, q_start, h, h // hk, nb, rows, r, c, kb, float(scale) * LOG2E, n_bucket)
-    meta = dict(HEAD_DIM=d, HEAD_DV=dv, KB_POW2=triton.next_power_of_2(max(kb, 1)),
+    meta = dict(HEAD_DIM=d, HEAD_DV=dv, BLOCK_M=BLOCK, KB_POW2=triton.next_power_of_2(max(kb, 1)),
                 HAS_PADDING=has_padding, HAS_COLUMNS=c > 0, HAS_BLOCKS=kb > 0,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-
-    def programs(bm):  # the programs whose rows hold a query: the last ones
-        return (n + bm - 1) // bm - q_start // bm
-
-    if block_m is None:
-        return (lambda cfg: (programs(cfg["BLOCK_M"]), b * h)), args, meta
-    meta["BLOCK_M"] = block_m
-    return (programs(block_m), b * h), args, meta
-
-
-def tuned_config(q: torch.Tensor, v: torch.Tensor, has_blocks: bool = False) -> Optional[dict]:
-    """The autotuner's choice for q's head dim, length bucket and dtype: BLOCK_M, BLOCK_N,
-    num_warps and num_stages (None before a run)."""
-    want = (padded_head_dim(q.shape[-1]), padded_head_dim(v.shape[-1]), _length_bucket(v.shape[2]), has_blocks)
-    for key, config in _sparse_attention_tuned.cache.items():
-        if tuple(key[:4]) == want and str(q.dtype) in key:
-            return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
-    return None
+    grid = (nb - q_start // BLOCK, b * h)  # the blocks that hold a query: the last ones
+    return grid, args, meta
 
 
 def tuned_block_n(q: torch.Tensor, v: torch.Tensor) -> Optional[int]:
     """BLOCK_N the autotuner chose for q's head dim, length bucket and dtype (None before a run)."""
-    config = tuned_config(q, v)
-    return None if config is None else config["BLOCK_N"]
+    want = (padded_head_dim(q.shape[-1]), padded_head_dim(v.shape[-1]), _length_bucket(v.shape[2]))
+    for key, config in _sparse_attention_tuned.cache.items():
+        if tuple(key[:3]) == want and str(q.dtype) in key:
+            return config.kwargs["BLOCK_N"]
+    return None
