@@ -47,7 +47,8 @@ def run_config(q, k, v, index, scale, config):
     return out
 
 
-BUDGETS = ((1000, 6096), (500, 3048))
+BUDGETS = ((1000, 6096), (500, 3048))  # vertical-slash budgets of the clustered input
+INPUTS = ("clustered", "ashape", "sink", "gaussian")
 
 
 def cases(n, shape, which):
@@ -55,7 +56,7 @@ def cases(n, shape, which):
     if {"clustered", "ashape", "sink"} & set(which):
         q, k = clustered_qk(n, h, hk, d)
         v = torch.randn(1, hk, n, d, device="cuda", dtype=torch.bfloat16)
-        for budgets in ((1000, 6096), (500, 3048)):
+        for budgets in BUDGETS:
             if "clustered" in which:
                 yield f"vs {budgets[0]}/{budgets[1]}", q, k, v, PatternKind.VERTICAL_SLASH, budgets
         if "ashape" in which:
@@ -72,7 +73,7 @@ def cases(n, shape, which):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="*", default=[32768, 131072])
-    p.add_argument("--inputs", nargs="*", default=["clustered", "ashape", "gaussian"])
+    p.add_argument("--inputs", nargs="*", default=list(INPUTS), choices=INPUTS)
     p.add_argument("--head-dim-64", action="store_true", help="also SmolLM2's shape (9 / 3 heads, head dim 64)")
     p.add_argument("--out", default=None)
     args = p.parse_args()

@@ -18,6 +18,7 @@ from mcompile.pattern_db.allocate import (
     allocate,
     database,
     losses,
+    model_means,
     sensitivity,
 )
 from mcompile.pattern_db.commands import _kept_targets
@@ -154,6 +155,20 @@ def test_sensitivity_and_database_round_trip(model, tmp_path):
     back = load(tmp_path / "db.json", model=fp)
     assert [back.patterns_for(i)[0] for i in range(2)] == alloc.patterns(options)
     assert back.calibration["objective"] == "loss"
+
+
+def test_measured_means_count_dense_layers_as_keeping_everything(model):
+    """The all-layers check of an allocation that leaves a layer dense: the model's mean kept
+    fraction counts that layer as 1, so it equals the mean of the table's per-layer entries."""
+    cal = _calibration(model.config.vocab_size, seed=4)
+    options = [Pattern(VS, 30, 100), DENSE]
+    with Session(model, reference_length=0) as s:
+        _, table = sensitivity(s, cal, options, model.config.num_hidden_layers)
+        _, kept, recall = s.run(cal, {0: DENSE, 1: options[0]}, measure=True)
+    assert {layer for layer, _ in kept} == {1}  # the dense layer is not measured
+    means = model_means(kept, 2)
+    assert means[N] == pytest.approx((1.0 + table[1][0].kept[N]) / 2)
+    assert model_means(recall, 2)[N] == pytest.approx((1.0 + table[1][0].recall[N]) / 2)
 
 
 def test_kept_targets_option():

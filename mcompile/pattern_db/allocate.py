@@ -45,7 +45,7 @@ from .. import ops  # noqa: F401  (registers torch.ops.mcompile.*)
 from ..capture import attention_recall
 from ..eval.perplexity import window_nll
 from ..index import SparseIndex, kept_fraction
-from ..patterns import DENSE, Pattern, PatternKind, encode
+from ..patterns import DEFAULT_BUDGET_EXPONENT, DENSE, Pattern, PatternKind, encode
 from . import HeadEntry, ModelFingerprint, PatternDB
 
 ALLOCATE_IMPL = "mcompile_allocate"  # name registered with transformers' AttentionInterface
@@ -54,7 +54,7 @@ ALLOCATE_IMPL = "mcompile_allocate"  # name registered with transformers' Attent
 VERTICALS = (1200,)
 SLASHES = (100, 200, 350, 600, 1000, 1700)
 REFERENCE_LENGTH = 8192
-BUDGET_EXPONENT = 0.7
+BUDGET_EXPONENT = DEFAULT_BUDGET_EXPONENT  # the backend's scaling of budgets with length
 # A lost needle moves the answer's loss by several nats; at 0.05 one lost answer among nine
 # prompts outweighs a 1% perplexity change of the text.
 NEEDLE_WEIGHT = 0.05
@@ -204,7 +204,8 @@ class Session:
 
     def run(self, cal: Calibration, patterns: dict, measure: bool = False) -> tuple[Losses, dict, dict]:
         """Losses with ``patterns`` ({layer: Pattern}), and (when ``measure``) kept fraction and
-        recall per (layer, length), averaged over inputs."""
+        recall per (layer, length), averaged over inputs; dense layers are not measured (see
+        ``model_means``)."""
         self.attn.patterns = dict(patterns)
         self.attn.measure = measure
         self.attn.kept, self.attn.recall = {}, {}
@@ -213,6 +214,13 @@ class Session:
         kept = {key: sum(v) / len(v) for key, v in self.attn.kept.items()}
         recall = {key: sum(v) / len(v) for key, v in self.attn.recall.items()}
         return result, kept, recall
+
+
+def model_means(per_layer: dict, layers: int) -> dict:
+    """{length: mean over all ``layers``} of ``Session.run``'s {(layer, length): value}; a layer
+    with no value ran dense attention, which keeps every causal key (kept fraction and recall 1)."""
+    lengths = sorted({n for _, n in per_layer})
+    return {n: sum(per_layer.get((layer, n), 1.0) for layer in range(layers)) / layers for n in lengths}
 
 
 def sensitivity(session: Session, cal: Calibration, options: Sequence[Pattern], layers: int,
@@ -360,5 +368,6 @@ __all__ = [
     "calibration_inputs",
     "database",
     "default_options",
+    "model_means",
     "sensitivity",
 ]

@@ -216,6 +216,7 @@ def allocate_cmd(args) -> int:
         calibration_inputs,
         database,
         default_options,
+        model_means,
         sensitivity,
     )
 
@@ -272,10 +273,9 @@ def allocate_cmd(args) -> int:
             measured = None
             if not args.no_check:
                 res, kept, recall = session.run(cal, dict(enumerate(alloc.patterns(options))), measure=True)
-                by_len = lambda d: {n: round(sum(v for (_, m), v in d.items() if m == n) / layers, 4)
-                                    for n in sorted({m for _, m in d})}
                 measured = {"text": res.text - base.text, "needle": res.needle - base.needle, "needles": res.needles,
-                            "kept": by_len(kept), "recall": by_len(recall)}
+                            "kept": {n: round(v, 4) for n, v in model_means(kept, layers).items()},
+                            "recall": {n: round(v, 4) for n, v in model_means(recall, layers).items()}}
             calibration = {"length": args.window, "budget_length": args.reference_length,
                            "budget_exponent": args.exponent, "objective": "loss", "data": cal.description,
                            "dtype": args.dtype, "kept_targets": {str(n): t for n, t in targets.items()},
