@@ -139,6 +139,35 @@ def timed(fn, reps):
     return statistics.median(times)
 
 
+def kernel_profile(fn, top: int) -> dict:
+    """GPU time of one call of ``fn`` by kernel name (torch.profiler): total and the ``top`` largest
+    (CPU time by op under --smoke)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = torch.cuda.is_available()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
+        fn()
+        sync()
+    by_name = {}
+    for e in prof.key_averages():
+        us = (getattr(e, "self_device_time_total", None) if gpu else e.self_cpu_time_total)
+        if us is None:
+            us = getattr(e, "self_cuda_time_total", 0)
+        if us > 0:
+            ms, calls = by_name.get(e.key, (0.0, 0))
+            by_name[e.key] = (ms + us / 1e3, calls + e.count)
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])
+    return {"total_ms": sum(ms for ms, _ in by_name.values()),
+            "top": [{"kernel": name[:160], "ms": ms, "calls": calls} for name, (ms, calls) in ranked[:top]]}
+
+
+def print_profile(case: str, n: int, prof: dict) -> None:
+    print(f"  profile {case} N={n}: {prof['total_ms']:.1f} ms of kernels", flush=True)
+    for r in prof["top"]:
+        print(f"    {r['ms']:9.2f} ms {r['calls']:6d}x  {r['kernel'][:110]}", flush=True)
+
+
 def rel_err(x, ref) -> float:
     return ((x - ref).abs().max() / ref.abs().max()).item()
 
@@ -186,6 +215,9 @@ def run_case(model, case, tokens, args, check):
             row["peak_gib"] = torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else None
             if compile_s is None:
                 compile_s = first - row["ms"] / 1e3
+            if n in args.profile:
+                row["profile"] = kernel_profile(functools.partial(forward, tokens[:, :n]), args.profile_top)
+                print_profile(case, n, row["profile"])
         except torch.OutOfMemoryError as exc:
             row["error"] = f"out of memory: {str(exc).splitlines()[0]}"
         rows.append(row)
@@ -312,6 +344,9 @@ def main():
                    help="sink,local of the ashape case (default 1000,6096); the estimation cost added to it "
                         "is vertical-slash's at the same budgets")
     p.add_argument("--smoke", action="store_true", help="tiny random Llama on CPU, fp32 (dry run)")
+    p.add_argument("--profile", type=int, nargs="*", default=[],
+                   help="lengths at which one more forward runs under torch.profiler: GPU time by kernel")
+    p.add_argument("--profile-top", type=int, default=25, help="kernels listed per profile")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
     if args.ashape_budgets:

@@ -11,16 +11,20 @@ MLP pass (memory_ops.gated_mlp):
   the branches with Dynamo, which turns Python floats they close over into tensors.
 - ``tensors`` cross the conditional flat: cond's lowering realises its operands in a layout of
   its choosing while the branches were traced with the operands' strides (transposed views of
-  q and k), which the branches' input checks reject; a 1-D tensor has one layout. With
-  ``copy=True`` they cross as fresh copies, so no operand aliases another (q, k and v may be
-  views of one fused projection); the copy fuses into the producer where Inductor can.
+  q and k), which the branches' input checks reject; a 1-D tensor has one layout. Each is
+  flattened in its memory order where that is known without a guard (contiguous, or a
+  (B, H, N, D) view of (B, N, H, D) storage, as attention's q/k/v and outputs are in
+  transformers), so crossing costs no copy, and the branches see the operand's own strides.
+  With ``copy=True``, operands that share storage (q, k and v may be views of one fused
+  projection) cross as fresh copies instead, so that none aliases another.
 - The branch graphs are traced on their own and may use only sizes they are handed: the
   symbolic dims of ``tensors`` cross as SymInt operands (the generated code binds its size
   symbols from them). Static dims stay constants.
 - ``extra`` tensors (fixed layouts: weights, custom-op outputs) cross as they are.
 - Branches return one tensor; cond's lowering wants tuples, which this wraps.
 
-The branches get ``(*tensors, *extra)`` with ``tensors`` in their original shapes (contiguous).
+The branches get ``(*tensors, *extra)`` with ``tensors`` in their original shapes and, unless
+copied, strides (a copy is contiguous in the same memory order).
 """
 
 from __future__ import annotations
@@ -47,19 +51,74 @@ def flat_cond(pred, true_fn: Callable, false_fn: Callable, tensors: tuple, extra
         for s in shape:
             if isinstance(s, torch.SymInt) and not any(s.node.expr == t.node.expr for t in sizes):
                 sizes.append(s)
-    flat = tuple((t.clone(memory_format=torch.contiguous_format) if copy else t.contiguous()).view(-1)
-                 for t in tensors)
+    copy = copy and _share_storage(tensors)
+    orders = [memory_order(t) for t in tensors]
+    flat = tuple((t.permute(p).clone(memory_format=torch.contiguous_format) if copy
+                  else t.permute(p).contiguous()).view(-1) for t, p in zip(tensors, orders))
 
     def unflatten(fn):
         def branch(*args):
             bound = dict(zip((s.node.expr for s in sizes), args[:len(sizes)]))
             rest = args[len(sizes):]
-            views = tuple(f.view(*(bound[s.node.expr] if isinstance(s, torch.SymInt) else s for s in shape))
-                          for f, shape in zip(rest[:len(shapes)], shapes))
+            views = []
+            for f, shape, p in zip(rest[:len(shapes)], shapes, orders):
+                dims = [bound[s.node.expr] if isinstance(s, torch.SymInt) else s for s in shape]
+                views.append(f.view(*(dims[i] for i in p)).permute(*_inverse(p)))
             return (fn(*views, *rest[len(shapes):]),)
         return branch
 
     return cond_op(pred, unflatten(true_fn), unflatten(false_fn), (*sizes, *flat, *extra))[0]
+
+
+def memory_order(t: torch.Tensor) -> tuple:
+    """A permutation ``p`` with ``t.permute(p)`` contiguous, proven without adding a guard: the
+    identity, or for a 4-D tensor dims 1 and 2 swapped (a (B, H, N, D) view of (B, N, H, D)
+    storage). The identity when neither is proven (``contiguous()`` then copies)."""
+    identity = tuple(range(t.dim()))
+    for p in (identity, (0, 2, 1, 3)) if t.dim() == 4 else (identity,):
+        expected, dense = 1, True
+        for d in reversed(p):
+            if not (statically_known_true(t.size(d) == 1) or statically_known_true(t.stride(d) == expected)):
+                dense = False
+                break
+            expected = expected * t.size(d)
+        if dense:
+            return p
+    return identity
+
+
+def _inverse(p: tuple) -> tuple:
+    inv = [0] * len(p)
+    for i, d in enumerate(p):
+        inv[d] = i
+    return tuple(inv)
+
+
+def _storage(t: torch.Tensor):
+    """The storage of ``t`` or, while tracing, of the fake tensor under its functional wrappers
+    (what cond's aliasing check compares)."""
+    from torch._subclasses.functional_tensor import FunctionalTensor
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    if isinstance(t, FunctionalTensor):
+        t = torch._from_functional_tensor(t.elem)
+    while torch._C._functorch.is_functionaltensor(t) or torch._C._functorch.is_batchedtensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return StorageWeakRef(t.untyped_storage())
+
+
+def _share_storage(tensors: tuple) -> bool:
+    """Whether two of ``tensors`` may share storage (True where storage cannot be inspected)."""
+    seen = set()
+    for t in tensors:
+        try:
+            ref = _storage(t)
+        except Exception:  # a tensor without inspectable storage: assume the worst
+            return True
+        if ref in seen:
+            return True
+        seen.add(ref)
+    return False
 
 
 def _operand_key(x) -> str:

@@ -18,7 +18,7 @@ kinds of key sets; the kept keys of a query are their union, intersected with ``
    set is shift-invariant: the index costs O(budget), not O(N x budget). Neighbouring runs are
    at least ``BLOCK`` diagonals apart, which makes their tiles disjoint in every block.
    A-shape's local window is one run ``(0, local-1)``; a dense head is ``(0, N-1)``.
-2. **Columns** ``columns[b, h, c]``, sorted ascending, padded with ``SENTINEL``;
+2. **Columns** ``columns[b, h, c]``, distinct, sorted ascending, padded with ``SENTINEL``;
    ``column_count[b, h, m]`` is how many are ``< (m+1)*BLOCK``. Vertical lines and A-shape's
    sink. A column that falls inside a run's tile of block ``m`` is computed by that tile;
    ``diag_prefix`` lets a kernel skip it: ``diag_prefix[b, h, x]`` is the number of diagonals
@@ -99,19 +99,23 @@ def index_rows(n):
 
 
 def runs_to_diag_prefix(runs: torch.Tensor, run_count: torch.Tensor, n: int) -> torch.Tensor:
-    """Exclusive prefix count of diagonals covered by runs: (B, H, R, 2) -> (B, H, n + 1)."""
+    """Exclusive prefix count of diagonals covered by runs: (B, H, R, 2) -> (B, H, n + 1).
+
+    Runs are sorted and disjoint, so the diagonals below ``x`` are the whole runs before the
+    last run starting below ``x`` plus that run's part below ``x``: a binary search per ``x``
+    over the R runs, not a scan over n (two length-n scans cost 0.6 ms per layer at 128K)."""
     b, h, r, _ = runs.shape
+    if r == 0:
+        return torch.zeros(b, h, n + 1, dtype=torch.int32, device=runs.device)
     valid = torch.arange(r, device=runs.device) < run_count[..., None].long()  # (B, H, R)
-    lo = torch.where(valid, runs[..., 0].long(), n).clamp(max=n)
-    hi = torch.where(valid, runs[..., 1].long() + 1, n).clamp(max=n)
-    delta = torch.zeros(b, h, n + 2, dtype=torch.int32, device=runs.device)
-    one = torch.ones_like(lo, dtype=torch.int32)
-    delta.scatter_add_(2, lo, one)
-    delta.scatter_add_(2, hi, -one)
-    covered = (delta[..., :n].cumsum(-1) > 0).to(torch.int32)  # (B, H, n)
-    prefix = torch.zeros(b, h, n + 1, dtype=torch.int32, device=runs.device)
-    prefix[..., 1:] = covered.cumsum(-1)
-    return prefix
+    lo = torch.where(valid, runs[..., 0].long(), n).clamp(min=0, max=n)
+    length = torch.where(valid, runs[..., 1].long() + 1, n).clamp(min=0, max=n) - lo
+    before = length.cumsum(-1) - length  # covered diagonals in the runs before each run
+    x = torch.arange(n + 1, device=runs.device).expand(b, h, n + 1).contiguous()
+    last = torch.searchsorted(lo.contiguous(), x) - 1  # the last run with lo < x; -1: none
+    at = last.clamp(min=0)
+    inside = torch.minimum(x - lo.gather(-1, at), length.gather(-1, at))
+    return torch.where(last >= 0, before.gather(-1, at) + inside, 0).to(torch.int32)
 
 
 def column_counts(columns: torch.Tensor, n: int) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """The sparse index format: its documented example, run merging, prefix counts, densities."""
 
+import pytest
 import torch
 
 from mcompile.index import SENTINEL, SparseIndex, column_counts, index_to_mask, kept_fraction, runs_to_diag_prefix
@@ -46,6 +47,26 @@ def test_diag_prefix_counts_covered_diagonals():
     r = torch.tensor([[[[0, 2], [10, 11]]]], dtype=torch.int32)
     p = runs_to_diag_prefix(r, torch.tensor([[2]], dtype=torch.int32), 16)
     assert p[0, 0].tolist() == [0, 1, 2, 3, 3, 3, 3, 3, 3, 3, 3, 4, 5, 5, 5, 5, 5]
+
+
+@pytest.mark.parametrize("n", [1, 63, 200, 517])
+def test_diag_prefix_matches_a_scan_over_random_runs(n):
+    """Random sorted disjoint runs (some past n, some padded away) against a plain scan."""
+    g = torch.Generator().manual_seed(n)
+    b, h, r = 2, 5, 7
+    runs = torch.full((b, h, r, 2), SENTINEL, dtype=torch.int32)
+    count = torch.randint(0, r + 1, (b, h), generator=g, dtype=torch.int32)
+    expected = torch.zeros(b, h, n + 1, dtype=torch.int32)
+    for bi in range(b):
+        for hi in range(h):
+            edges = (torch.randperm(n + 40, generator=g)[:2 * int(count[bi, hi])].sort().values).view(-1, 2)
+            runs[bi, hi, :len(edges)] = edges.int()
+            covered = torch.zeros(n, dtype=torch.int32)
+            for lo, hi_ in edges.tolist():
+                covered[lo:hi_ + 1] = 1
+            expected[bi, hi, 1:] = covered.cumsum(0)
+    assert torch.equal(runs_to_diag_prefix(runs, count, n), expected)
+    assert torch.equal(runs_to_diag_prefix(runs[:, :, :0], count * 0, n), torch.zeros(b, h, n + 1, dtype=torch.int32))
 
 
 def test_column_counts_per_block():

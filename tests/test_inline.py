@@ -10,6 +10,7 @@ from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 
 import mcompile
+from mcompile.conditional import flat_cond, memory_order
 from mcompile.index import SparseIndex
 from mcompile.kernels import inline
 from mcompile.kernels.sparse_attention import sparse_attention_ref
@@ -100,6 +101,48 @@ def test_explain_reports_inlining_and_why_not():
     assert all(s.rewritten and not s.inlined and "padding" in s.inline_reason for s in padded.sites)
     off = mcompile.explain(tiny_llama("sdpa"), ids, options={**OPTS, "inline_kernels": False})
     assert all(s.inline_reason == "inline_kernels=False" for s in off.sites)
+
+
+def _traced_ops(fn, x):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gm = make_fx(fn, tracing_mode="symbolic")(x)
+    torch.testing.assert_close(gm(x), fn(x))
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def _add_or_sub(q, k):
+    return flat_cond(q.shape[2] >= 5, lambda q, k: (q + k).transpose(1, 2).contiguous(),
+                     lambda q, k: (q - k).transpose(1, 2).contiguous(), (q, k))
+
+
+def test_conditional_operands_cross_in_memory_order_without_copies():
+    """(B, H, N, D) views of (B, N, H, D) storage (attention's q/k/v in transformers) cross a
+    conditional as they are stored: no copy; operands that share storage are copied (cond
+    rejects aliased operands)."""
+    x = torch.randn(2, 7, 2, 4)  # (B, N, H, D)
+    as_heads = lambda t: t.transpose(1, 2)  # noqa: E731
+    assert memory_order(as_heads(x)) == (0, 2, 1, 3)
+    assert memory_order(x) == (0, 1, 2, 3)
+    assert memory_order(x.transpose(0, 3)) == (0, 1, 2, 3)  # not proven: the identity (then a copy)
+    separate = _traced_ops(lambda x: _add_or_sub(as_heads(x), as_heads(x * 2)), x)
+    assert torch.ops.aten.clone.default not in separate
+    shared = _traced_ops(lambda x: _add_or_sub(as_heads(x), as_heads(x)[:, :1].expand(-1, 2, -1, -1)), x)
+    assert shared.count(torch.ops.aten.clone.default) == 2
+
+
+def test_inlined_attention_returns_the_models_layout():
+    """The output is a (B, H, N, D) view of (B, N, H, D) storage, so the model's
+    ``transpose(1, 2).reshape`` after attention copies nothing; values are the reference's."""
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in qkv(2, 4, 2, 230, 16))
+    for n in (100, 230):  # dense, then sparse (dense_below 200)
+        out = inline.sparse_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], [2] * 4, [30] * 4, [100] * 4,
+                                      0.25, 200)
+        assert out.shape == (2, 4, n, 16) and out.transpose(1, 2).is_contiguous()
+        index = torch.ops.mcompile.estimate_index(q[:, :, :n], k[:, :, :n], None, [2] * 4, [30] * 4, [100] * 4,
+                                                  0.25, 0)
+        ref = torch.ops.mcompile.sparse_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], *index, None, 0.25, 200)
+        torch.testing.assert_close(out, ref)
 
 
 def test_kernel_op_is_the_reference_off_cuda():

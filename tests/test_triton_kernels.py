@@ -213,6 +213,48 @@ def test_columns_inside_run_tiles_are_not_counted_twice():
     torch.testing.assert_close(out, causal, atol=1e-5, rtol=1e-5)
 
 
+def index_from(diags, columns, b, h, n):
+    """An index of runs (merged from per-head diagonal lists) and columns, no key blocks:
+    ``diags[hi]`` / ``columns[hi]`` are lists of ints for head ``hi``, the same for every batch row."""
+    d = torch.full((b, h, n), SENTINEL, dtype=torch.int32)
+    c = torch.full((b, h, max(1, max(len(x) for x in columns))), SENTINEL, dtype=torch.int32)
+    for hi in range(h):
+        d[:, hi, :len(diags[hi])] = torch.tensor(diags[hi], dtype=torch.int32)
+        c[:, hi, :len(columns[hi])] = torch.tensor(sorted(columns[hi]), dtype=torch.int32)
+    runs, run_count = diagonals_to_runs(d)
+    nb = num_blocks(n)
+    return SparseIndex(runs, run_count, runs_to_diag_prefix(runs, run_count, n), c, column_counts(c, n),
+                       torch.zeros(b, h, nb + 1, 0, dtype=torch.int32), torch.zeros(b, h, nb + 1, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("block_n", [64, 128])
+@pytest.mark.parametrize("nq", [None, 77], ids=["whole", "prefix"])
+def test_columns_left_of_every_run_tile(block_n, nq):
+    """Column chunks left of every run tile of a block run without coverage test or mask; the
+    rest keep both. Sinks over several chunks (ending inside one, at a chunk's end, or making up
+    the whole list), lists without column 0 or with a gap, a local run that covers part of the
+    sink in the first blocks, a far run (diagonals 100-109), no run at all, and every key; with
+    padding and a cached prefix."""
+    b, h, hk, n, d = 2, 6, 3, 230, 16
+    g = torch.Generator().manual_seed(block_n)
+    q, k, v = inputs(b, h, hk, n, d, seed=block_n + (nq or 0))
+    local = list(range(40))
+    extra = sorted(torch.randperm(n - 160, generator=g)[:25].add(160).tolist())
+    columns = [list(range(150)) + extra,             # a sink over chunks, then scattered columns
+               list(range(128)) + extra,             # a sink that ends at a chunk boundary
+               list(range(70)),                      # the whole list, no run: nothing covered
+               list(range(1, 90)) + extra,           # no column 0
+               [i for i in range(100) if i != 37],   # a gap in the first chunk, a far run
+               list(range(n))]                       # every key
+    diags = [local, local, [], local, local + list(range(100, 110)), local]
+    index = index_from(diags, columns, b, h, n)
+    q_in = q if nq is None else q[:, :, n - nq:]
+    out, mask = check(q_in, k, v, index, d ** -0.5, padding(b, n, seed=2), block_n=block_n)
+    check(q_in.half(), k.half(), v.half(), index, d ** -0.5, None, block_n=block_n)
+    causal = torch.ones(n, n, dtype=torch.bool).tril()[n - q_in.shape[2]:]
+    assert mask[:, 5].equal(causal & padding(b, n, seed=2)[:, None, :])  # every key: plain causal
+
+
 # ------------------------------------------------------------------------------------------------
 # Sparse attention: layouts, padding forms, value head dim
 # ------------------------------------------------------------------------------------------------
