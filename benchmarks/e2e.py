@@ -339,7 +339,8 @@ def main():
     p.add_argument("--kv", choices=["none", "gpu", "offload"], default="none",
                    help="none: prefill only (the default; the only one that fits 1M on one GPU); gpu: "
                         "keep a DynamicCache; offload: transformers' offloaded DynamicCache (K/V in host "
-                        "memory: 4 GiB per layer at 1M for Llama-3-8B, 128 GiB in all)")
+                        "memory: 4 GiB per layer at 1M for Llama-3-8B, 128 GiB in all; under compile on transformers "
+                        "5.17 it recompiles per layer and crashed, plain Inductor too: docs/BENCHMARKS.md)")
     p.add_argument("--ashape-budgets", default=None,
                    help="sink,local of the ashape case (default 1000,6096); the estimation cost added to it "
                         "is vertical-slash's at the same budgets")
