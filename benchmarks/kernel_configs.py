@@ -36,12 +36,15 @@ from mcompile.patterns import PatternKind  # noqa: E402
 CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2)]
 
 
-def run_config(q, k, v, index, scale, config):
+def run_config(q, k, v, index, scale, config, out=None):
+    """The kernel under a fixed (BLOCK_N, warps, stages), into ``out`` (any strides; default a
+    new contiguous (B, H, N, Dv))."""
     from mcompile.kernels import sparse_attention_triton as attn
 
     bn, w, s = config
     b, h, n, d = q.shape
-    out = torch.empty(b, h, n, v.shape[-1], dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(b, h, n, v.shape[-1], dtype=q.dtype, device=q.device)
     grid, args, meta = attn.launch_args(q, k, v, out, index, scale, None, attn._length_bucket(n))
     attn._sparse_attention_kernel[grid](*args, **meta, BLOCK_N=bn, num_warps=w, num_stages=s)
     return out

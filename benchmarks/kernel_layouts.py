@@ -30,13 +30,16 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from kernel_configs import run_config  # noqa: E402
 from kernels import LLAMA3_8B, clustered_qk, timed  # noqa: E402
 
+from mcompile.kernels.inline import INLINE_CONFIG  # noqa: E402
 from mcompile.patterns import PatternKind  # noqa: E402
 
 # name: (q layout, k/v layout, out layout)
 LAYOUTS = {"bhnd": ("bhnd", "bhnd", "bhnd"), "bnhd": ("bnhd", "bnhd", "bhnd"),
            "bnhd-out": ("bnhd", "bnhd", "bnhd"), "q-bnhd": ("bnhd", "bhnd", "bnhd")}
+INLINE = (INLINE_CONFIG["BLOCK_N"], INLINE_CONFIG["num_warps"], INLINE_CONFIG["num_stages"])
 INPUTS = {"ashape 500/3048": (PatternKind.A_SHAPE, (500, 3048)),
           "vs 500/3048": (PatternKind.VERTICAL_SLASH, (500, 3048))}
 
@@ -51,15 +54,6 @@ def empty(shape, layout, like):
     if layout == "bhnd":
         return torch.empty(b, h, n, d, dtype=like.dtype, device=like.device)
     return torch.empty(b, n, h, d, dtype=like.dtype, device=like.device).transpose(1, 2)
-
-
-def launch(q, k, v, out, index, scale):
-    from mcompile.kernels import sparse_attention_triton as attn
-    from mcompile.kernels.inline import INLINE_CONFIG
-
-    grid, args, meta = attn.launch_args(q, k, v, out, index, scale, None, 0)
-    attn._sparse_attention_kernel[grid](*args, **meta, **INLINE_CONFIG)
-    return out
 
 
 def main():
@@ -92,7 +86,7 @@ def main():
             for name, (lq, lkv, lo) in LAYOUTS.items():
                 qq, kk, vv = stored(q, lq), stored(k, lkv), stored(v, lkv)
                 out = empty((1, h, n, d), lo, q)
-                fn = functools.partial(launch, qq, kk, vv, out, index, scale)
+                fn = functools.partial(run_config, qq, kk, vv, index, scale, INLINE, out=out)
                 res = fn().float()
                 diff = 0.0 if first is None else (res - first).abs().max().item()
                 if first is None:

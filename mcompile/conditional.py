@@ -15,8 +15,8 @@ MLP pass (memory_ops.gated_mlp):
   flattened in its memory order where that is known without a guard (contiguous, or a
   (B, H, N, D) view of (B, N, H, D) storage, as attention's q/k/v and outputs are in
   transformers), so crossing costs no copy, and the branches see the operand's own strides.
-  With ``copy=True``, operands that share storage (q, k and v may be views of one fused
-  projection) cross as fresh copies instead, so that none aliases another.
+  Operands that share storage (q, k and v may be views of one fused projection) cross as
+  fresh copies instead, so that none aliases another.
 - The branch graphs are traced on their own and may use only sizes they are handed: the
   symbolic dims of ``tensors`` cross as SymInt operands (the generated code binds its size
   symbols from them). Static dims stay constants.
@@ -38,8 +38,7 @@ from torch._higher_order_ops.cond import cond_op
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 
-def flat_cond(pred, true_fn: Callable, false_fn: Callable, tensors: tuple, extra: tuple = (),
-              copy: bool = True) -> torch.Tensor:
+def flat_cond(pred, true_fn: Callable, false_fn: Callable, tensors: tuple, extra: tuple = ()) -> torch.Tensor:
     if not isinstance(pred, torch.Tensor):  # a bool tensor (data-dependent) is never known here
         if statically_known_true(pred):
             return true_fn(*tensors, *extra)
@@ -51,7 +50,7 @@ def flat_cond(pred, true_fn: Callable, false_fn: Callable, tensors: tuple, extra
         for s in shape:
             if isinstance(s, torch.SymInt) and not any(s.node.expr == t.node.expr for t in sizes):
                 sizes.append(s)
-    copy = copy and _share_storage(tensors)
+    copy = _share_storage(tensors)  # cond rejects aliased operands
     orders = [memory_order(t) for t in tensors]
     flat = tuple((t.permute(p).clone(memory_format=torch.contiguous_format) if copy
                   else t.permute(p).contiguous()).view(-1) for t, p in zip(tensors, orders))

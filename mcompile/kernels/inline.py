@@ -139,7 +139,7 @@ def sparse_attention(q, k, v, kinds: list[int], p0: list[int], p1: list[int], sc
                 return kernel(q, k, v, *index)
             runs, run_count, _, _, column_count, _, block_count = index
             check = torch.ops.mcompile.dense_check(runs, run_count, column_count, block_count, k.shape[2])
-            return flat_cond(check, dense, kernel, (q, k, v), index, copy=False)  # q, k, v: operands already
+            return flat_cond(check, dense, kernel, (q, k, v), index)
 
         return flat_cond(n >= dense_below, sparse, dense, (q, k, v))
 
