@@ -88,8 +88,29 @@ def register_attention():
     AttentionMaskInterface.register(ATTN_IMPL, lambda *args, **kwargs: None)
 
 
+CASES = ["dense", "dense-mem", "ashape", "vs"]
+
+
+def parse_case(case: str) -> tuple:
+    """``"ashape@rope_once=false,mlp_chunk=32768"`` -> ("ashape", {"rope_once": False, "mlp_chunk": 32768}):
+    a case with extra minference options, for A/B runs in one process."""
+    name, _, extra = case.partition("@")
+    if name not in CASES:
+        raise ValueError(f"unknown case {name!r} (cases: {CASES})")
+    options = {}
+    for item in filter(None, extra.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"case option {item!r} is not KEY=VALUE")
+        options[key] = json.loads(value.lower() if value.lower() in ("true", "false", "null") else value)
+    if options and name == "dense":
+        raise ValueError("dense is plain Inductor: it takes no minference options")
+    return name, options
+
+
 def case_backend(case: str, dense_below: int, sinks: dict):
     """(backend, needs logits_to_keep=1) of a case."""
+    case, extra = parse_case(case)
     if case == "dense":
         return "inductor", True
     options = {"logits": "last", "dense_below": dense_below}
@@ -97,8 +118,7 @@ def case_backend(case: str, dense_below: int, sinks: dict):
         options["default_pattern"] = {"kind": "dense"}
     elif case == "ashape":
         options.update(default_pattern=ASHAPE, budget_length=BUDGET_LENGTH)
-    elif case != "vs":
-        raise ValueError(f"unknown case {case!r}")
+    options.update(extra)
     return functools.partial(minference_backend, options=options, report_sink=sinks["attention"].append,
                              memory_sink=sinks["memory"].append), False
 
@@ -233,6 +253,7 @@ def run_case(model, case, tokens, args, check):
         a, m = sinks["attention"][-1], sinks["memory"][-1]
         summary.update(attention_rewritten=a.rewritten, attention_sites=len(a.sites),
                        chunked_mlp=m.applied("chunked_mlp"), last_logits=m.applied("last_logits"),
+                       rope_once=m.applied("rope_once"), store_residual=m.applied("store_residual"),
                        quadratic=[s.reason for s in m.sites if s.pass_name == "quadratic"])
     return rows, summary
 
@@ -313,7 +334,7 @@ def print_table(rows, est, layers):
         fit = "~" if r.get("fit") else " "
         speed = f"{base[r['length']] / r['ms']:7.2f}x" if r["length"] in base else "       -"
         extra = speed2 = ""
-        if r["case"] == "ashape" and r["length"] in est:
+        if parse_case(r["case"])[0] == "ashape" and r["length"] in est:
             plus = r["ms"] + layers * est[r["length"]]
             extra = f"{plus:9.1f}"
             speed2 = f"{base[r['length']] / plus:7.2f}x" if r["length"] in base else ""
@@ -327,7 +348,7 @@ def main():
     p.add_argument("--model", choices=["llama8b", "smollm2"], default="llama8b")
     p.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--cases", nargs="+", default=["dense", "ashape", "vs"],
-                   choices=["dense", "dense-mem", "ashape", "vs"])
+                   help=f"{CASES}; CASE@KEY=VALUE,... adds minference options (ashape@rope_once=false)")
     p.add_argument("--fit", action="store_true", help="time 1- and 2-layer models and extrapolate")
     p.add_argument("--check-length", type=int, default=4096, help="length of the correctness check")
     p.add_argument("--dense-below", type=int, default=DEFAULT_DENSE_BELOW)
@@ -367,6 +388,8 @@ def main():
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     info = {"device": device, "torch": torch.__version__, "transformers": transformers.__version__}
     print(" ".join(f"{k}: {v}" for k, v in info.items()), flush=True)
+    for case in args.cases:
+        parse_case(case)  # bad case names fail before the model is built
     register_attention()
     model, tok, factor = build_model(args, layers=1 if args.fit else None)
     n_max = max(args.lengths + [args.check_length])
@@ -392,7 +415,7 @@ def main():
         else:
             _, rows, summaries = measure(args, tokens)
         est = {}
-        if "ashape" in args.cases and not args.no_estimation:
+        if any(parse_case(c)[0] == "ashape" for c in args.cases) and not args.no_estimation:
             cfg_model = args.model_obj if not args.fit else build_model(args, layers=1)[0]
             for n in args.lengths:
                 if n >= args.dense_below:

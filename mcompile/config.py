@@ -63,6 +63,11 @@ class MInferenceConfig:
         which runs them over ``mlp_chunk`` tokens at a time, so no N x intermediate_size tensor
         exists. False: the MLP stays as Inductor compiles it.
     mlp_chunk: tokens per MLP chunk (see DEFAULT_MLP_CHUNK).
+    rope_once: store RoPE's cos / sin tables once per forward, as the model computes them, rather
+        than let Inductor recompute them inside every layer's RoPE kernel (passes/realize.py).
+        False: Inductor decides.
+    store_residual: store the residual stream once per residual add, rather than let Inductor
+        recompute it from earlier sums in every norm kernel that reads it (passes/realize.py).
     inline_kernels: None (auto: where the Triton kernel runs on the graph's device, i.e. CUDA),
         True (wherever the rewrite allows, any device: tests) or False:
         whether sparse attention enters the graph as a ``torch.cond`` over a ``triton_op`` that
@@ -82,6 +87,8 @@ class MInferenceConfig:
     logits: Logits = Logits.ALL
     chunk_mlp: bool = True
     mlp_chunk: int = DEFAULT_MLP_CHUNK
+    rope_once: bool = True
+    store_residual: bool = True
     inline_kernels: Optional[bool] = None
     compiler: Compiler = Compiler.INDUCTOR
     mode: Optional[str] = None
@@ -113,6 +120,9 @@ class MInferenceConfig:
             raise ValueError(f"chunk_mlp must be True or False, got {self.chunk_mlp!r}")
         if not isinstance(self.mlp_chunk, int) or isinstance(self.mlp_chunk, bool) or self.mlp_chunk < 1:
             raise ValueError(f"mlp_chunk must be an int >= 1 (tokens per chunk), got {self.mlp_chunk!r}")
+        for name in ("rope_once", "store_residual"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.inline_kernels not in (None, True, False):
             raise ValueError(f"inline_kernels must be None, True or False, got {self.inline_kernels!r}")
         try:
@@ -159,4 +169,5 @@ class MInferenceConfig:
     def cache_key(self) -> str:
         """Everything that changes the rewritten graph (part of the compile cache key)."""
         return repr((self.pattern_db, self.default_pattern, self.dense_below, self.budget_length,
-                     self.budget_exponent, self.logits.value, self.chunk_mlp, self.mlp_chunk, self.inline_kernels))
+                     self.budget_exponent, self.logits.value, self.chunk_mlp, self.mlp_chunk, self.rope_once,
+                     self.store_residual, self.inline_kernels))

@@ -152,6 +152,8 @@ def test_regional_compilation_with_a_per_layer_database_says_what_to_do(tmp_path
     ({"budget_length": -5}, "budget_length must be an int >= 0"),
     ({"budget_exponent": 3.0}, r"budget_exponent must be a number in \[0, 2\]"),
     ({"logits": "first"}, "logits must be one of"),
+    ({"rope_once": "yes"}, "rope_once must be True or False"),
+    ({"store_residual": 1}, "store_residual must be True or False"),
 ])
 def test_bad_options_are_clear_errors(options, message):
     model = tiny_llama("sdpa", layers=1)
@@ -215,6 +217,8 @@ def test_autograd_graphs_stay_dense_with_reason():
     assert counters["mcompile"]["kept_dense"] == 2 and counters["mcompile"]["rewritten"] == 0
     out.sum().backward()  # still trainable: the graph is dense
     assert model.lm_head.weight.grad is not None
+    assert counters["mcompile"]["store_residual"] == 0  # the residual stream requires grad
+    assert counters["mcompile"]["rope_once"] > 0  # RoPE's tables do not: stored, and backward runs
 
 
 def test_explain_reports_layers_patterns_and_density():

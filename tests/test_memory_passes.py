@@ -231,3 +231,70 @@ def test_chunked_mlp_bounds_peak_memory():
     unchunked, chunked = _peak_mib(False), _peak_mib(True)
     assert unchunked > INTERMEDIATE_MIB, (unchunked, chunked)
     assert chunked < INTERMEDIATE_MIB // 2 and 3 * chunked < unchunked, (unchunked, chunked)
+
+
+def _trig_calls(compiled, ids) -> tuple:
+    """(logits, number of cos calls and of sin calls in Inductor's generated code)."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    with torch.no_grad():
+        out, code = run_and_get_code(compiled, ids)
+    src = "\n".join(code)
+    return out.logits, len(re.findall(r"\bcos\(", src)), len(re.findall(r"\bsin\(", src))
+
+
+def test_rope_tables_computed_once():
+    """The cos / sin tables that every layer reads are stored once (one cos and one sin in the
+    generated code) instead of recomputed in each reader, with the eager model's logits at two
+    lengths of one dynamic graph; rope_once=False leaves Inductor recomputing them."""
+    model = tiny_llama("sdpa", layers=3)
+    reports = []
+    compiled = _compile(model, reports, dynamic=True)
+    for n in (150, 77):
+        ids = _ids(2, n, seed=n)
+        logits, cos, sin = _trig_calls(compiled, ids)
+        torch.testing.assert_close(logits, _logits(model, ids), atol=1e-4, rtol=1e-4)
+    assert (cos, sin) == (1, 1)
+    assert reports[-1].applied("rope_once") == 2
+    assert counters["mcompile"]["rope_once"] > 0 and counters["mcompile"]["rope_once"] % 2 == 0
+    assert {s.module for s in reports[-1].sites if s.pass_name == "rope_once"} == {"L['self'].model.rotary_emb"}
+    torch._dynamo.reset()
+    reports.clear()
+    ids = _ids(2, 150, seed=150)
+    logits, cos, sin = _trig_calls(_compile(model, reports, rope_once=False), ids)
+    torch.testing.assert_close(logits, _logits(model, ids), atol=1e-4, rtol=1e-4)
+    assert cos > 1 and sin > 1  # what the pass removes: one computation per reading kernel
+    assert reports[-1].reasons("rope_once") == ["switched off (rope_once=False)"] * 2
+
+
+def test_stored_values_only_under_inductor():
+    model = tiny_llama("sdpa", layers=2)
+    reports = []
+    _logits(_compile(model, reports, **FAST), _ids(1, 100))
+    assert reports[-1].applied("rope_once") == 0 and counters["mcompile"]["rope_once"] == 0
+    for name, count in (("rope_once", 2), ("store_residual", 3)):
+        reasons = reports[-1].reasons(name)
+        assert len(reasons) == count and all(r.startswith("compiler=eager runs the graph as written") for r in reasons)
+
+
+def test_residual_stream_stored_once_per_add():
+    """Every residual add of a decoder layer that is read twice (the next norm and the next add)
+    is stored: 2 per layer but the last layer's MLP add (read by the final norm only); the logits
+    are the eager model's, and store_residual=False leaves them to Inductor."""
+    model = tiny_llama("sdpa", layers=3)
+    ids = _ids(2, 150)
+    reports = []
+    logits, _, _ = _trig_calls(_compile(model, reports, dynamic=True), ids)
+    torch.testing.assert_close(logits, _logits(model, ids), atol=1e-4, rtol=1e-4)
+    sites = [s for s in reports[-1].sites if s.pass_name == "store_residual"]
+    assert [s.module for s in sites] == [f"L['self'].model.layers.{i}" for i in (0, 0, 1, 1, 2)]
+    assert all(s.applied for s in sites)
+    count = counters["mcompile"]["store_residual"]  # per backend call (Dynamo may call it twice)
+    assert count > 0 and count % 5 == 0
+    torch._dynamo.reset()
+    reports.clear()
+    logits, _, _ = _trig_calls(_compile(model, reports, store_residual=False), ids)
+    torch.testing.assert_close(logits, _logits(model, ids), atol=1e-4, rtol=1e-4)
+    assert reports[-1].reasons("store_residual") == ["switched off (store_residual=False)"] * 5

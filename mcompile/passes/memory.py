@@ -17,6 +17,9 @@
   as Inductor compiles it, with no opaque op (memory_ops.gated_mlp). Norms need no pass: Inductor fuses
   an RMSNorm into one kernel per row, whose only N-sized tensor is the normalised output the
   next matmul reads anyway.
+- ``rope_once``, ``store_residual`` (options of the same names; passes/realize.py): not memory
+  passes but of the same kind: RoPE's shared cos / sin tables and the residual stream are stored
+  once instead of recomputed inside every kernel that reads them.
 - ``find_quadratic``: a check, not a rewrite: tensors with two sequence-length dimensions that
   survive the rewrites (the N x N mask of an attention kept dense, eager attention scores).
 
@@ -60,7 +63,7 @@ GRAD_REASON = "gradients are enabled: the chunked MLP is inference-only"
 class MemorySite:
     """What one memory pass did at one place of the graph."""
 
-    pass_name: str  # "last_logits", "chunked_mlp" or "quadratic"
+    pass_name: str  # "last_logits", "chunked_mlp", "rope_once", "store_residual" or "quadratic"
     module: str
     applied: bool
     reason: str = ""
@@ -239,6 +242,8 @@ def chunk_mlps(gm: fx.GraphModule, config: MInferenceConfig, grad_enabled: bool 
             new = gm.graph.call_function(memory_ops.gated_mlp,
                                          (match.x, wg, wu, wd, bg, bu, bd, match.activation.value, config.mlp_chunk))
         new.meta.update({k: match.prod.meta[k] for k in ("nn_module_stack", "stack_trace") if k in match.prod.meta})
+        if example(match.down) is not None:
+            new.meta["example_value"] = example(match.down)
         match.down.replace_all_uses_with(new)
         erase_dead(gm.graph, [match.down])
         counters["mcompile"]["chunked_mlp"] += 1
@@ -285,7 +290,10 @@ def find_quadratic(gm: fx.GraphModule) -> list[MemorySite]:
 
 def apply_memory_passes(gm: fx.GraphModule, config: MInferenceConfig, grad_enabled: bool = False) -> MemoryReport:
     """Run the memory passes in place (after the attention rewrite) and report what they did."""
+    from .realize import rope_once, store_residual
+
     sites = slice_last_logits(gm, config) + chunk_mlps(gm, config, grad_enabled)
+    sites += rope_once(gm, config, grad_enabled) + store_residual(gm, config, grad_enabled)
     gm.graph.lint()
     gm.recompile()
     quadratic = find_quadratic(gm)
