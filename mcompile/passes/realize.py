@@ -32,6 +32,7 @@ import torch.fx as fx
 from torch._dynamo.utils import counters
 
 from ..config import Compiler, MInferenceConfig
+from .mask_proof import _same
 from .nodes import example, target_name
 
 log = logging.getLogger(__name__)
@@ -120,8 +121,9 @@ def residual_adds(graph: fx.Graph) -> list[fx.Node]:
         ea, eb, out = example(a), example(b), example(node)
         if not all(isinstance(x, torch.Tensor) for x in (ea, eb, out)) or not out.is_floating_point():
             continue
-        if ea.shape != eb.shape or ea.shape != out.shape or out.dim() < 2:
-            continue
+        if out.dim() < 2 or not (ea.dim() == eb.dim() == out.dim()) or not all(
+                _same(x, y) and _same(x, z) for x, y, z in zip(ea.shape, eb.shape, out.shape)):
+            continue  # compared without guards: a symbolic length must not specialise the graph
         stack = node.meta.get("nn_module_stack") or {}
         path = str(list(stack.values())[-1][0]) if stack else ""
         if _LAYER_END.search(path.replace("[", ".").replace("]", "")):
