@@ -331,6 +331,8 @@ def test_explain_reports_memory_passes_and_their_reasons():
     lines = e.memory_lines()
     assert sum("chunked_mlp" in x and "applied" in x for x in lines) == 2
     assert any("last_logits" in x and "already sees one position" in x for x in lines)
+    assert sum("rope_once" in x and "applied" in x for x in lines) == 2  # cos and sin
+    assert sum("store_residual" in x and "applied" in x for x in lines) == 3  # not the last add
     assert "chunked_mlp" in e.table()
 
 

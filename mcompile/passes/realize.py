@@ -17,28 +17,27 @@ Two such values cost a long prefill time (Llama-3-8B's shape at 128K tokens, H10
 
 Each stored value goes through ``prims.inductor_force_stride_order`` with its own strides: a
 no-op that makes Inductor store the value (the same values the eager model computes, in its
-dtype) and lets every reader load it. Only under Inductor (other compilers run the graph as
-written).
+dtype) and lets every reader load it. Run by other compilers (``compiler="eager"``, as
+``mcompile.explain`` uses), the prim returns its input: the strides always match.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from typing import Optional
 
 import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
-from ..config import Compiler, MInferenceConfig
+from ..config import MInferenceConfig
 from .mask_proof import _same
+from .match import _LAYER_RE, _module_info
 from .nodes import example, target_name
 
 log = logging.getLogger(__name__)
 
 TRIG = {"cos", "sin"}
-_LAYER_END = re.compile(r"layers?\.\d+$")  # a decoder layer's own path: ...layers.3
 # Ops a table may pass through on its way to its readers, with Python scalars or 0-d tensors only.
 PASSTHROUGH = {"mul", "__mul__", "truediv", "__truediv__", "to", "float", "half", "bfloat16", "type"}
 
@@ -124,9 +123,9 @@ def residual_adds(graph: fx.Graph) -> list[fx.Node]:
         if out.dim() < 2 or not (ea.dim() == eb.dim() == out.dim()) or not all(
                 _same(x, y) and _same(x, z) for x, y, z in zip(ea.shape, eb.shape, out.shape)):
             continue  # compared without guards: a symbolic length must not specialise the graph
-        stack = node.meta.get("nn_module_stack") or {}
-        path = str(list(stack.values())[-1][0]) if stack else ""
-        if _LAYER_END.search(path.replace("[", ".").replace("]", "")):
+        path = _module_info(node)[1].replace("[", ".").replace("]", ".") + "."
+        layer = _LAYER_RE.search(path)
+        if layer and layer.end() == len(path.rstrip(".")) + 1:  # the layer's own code, not a submodule's
             adds.append(node)
     return adds
 
@@ -145,8 +144,6 @@ def _store(gm: fx.GraphModule, config: MInferenceConfig, pass_name: str, nodes: 
     op = None
     if not switched_on:
         reason = f"switched off ({pass_name}=False)"
-    elif config.compiler != Compiler.INDUCTOR:
-        reason = f"compiler={config.compiler.value} runs the graph as written (only Inductor inlines the value)"
     else:
         op = _realize_op()
         if op is None:
