@@ -27,7 +27,10 @@ Cases (--cases):
              index (verticals at the start, diagonals next to the main one), i.e. the kernel work
              of a vertical-slash index whose selections cluster, independent of the random Q/K.
              A-shape skips estimation, so the table adds the measured estimation cost of
-             vertical-slash per layer ("ashape+est"), the realistic figure.
+             vertical-slash per layer ("+est": the isolated call's wall time, host overhead included).
+  ashape-est the realistic figure: the ashape case with vertical-slash's estimation run in the model
+             too, in every layer on that layer's Q/K (budgets as vs), its index dropped: the
+             A-shape kernel work plus the estimation's GPU work, measured in place.
   vs         minference defaults (vertical-slash 1000/6096) on the random model's Q/K: the
              degenerate case (no structure: diagonals scatter, nearly every tile is computed).
 All minference cases keep the default dense_below (81920): shorter prompts run dense attention.
@@ -40,6 +43,7 @@ All minference cases keep the default dense_below (81920): shorter prompts run d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -88,7 +92,7 @@ def register_attention():
     AttentionMaskInterface.register(ATTN_IMPL, lambda *args, **kwargs: None)
 
 
-CASES = ["dense", "dense-mem", "ashape", "vs"]
+CASES = ["dense", "dense-mem", "ashape", "ashape-est", "vs"]
 
 
 def parse_case(case: str) -> tuple:
@@ -116,7 +120,7 @@ def case_backend(case: str, dense_below: int, sinks: dict):
     options = {"logits": "last", "dense_below": dense_below}
     if case == "dense-mem":
         options["default_pattern"] = {"kind": "dense"}
-    elif case == "ashape":
+    elif case in ("ashape", "ashape-est"):
         options.update(default_pattern=ASHAPE, budget_length=BUDGET_LENGTH)
     options.update(extra)
     return functools.partial(minference_backend, options=options, report_sink=sinks["attention"].append,
@@ -192,8 +196,52 @@ def rel_err(x, ref) -> float:
     return ((x - ref).abs().max() / ref.abs().max()).item()
 
 
+VS_ESTIMATIONS_IN_MODEL = [0]  # calls made by the ashape-est case (reported in its summary)
+
+
+@contextlib.contextmanager
+def vs_estimation_in_model():
+    """While active, every estimation call also builds the vertical-slash index of the same
+    Q/K (VS budgets, scaled to the length as the op scales the case's) and drops it."""
+    from mcompile.kernels import dispatch
+    from mcompile.patterns import DEFAULT_BUDGET_EXPONENT, PatternKind, scale_lists
+
+    original = dispatch.estimate_impl
+    calls = VS_ESTIMATIONS_IN_MODEL
+
+    def estimate_impl(q):
+        impl = original(q)
+
+        def both(q, k, key_padding, kinds, p0, p1, scale, capacity=None):
+            h, n = q.shape[1], k.shape[2]
+            vs = [int(PatternKind.VERTICAL_SLASH)] * h
+            v0, v1 = scale_lists(vs, [VS["vertical"]] * h, [VS["slash"]] * h, n, BUDGET_LENGTH,
+                                 DEFAULT_BUDGET_EXPONENT)
+            impl(q, k, key_padding, vs, v0, v1, scale)
+            calls[0] += 1
+            return impl(q, k, key_padding, kinds, p0, p1, scale, capacity=capacity)
+
+        return both
+
+    dispatch.estimate_impl = estimate_impl
+    try:
+        yield
+    finally:
+        dispatch.estimate_impl = original
+
+
 def run_case(model, case, tokens, args, check):
     """Compile ``model`` for ``case`` (dynamic=True) and prefill every length: rows of results."""
+    if parse_case(case)[0] == "ashape-est":
+        VS_ESTIMATIONS_IN_MODEL[0] = 0
+        with vs_estimation_in_model():
+            rows, summary = _run_case(model, case, tokens, args, check)
+        summary["vs_estimations"] = VS_ESTIMATIONS_IN_MODEL[0]
+        return rows, summary
+    return _run_case(model, case, tokens, args, check)
+
+
+def _run_case(model, case, tokens, args, check):
     sinks = {"attention": [], "memory": []}
     backend, keep_one = case_backend(case, args.dense_below, sinks)
     torch._dynamo.reset()
@@ -325,11 +373,11 @@ def print_table(rows, est, layers):
     for r in rows:
         if r["case"] in ("dense", "dense-mem") and "ms" in r:
             base.setdefault(r["length"], r["ms"])  # dense first, dense-mem where dense failed
-    print(f"\n{'case':9} {'N':>8} {'TTFT ms':>11} {'vs dense':>8} {'+est ms':>9} {'vs dense':>8} "
+    print(f"\n{'case':10} {'N':>8} {'TTFT ms':>11} {'vs dense':>8} {'+est ms':>9} {'vs dense':>8} "
           f"{'peak GiB':>8} {'check':>12}")
     for r in rows:
         if "ms" not in r:
-            print(f"{r['case']:9} {r['length']:8d} {r.get('error', 'no result')[:60]}")
+            print(f"{r['case']:10} {r['length']:8d} {r.get('error', 'no result')[:60]}")
             continue
         fit = "~" if r.get("fit") else " "
         speed = f"{base[r['length']] / r['ms']:7.2f}x" if r["length"] in base else "       -"
@@ -340,7 +388,7 @@ def print_table(rows, est, layers):
             speed2 = f"{base[r['length']] / plus:7.2f}x" if r["length"] in base else ""
         check = (f"{r['rel_err']:.1e} {'ok' if r['check_ok'] else 'FAIL'}" if "rel_err" in r else "")
         peak = f"{r['peak_gib']:8.1f}" if r.get("peak_gib") is not None else f"{'-':>8}"
-        print(f"{r['case']:9} {r['length']:8d} {fit}{r['ms']:10.1f} {speed} {extra:>9} {speed2:>8} {peak} {check:>12}")
+        print(f"{r['case']:10} {r['length']:8d} {fit}{r['ms']:10.1f} {speed} {extra:>9} {speed2:>8} {peak} {check:>12}")
 
 
 def main():

@@ -101,21 +101,39 @@ def index_rows(n):
 def runs_to_diag_prefix(runs: torch.Tensor, run_count: torch.Tensor, n: int) -> torch.Tensor:
     """Exclusive prefix count of diagonals covered by runs: (B, H, R, 2) -> (B, H, n + 1).
 
-    Runs are sorted and disjoint, so the diagonals below ``x`` are the whole runs before the
-    last run starting below ``x`` plus that run's part below ``x``: a binary search per ``x``
-    over the R runs, not a scan over n (two length-n scans cost 0.6 ms per layer at 128K)."""
+    Each run adds +1 at its first diagonal and -1 past its last; a running sum of those marks
+    the covered diagonals, a second one counts them: two scans over n (``_scan``) and a
+    scatter of 2R entries, with no int64 (B, H, n) temporaries (a binary search per diagonal
+    cost 0.2 ms per layer at 128K on an H100). Overlapping runs count each diagonal once."""
     b, h, r, _ = runs.shape
-    if r == 0:
-        return torch.zeros(b, h, n + 1, dtype=torch.int32, device=runs.device)
-    valid = torch.arange(r, device=runs.device) < run_count[..., None].long()  # (B, H, R)
-    lo = torch.where(valid, runs[..., 0].long(), n).clamp(min=0, max=n)
-    length = torch.where(valid, runs[..., 1].long() + 1, n).clamp(min=0, max=n) - lo
-    before = length.cumsum(-1) - length  # covered diagonals in the runs before each run
-    x = torch.arange(n + 1, device=runs.device).expand(b, h, n + 1).contiguous()
-    last = torch.searchsorted(lo.contiguous(), x) - 1  # the last run with lo < x; -1: none
-    at = last.clamp(min=0)
-    inside = torch.minimum(x - lo.gather(-1, at), length.gather(-1, at))
-    return torch.where(last >= 0, before.gather(-1, at) + inside, 0).to(torch.int32)
+    prefix = torch.zeros(b, h, n + 1, dtype=torch.int32, device=runs.device)
+    if r == 0 or n == 0:
+        return prefix
+    valid = torch.arange(r, device=runs.device) < run_count[..., None]  # (B, H, R)
+    lo = torch.where(valid, runs[..., 0], n).clamp(min=0, max=n).long()
+    end = torch.where(valid, runs[..., 1] + 1, n).clamp(min=0, max=n).long()  # exclusive
+    one = valid.to(torch.int32)
+    delta = torch.zeros(b, h, n + 1, dtype=torch.int32, device=runs.device)
+    delta.scatter_add_(-1, lo, one).scatter_add_(-1, end, -one)
+    covered = _scan(delta[..., :n]) > 0
+    prefix[..., 1:] = _scan(covered)
+    return prefix
+
+
+SCAN_CHUNK = 1024
+
+
+def _scan(x: torch.Tensor) -> torch.Tensor:
+    """Inclusive int32 running sum over the last dim, in chunks of ``SCAN_CHUNK``: a scan of
+    a few long rows runs one row per thread block on CUDA (0.19 ms for (32, 128K)); chunks
+    make many short rows, then each chunk adds the total of the chunks before it."""
+    *lead, n = x.shape
+    chunks = -(-n // SCAN_CHUNK)
+    xs = torch.nn.functional.pad(x.to(torch.int32), (0, chunks * SCAN_CHUNK - n))
+    inner = xs.view(*lead, chunks, SCAN_CHUNK).cumsum(-1, dtype=torch.int32)
+    totals = inner[..., -1]
+    before = totals.cumsum(-1, dtype=torch.int32) - totals
+    return (inner + before[..., None]).view(*lead, chunks * SCAN_CHUNK)[..., :n]
 
 
 def column_counts(columns: torch.Tensor, n: int) -> torch.Tensor:

@@ -114,3 +114,23 @@ def test_budgets_scale_below_their_reference_length_only():
     assert (tiny.p0, tiny.p1) == (64, 128)  # the floors
     a = scaled_budgets(Pattern(PatternKind.A_SHAPE, 4, 4096), 1024, 131072)
     assert a.p0 == 4 and 128 <= a.p1 < 4096  # the sink is never scaled
+
+
+@pytest.mark.parametrize("n", [1, 5, 7, 8, 9, 40])
+def test_chunked_scan_is_a_running_sum(monkeypatch, n):
+    """The chunked scan behind ``runs_to_diag_prefix`` equals cumsum across chunk edges."""
+    import mcompile.index as index
+
+    monkeypatch.setattr(index, "SCAN_CHUNK", 8)
+    x = torch.randint(-3, 4, (2, 3, n), generator=torch.Generator().manual_seed(n), dtype=torch.int32)
+    assert torch.equal(index._scan(x), x.cumsum(-1, dtype=torch.int32))
+    assert torch.equal(index._scan(x > 0), (x > 0).cumsum(-1, dtype=torch.int32))
+
+
+def test_diag_prefix_counts_overlapping_runs_once():
+    r = torch.tensor([[[[0, 4], [2, 6], [20, 30]]]], dtype=torch.int32)  # overlapping, one past n
+    p = runs_to_diag_prefix(r, torch.tensor([[3]], dtype=torch.int32), 24)
+    covered = torch.zeros(24, dtype=torch.int32)
+    covered[0:7] = 1
+    covered[20:24] = 1
+    assert p[0, 0, 1:].tolist() == covered.cumsum(0).tolist()

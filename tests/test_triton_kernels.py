@@ -354,9 +354,11 @@ def test_vertical_slash_scores(shape, padded):
     torch.testing.assert_close(slash, ref_s[:, heads.long()], atol=1e-5, rtol=1e-5)
 
 
-def test_vertical_slash_scores_many_tiles_per_program(monkeypatch):
-    """One program walking all of a head's tiles must give the same partials merge."""
-    monkeypatch.setattr(est_triton, "TARGET_PROGRAMS", 1)
+@pytest.mark.parametrize("programs", [1, 4])
+def test_vertical_slash_scores_many_tiles_per_program(monkeypatch, programs):
+    """Programs walking several tiles each (one for all of a head's tiles, or a few, whose
+    diagonal tiles straddle the programs' boundaries) must give the same scores."""
+    monkeypatch.setattr(est_triton, "TARGET_PROGRAMS", programs)
     b, h, n, d = 1, 2, 300, 16
     q, k, _ = inputs(b, h, 1, n, d, seed=1)
     kp = padding(b, n, seed=2)

@@ -63,16 +63,22 @@ def diagonals_to_runs(diags: torch.Tensor):
     """Sorted diagonals (B, H, S), SENTINEL-padded -> runs (B, H, S, 2), run_count (B, H).
 
     Diagonals closer than ``BLOCK`` are merged into one run, so that run tiles never overlap.
+    Run starts and ends are compacted in order by their running count (no sort).
     """
+    s = diags.shape[-1]
     valid = diags != SENTINEL
     prev_gap = torch.diff(diags, dim=-1, prepend=torch.full_like(diags[..., :1], -BLOCK))
     starts = valid & (prev_gap >= BLOCK)
     next_valid = torch.cat([valid[..., 1:], torch.zeros_like(valid[..., :1])], -1)
     next_gap = torch.diff(diags, dim=-1, append=torch.full_like(diags[..., :1], SENTINEL))
     ends = valid & (~next_valid | (next_gap >= BLOCK))
-    lo = torch.where(starts, diags, SENTINEL).sort(-1).values
-    hi = torch.where(ends, diags, SENTINEL).sort(-1).values
-    return torch.stack([lo, hi], -1), starts.sum(-1, dtype=torch.int32)
+
+    def compact(flags):  # flagged diagonals first, in order; the rest go to a spare slot s
+        slot = torch.where(flags, flags.cumsum(-1) - 1, s)
+        out = torch.full((*diags.shape[:-1], s + 1), SENTINEL, dtype=diags.dtype, device=diags.device)
+        return out.scatter_(-1, slot, diags)[..., :s]
+
+    return torch.stack([compact(starts), compact(ends)], -1), starts.sum(-1, dtype=torch.int32)
 
 
 def _topk_sorted(scores: torch.Tensor, budgets: torch.Tensor, k: int) -> torch.Tensor:

@@ -9,22 +9,23 @@ cached prefix (Nq < N: they are q's rows ``Nq - lq + i``); a key j is allowed fo
     vertical[j]  = sum_i p[i, j]
     slash[d]     = sum_i p[i, P + i - d]                (d = query - key)
 
-Two passes over the keys, both in 64-query x key tiles on tensor cores, both base 2:
+Two passes over the keys, both in 64-query x 64-key tiles on tensor cores, both base 2;
+tile t holds the keys ``[P - 64 t, P - 64 t + 64)``:
 
-1. ``_vs_stats_kernel``: each program walks its share of the 64-key tiles
-   ``[P - 64 t, P - 64 t + 64)`` keeping a running row max and sum of exp; the per-program
-   partials (B * Hs, SPLITS, 64) are merged in PyTorch.
-2. ``_vs_scores_kernel``: tile t owns diagonals ``[64 t, 64 t + 64)`` and computes the
-   128-key window ``[P - 64 t - 63, P - 64 t + 65)`` that holds every (row, diagonal) entry
-   of them::
+1. ``_vs_stats_kernel``: each program walks its share of the tiles keeping a running row max
+   and sum of exp; the per-program partials (B * Hs, SPLITS, 64) are merged in PyTorch.
+2. ``_vs_scores_kernel``: the normalised probabilities of a tile give the vertical scores of
+   its 64 keys (column sums, no other tile writes them). Entry (row i, column c) lies on
+   diagonal ``64 t + i - c``: diagonal tile t (``u = i - c >= 0``) or t - 1 (``u = i - c + 64``).
+   ``tl.gather`` reads column ``(i - u) mod 64`` for each (row i, offset u), so one 64 x 64
+   gather serves both: the entries with ``i >= u`` sum to tile t's diagonals (carried to the
+   next iteration), the others complete tile t - 1's, which is then stored. A program owning
+   tiles ``[t0, t1)`` also reads key tile t1, whose upper part completes diagonal tile
+   t1 - 1. No atomics, no scratch. (A 128-key window per diagonal tile, which needs no carry,
+   ran 1.6x slower on an H100: twice the logits and exponentials per tile.)
 
-            window column c ->   0 ........ 63 ........ 126 127
-       row 0   diag 64t + u at c = 63 - u      (u = 0..63)
-       row 63  diag 64t + u at c = 126 - u
-
-   ``tl.gather`` reads the skewed entries ``c = 63 + i - u`` and sums them over i (slash);
-   summing the window's columns 63..126 over i gives the vertical scores of the keys
-   ``[P - 64 t, P - 64 t + 64)``, which no other tile writes. No atomics, no scratch.
+Interior tiles (all keys before the first estimation query, no padding, 64 real rows) skip
+the mask.
 
 Grid of both: ``(SPLITS, B * Hs)`` over the Hs vertical-slash heads, each program taking a
 contiguous range of tiles. Head dims outside HEAD_DIMS (up to 128) are zero-padded, as in
@@ -51,8 +52,7 @@ from .estimate import estimate_index_ref  # noqa: F401  (the reference this modu
 LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E): scores are kept in base 2
 NEG_INIT = tl.constexpr(-1.0e30)  # finite running-max start: all-masked rows stay 0, never NaN
 HEAD_DIMS = (16, 32, 64, 128)  # pow2 head dims the kernels are built for
-TILE = 64  # keys per pass-1 tile and diagonals per pass-2 tile; equals LAST_Q rows
-WINDOW = 2 * TILE  # pass-2 key window: 64 diagonals x 64 rows span 127 keys
+TILE = 64  # keys per tile (and diagonals per diagonal tile); equals LAST_Q rows
 # Programs to aim for per launch (several waves on a 132-SM H100); each takes a contiguous
 # range of tiles of one head, so partials stay (B * Hs, SPLITS, 64).
 TARGET_PROGRAMS = 1024
@@ -73,7 +73,7 @@ def _load_rows(Q, b64, h64, Q_ROW0, LQ, stride_qb, stride_qh, stride_qn, stride_
 
 
 @triton.jit
-def _window_logits(q, k_base, kp_base, keys, pos, row_ok, N, stride_kn, stride_kd, stride_kpn,
+def _masked_logits(q, k_base, kp_base, keys, pos, row_ok, N, stride_kn, stride_kd, stride_kpn,
                    qk_scale, HEAD_DIM: tl.constexpr, HAS_PADDING: tl.constexpr,
                    DOT_PRECISION: tl.constexpr):
     """Base-2 logits of the rows against ``keys``, -inf where a key is not allowed."""
@@ -87,6 +87,25 @@ def _window_logits(q, k_base, kp_base, keys, pos, row_ok, N, stride_kn, stride_k
     if HAS_PADDING:
         allowed = allowed & (tl.load(kp_base + keys64 * stride_kpn, mask=in_seq, other=0) != 0)[None, :]
     return tl.where(allowed, s, float("-inf"))
+
+
+@triton.jit
+def _tile_logits(q, k_base, kp_base, keys, pos, row_ok, t, P, LQ, N, stride_kn, stride_kd, stride_kpn,
+                 qk_scale, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, HAS_PADDING: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """``_masked_logits`` of key tile t (keys ``P - 64 t + c``). Interior tiles (keys in
+    ``[0, P)``, every row a real query, no padding) skip the mask: every entry is allowed."""
+    if HAS_PADDING:
+        s = _masked_logits(q, k_base, kp_base, keys, pos, row_ok, N, stride_kn, stride_kd, stride_kpn,
+                           qk_scale, HEAD_DIM, HAS_PADDING, DOT_PRECISION)
+    elif (t >= 1) & (P - t * ROWS >= 0) & (LQ == ROWS):
+        offs_d = tl.arange(0, HEAD_DIM)
+        k = tl.load(k_base + keys.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    else:
+        s = _masked_logits(q, k_base, kp_base, keys, pos, row_ok, N, stride_kn, stride_kd, stride_kpn,
+                           qk_scale, HEAD_DIM, HAS_PADDING, DOT_PRECISION)
+    return s
 
 
 @triton.jit
@@ -113,8 +132,8 @@ def _vs_stats_kernel(Q, K, KP, Heads, MPart, LPart,
     t1 = tl.minimum(t0 + TILES_PER_PROG, NUM_TILES)
     for t in range(t0, t1):
         keys = P - t * ROWS + tl.arange(0, ROWS)
-        s = _window_logits(q, k_base, kp_base, keys, pos, row_ok, N, stride_kn, stride_kd,
-                           stride_kpn, qk_scale, HEAD_DIM, HAS_PADDING, DOT_PRECISION)
+        s = _tile_logits(q, k_base, kp_base, keys, pos, row_ok, t, P, LQ, N, stride_kn, stride_kd,
+                         stride_kpn, qk_scale, HEAD_DIM, ROWS, HAS_PADDING, DOT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
         m_i = m_new
@@ -128,7 +147,7 @@ def _vs_scores_kernel(Q, K, KP, Heads, RowMax, RowInv, Vertical, Slash,
                       stride_qb, stride_qh, stride_qn, stride_qd,
                       stride_kb, stride_kh, stride_kn, stride_kd, stride_kpb, stride_kpn,
                       N, P, Q_ROW0, LQ, GROUP, HS, NUM_TILES, TILES_PER_PROG, qk_scale,
-                      HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, WINDOW: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
                       HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr):
     split = tl.program_id(0)
     bs = tl.program_id(1)
@@ -143,21 +162,25 @@ def _vs_scores_kernel(Q, K, KP, Heads, RowMax, RowInv, Vertical, Slash,
     row_ok = i < LQ
     row_max = tl.load(RowMax + bs.to(tl.int64) * ROWS + i)
     row_inv = tl.load(RowInv + bs.to(tl.int64) * ROWS + i)  # 1 / sum, 0 for rows with no key
-    c = tl.arange(0, WINDOW)
+    c = tl.arange(0, ROWS)
     u = tl.arange(0, ROWS)
-    skew = (ROWS - 1) + i[:, None] - u[None, :]  # window column of (row i, diagonal 64t + u)
+    skew = (i[:, None] - u[None, :]) & (ROWS - 1)  # tile column of (row i, diagonal offset u mod 64)
+    lower = i[:, None] >= u[None, :]  # column i - u: diagonal 64 t + u; else i - u + 64: 64 (t - 1) + u
     out_base = bs.to(tl.int64) * N
     t0 = split * TILES_PER_PROG
     t1 = tl.minimum(t0 + TILES_PER_PROG, NUM_TILES)
-    for t in range(t0, t1):
-        keys = P - t * ROWS - (ROWS - 1) + c
-        s = _window_logits(q, k_base, kp_base, keys, pos, row_ok, N, stride_kn, stride_kd,
-                           stride_kpn, qk_scale, HEAD_DIM, HAS_PADDING, DOT_PRECISION)
+    carry = tl.zeros([ROWS], dtype=tl.float32)  # diagonal tile t - 1 from key tile t - 1
+    for t in range(t0, t1 + 1):  # key tile t1 only completes diagonal tile t1 - 1
+        keys = P - t * ROWS + c
+        s = _tile_logits(q, k_base, kp_base, keys, pos, row_ok, t, P, LQ, N, stride_kn, stride_kd,
+                         stride_kpn, qk_scale, HEAD_DIM, ROWS, HAS_PADDING, DOT_PRECISION)
         p = tl.math.exp2(s - row_max[:, None]) * row_inv[:, None]  # masked entries: exp2(-inf) = 0
-        owned = (c >= ROWS - 1) & (c < WINDOW - 1) & (keys >= 0) & (keys < N)
-        tl.store(Vertical + out_base + keys, tl.sum(p, 0), mask=owned)
-        diag = t * ROWS + u
-        tl.store(Slash + out_base + diag, tl.sum(tl.gather(p, skew, 1), 0), mask=diag < N)
+        tl.store(Vertical + out_base + keys, tl.sum(p, 0), mask=(keys >= 0) & (keys < N) & (keys >= P - (t1 - 1) * ROWS))  # tiles < t1
+        g = tl.gather(p, skew, 1)
+        diag = (t - 1) * ROWS + u
+        tl.store(Slash + out_base + diag, carry + tl.sum(tl.where(lower, 0.0, g), 0),
+                 mask=(diag >= t0 * ROWS) & (diag < N))  # t > t0
+        carry = tl.sum(tl.where(lower, g, 0.0), 0)
 
 
 def _interpreting() -> bool:
@@ -219,7 +242,7 @@ def vertical_slash_scores_triton(q: torch.Tensor, k: torch.Tensor, key_padding: 
     row_inv = torch.where(row_sum > 0, 1.0 / row_sum, 0.0).contiguous()
     _vs_scores_kernel[(splits, b * hs)](
         q, k, kp, heads, row_max.contiguous(), row_inv, vertical, slash, *common,
-        n, p0, q_row0, lq, h // hk, hs, num_tiles, per_prog, qk_scale, WINDOW=WINDOW, **meta, **launch)
+        n, p0, q_row0, lq, h // hk, hs, num_tiles, per_prog, qk_scale, **meta, **launch)
     return vertical, slash
 
 
