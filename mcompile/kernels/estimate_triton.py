@@ -175,7 +175,8 @@ def _vs_scores_kernel(Q, K, KP, Heads, RowMax, RowInv, Vertical, Slash,
         s = _tile_logits(q, k_base, kp_base, keys, pos, row_ok, t, P, LQ, N, stride_kn, stride_kd,
                          stride_kpn, qk_scale, HEAD_DIM, ROWS, HAS_PADDING, DOT_PRECISION)
         p = tl.math.exp2(s - row_max[:, None]) * row_inv[:, None]  # masked entries: exp2(-inf) = 0
-        tl.store(Vertical + out_base + keys, tl.sum(p, 0), mask=(keys >= 0) & (keys < N) & (keys >= P - (t1 - 1) * ROWS))  # tiles < t1
+        owned = (keys >= 0) & (keys < N) & (keys >= P - (t1 - 1) * ROWS)  # key tiles t < t1
+        tl.store(Vertical + out_base + keys, tl.sum(p, 0), mask=owned)
         g = tl.gather(p, skew, 1)
         diag = (t - 1) * ROWS + u
         tl.store(Slash + out_base + diag, carry + tl.sum(tl.where(lower, 0.0, g), 0),
