@@ -196,18 +196,16 @@ def rel_err(x, ref) -> float:
     return ((x - ref).abs().max() / ref.abs().max()).item()
 
 
-VS_ESTIMATIONS_IN_MODEL = [0]  # calls made by the ashape-est case (reported in its summary)
-
-
 @contextlib.contextmanager
 def vs_estimation_in_model():
     """While active, every estimation call also builds the vertical-slash index of the same
-    Q/K (VS budgets, scaled to the length as the op scales the case's) and drops it."""
+    Q/K (VS budgets, scaled to the length as the op scales the case's) and drops it; yields
+    a one-item list counting those calls."""
     from mcompile.kernels import dispatch
     from mcompile.patterns import DEFAULT_BUDGET_EXPONENT, PatternKind, scale_lists
 
     original = dispatch.estimate_impl
-    calls = VS_ESTIMATIONS_IN_MODEL
+    calls = [0]
 
     def estimate_impl(q):
         impl = original(q)
@@ -225,20 +223,19 @@ def vs_estimation_in_model():
 
     dispatch.estimate_impl = estimate_impl
     try:
-        yield
+        yield calls
     finally:
         dispatch.estimate_impl = original
 
 
 def run_case(model, case, tokens, args, check):
     """Compile ``model`` for ``case`` (dynamic=True) and prefill every length: rows of results."""
-    if parse_case(case)[0] == "ashape-est":
-        VS_ESTIMATIONS_IN_MODEL[0] = 0
-        with vs_estimation_in_model():
-            rows, summary = _run_case(model, case, tokens, args, check)
-        summary["vs_estimations"] = VS_ESTIMATIONS_IN_MODEL[0]
-        return rows, summary
-    return _run_case(model, case, tokens, args, check)
+    if parse_case(case)[0] != "ashape-est":
+        return _run_case(model, case, tokens, args, check)
+    with vs_estimation_in_model() as calls:
+        rows, summary = _run_case(model, case, tokens, args, check)
+    summary["vs_estimations"] = calls[0]
+    return rows, summary
 
 
 def _run_case(model, case, tokens, args, check):

@@ -33,6 +33,7 @@ from torch._dynamo.utils import counters
 from ..config import MInferenceConfig
 from .mask_proof import _same
 from .match import _LAYER_RE, _module_info
+from .memory import MemorySite, _module_path  # memory.py imports this module only when it runs
 from .nodes import example, target_name
 
 log = logging.getLogger(__name__)
@@ -133,11 +134,8 @@ def residual_adds(graph: fx.Graph) -> list[fx.Node]:
 GRAD_REASON = "gradients are enabled and the value requires grad (the store has no backward)"
 
 
-def _store(gm: fx.GraphModule, config: MInferenceConfig, pass_name: str, nodes: list, switched_on: bool,
-           grad_enabled: bool) -> list:
+def _store(gm: fx.GraphModule, pass_name: str, nodes: list, switched_on: bool, grad_enabled: bool) -> list:
     """Store ``nodes`` (one site each), or say why not."""
-    from .memory import MemorySite, _module_path
-
     if not nodes:
         return []
     reason: Optional[str] = None
@@ -165,9 +163,9 @@ def _store(gm: fx.GraphModule, config: MInferenceConfig, pass_name: str, nodes: 
 
 def rope_once(gm: fx.GraphModule, config: MInferenceConfig, grad_enabled: bool = False) -> list:
     """Store every shared cos / sin table once (``config.rope_once``); one site per table."""
-    return _store(gm, config, "rope_once", shared_tables(gm.graph), config.rope_once, grad_enabled)
+    return _store(gm, "rope_once", shared_tables(gm.graph), config.rope_once, grad_enabled)
 
 
 def store_residual(gm: fx.GraphModule, config: MInferenceConfig, grad_enabled: bool = False) -> list:
     """Store every residual add of a decoder layer (``config.store_residual``); one site each."""
-    return _store(gm, config, "store_residual", residual_adds(gm.graph), config.store_residual, grad_enabled)
+    return _store(gm, "store_residual", residual_adds(gm.graph), config.store_residual, grad_enabled)
