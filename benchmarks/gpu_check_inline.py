@@ -112,7 +112,8 @@ def part2(lengths):
     print("autotuned configurations of the opaque path (key: head dims, length bucket, dtypes):")
     for key, cfg in tri._sparse_attention_tuned.cache.items():
         print(f"  {tuple(key)[:3]}: BLOCK_N={cfg.kwargs['BLOCK_N']} warps={cfg.num_warps} stages={cfg.num_stages}")
-    print(f"inlined launch configuration: {inline.INLINE_CONFIG}")
+    print("inlined launch configuration (bf16): "
+          + ", ".join(f"head dim {d}: {tri.fixed_config(d, d, torch.bfloat16)}" for d in tri.HEAD_DIMS))
 
 
 def main():

@@ -5,7 +5,7 @@
 A transformers model hands attention q/k/v as (B, H, N, D) views of (B, N, H, D) storage (the
 projections' output, through RoPE) and turns the output back into (B, N, H * D). The kernel
 takes any strides; this script times it, at the inlined launch configuration
-(``inline.INLINE_CONFIG``), on the same values stored in each layout:
+(``sparse_attention_triton.fixed_config``), on the same values stored in each layout:
 
     layout     q      k, v    out
     bhnd       BHND   BHND    BHND     (contiguous (B, H, N, D): the kernel benchmarks' inputs)
@@ -33,13 +33,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 from kernel_configs import run_config  # noqa: E402
 from kernels import LLAMA3_8B, clustered_qk, timed  # noqa: E402
 
-from mcompile.kernels.inline import INLINE_CONFIG  # noqa: E402
+from mcompile.kernels.sparse_attention_triton import fixed_config  # noqa: E402
 from mcompile.patterns import PatternKind  # noqa: E402
 
 # name: (q layout, k/v layout, out layout)
 LAYOUTS = {"bhnd": ("bhnd", "bhnd", "bhnd"), "bnhd": ("bnhd", "bnhd", "bhnd"),
            "bnhd-out": ("bnhd", "bnhd", "bnhd"), "q-bnhd": ("bnhd", "bhnd", "bnhd")}
-INLINE = (INLINE_CONFIG["BLOCK_N"], INLINE_CONFIG["num_warps"], INLINE_CONFIG["num_stages"])
+_FIXED = fixed_config(LLAMA3_8B["d"], LLAMA3_8B["d"], torch.bfloat16)
+INLINE = (_FIXED["BLOCK_N"], _FIXED["num_warps"], _FIXED["num_stages"])
 INPUTS = {"ashape 500/3048": (PatternKind.A_SHAPE, (500, 3048)),
           "vs 500/3048": (PatternKind.VERTICAL_SLASH, (500, 3048))}
 

@@ -255,6 +255,36 @@ def test_columns_left_of_every_run_tile(block_n, nq):
     assert mask[:, 5].equal(causal & padding(b, n, seed=2)[:, None, :])  # every key: plain causal
 
 
+@pytest.mark.parametrize("block_n", [64, 128])
+@pytest.mark.parametrize("nq", [None, 301], ids=["whole", "prefix"])
+def test_many_short_runs_in_one_loop(block_n, nq):
+    """Past FLAT_RUNS runs a block walks all its run tiles in one loop, masking only the tiles
+    that cross a run's end or the diagonal: short runs of 1-6 diagonals, a run that reaches
+    only the last blocks, exactly FLAT_RUNS runs (per-run loops) against one more, and columns
+    inside and outside run tiles; with padding and a cached prefix, fp32 and fp16."""
+    b, h, hk, n, d = 2, 4, 2, 800, 16
+    q, k, v = inputs(b, h, hk, n, d, seed=block_n + (nq or 0))
+
+    def runs(starts, widths):
+        return [s + i for s, w in zip(starts, widths) for i in range(w)]
+
+    flat = int(attn_triton.FLAT_RUNS)
+    spaced = [70 * i for i in range(11)]
+    diags = [runs(spaced, [6, 1, 3, 6, 2, 5, 1, 6, 4, 1, 6]),       # 11 short runs
+             runs(spaced[:flat], [5] * flat),                      # FLAT_RUNS runs: per-run loops
+             runs(spaced[:flat] + [790], [5] * flat + [10]),       # one more, reaching the last blocks only
+             runs([65 * i for i in range(12)], [1] * 12)]          # 12 single diagonals
+    g = torch.Generator().manual_seed(3)
+    columns = [list(range(4)) + sorted(torch.randperm(n - 4, generator=g)[:40].add(4).tolist()),
+               [0, 1, 2], [], list(range(0, n, 7))]
+    index = index_from(diags, columns, b, h, n)
+    counts = index.run_count[0].tolist()
+    assert counts[0] > flat and counts[1] == flat and counts[2] == flat + 1 and counts[3] > flat, counts
+    q_in = q if nq is None else q[:, :, n - nq:]
+    check(q_in, k, v, index, d ** -0.5, padding(b, n, seed=6), block_n=block_n)
+    check(q_in.half(), k.half(), v.half(), index, d ** -0.5, None, block_n=block_n)
+
+
 # ------------------------------------------------------------------------------------------------
 # Sparse attention: layouts, padding forms, value head dim
 # ------------------------------------------------------------------------------------------------
@@ -334,6 +364,20 @@ def test_autotune_pruning():
     assert not any(c.kwargs["BLOCK_N"] == 128 and c.num_stages == 3 for c in big)
     small = attn_triton._prune_configs(configs, {"HEAD_DIM": 64, "HEAD_DV": 64})
     assert any(c.kwargs["BLOCK_N"] == 128 and c.num_stages == 3 for c in small)
+
+
+def test_fixed_config_fits_shared_memory():
+    """The untuned launch (inlined, pinned block_n) takes 3 stages where K/V fit SMEM_BUDGET."""
+    fixed = attn_triton.fixed_config
+    assert fixed(128, 128, torch.bfloat16) == {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+    assert fixed(128, 128, torch.float32)["num_stages"] == 2  # fp32 tiles: 3 stages would overflow
+    assert fixed(64, 64, torch.float32)["num_stages"] == 3
+    for d in attn_triton.HEAD_DIMS:
+        for dtype in attn_triton.DTYPES:
+            for bn in (64, 128):
+                c = fixed(d, d, dtype, bn)
+                elem = 4 if dtype == torch.float32 else 2
+                assert c["BLOCK_N"] == bn and c["num_stages"] * bn * 2 * d * elem <= attn_triton.SMEM_BUDGET
 
 
 # ------------------------------------------------------------------------------------------------

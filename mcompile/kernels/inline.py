@@ -35,9 +35,10 @@ storage (the kernel writes it; cuDNN's SDPA already does), so neither side costs
 copies this replaced cost about 2 ms per layer of Llama-3-8B at 128K (docs/BENCHMARKS.md).
 
 Launch configuration: a traced launch is not autotuned (Inductor would tune once, at whatever
-length it sees first). ``INLINE_CONFIG`` follows what the autotuner of the opaque path chose on an
-H100 for head dims 64 and 128 at 4K-128K: BLOCK_N 64 and 4 warps everywhere, 2 stages at most
-lengths, 3 at a few (docs/BENCHMARKS.md, "Inlined into Inductor" and "Launch configurations").
+length it sees first). It uses ``sparse_attention_triton.fixed_config``: BLOCK_N 64 and 4 warps,
+which the autotuner of the opaque path chose on an H100 for head dims 64 and 128 at 4K-128K, and
+3 pipeline stages where they fit in shared memory (docs/BENCHMARKS.md, "Launch configurations"
+and "One loop over short runs").
 """
 
 from __future__ import annotations
@@ -53,8 +54,6 @@ from ..conditional import flat_cond, shared_region
 from ..index import SparseIndex
 from ..patterns import DEFAULT_BUDGET_EXPONENT
 
-# Key tile width, warps and pipeline stages of the inlined launch (module docstring).
-INLINE_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 # Benchmarks only: the run-time density check (the inner conditional) off CUDA too, where it never
 # fires, so that a CPU compile has the graph structure of a CUDA one (benchmarks/compile_time.py).
 _DENSE_CHECK_EVERYWHERE = False
@@ -86,7 +85,8 @@ def sparse_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
     b, h, n = q.shape[:3]
     out = torch.empty(b, n, h, dvp, dtype=q.dtype, device=q.device).transpose(1, 2)
     grid, args, meta = tri.launch_args(qp, kp, vp, out, SparseIndex(*index), scale, None, 0)
-    torch.library.wrap_triton(tri._sparse_attention_kernel)[grid](*args, **meta, **INLINE_CONFIG)
+    config = tri.fixed_config(dp, dvp, q.dtype)
+    torch.library.wrap_triton(tri._sparse_attention_kernel)[grid](*args, **meta, **config)
     return out if dvp == dv else out[..., :dv].transpose(1, 2).contiguous().transpose(1, 2)
 
 
@@ -168,4 +168,4 @@ def inline_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding
     return None
 
 
-__all__ = ["sparse_attention", "sparse_attention_kernel", "dense_check", "inline_reason", "INLINE_CONFIG"]
+__all__ = ["sparse_attention", "sparse_attention_kernel", "dense_check", "inline_reason"]

@@ -80,6 +80,12 @@ MIN_CAPABILITY = (8, 0)  # tensor-core tl.dot on fp16/bf16 needs Ampere or newer
 # block; the rest holds Q, the P tile and layout conversions).
 SMEM_BUDGET = 160 * 1024
 INTERPRET_BLOCK_N = 64  # key tile width under TRITON_INTERPRET, where autotuning is skipped
+# Above this many runs in a head, a program walks the tiles of all its runs in one loop (one
+# software pipeline) instead of one loop per run: short runs (vertical-slash on real heads,
+# 40+ runs of 2-3 tiles) otherwise pay a pipeline fill and drain per run. A-shape (one run) and
+# heads of a few long runs keep the per-run loops, whose interior tiles are never masked.
+FLAT_RUNS = tl.constexpr(8)
+RUN_CHUNK = tl.constexpr(64)  # runs read at once when counting a block's run tiles
 
 
 # Autotuning is keyed on the head dims and on N rounded up to a power of two within these
@@ -103,6 +109,16 @@ def _interpreting() -> bool:
 def _configs():
     return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
             for bn in (64, 128) for w in (4, 8) for s in (2, 3)]
+
+
+def fixed_config(d: int, dv: int, dtype: torch.dtype, block_n: int = 64) -> dict:
+    """Launch options of an untuned launch (the inlined one, a pinned ``block_n``): 4 warps and
+    the most pipeline stages, up to 3, whose K/V tiles fit ``SMEM_BUDGET`` (3 for bf16/fp16 at
+    head dim 128). On an H100 at 128K, 3 stages beat 2 by 1-4% on A-shape and few-run
+    indexes, and with the one-loop walk of many short runs by 10% there (docs/BENCHMARKS.md)."""
+    elem = 4 if dtype == torch.float32 else 2
+    stages = next((s for s in (3, 2) if s * block_n * (d + dv) * elem <= SMEM_BUDGET), 1)
+    return {"BLOCK_N": block_n, "num_warps": 4, "num_stages": stages}
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -224,6 +240,61 @@ def _column_tile(acc, l_i, m_i, q, k_base, v_base, kp_base, col_base, pre_base, 
 
 
 @triton.jit
+def _run_tile_count(run_base, run_count, row0, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Number of BLOCK_N-key tiles of all runs of query block ``row0 // BLOCK_M`` (clipped to [0, N))."""
+    n_tiles = 0
+    for r0 in range(0, run_count, RUN_CHUNK):
+        r = r0 + tl.arange(0, RUN_CHUNK)
+        listed = r < run_count
+        d_lo = tl.load(run_base + 2 * r, mask=listed, other=0)
+        d_hi = tl.load(run_base + 2 * r + 1, mask=listed, other=0)
+        lo = tl.maximum(row0 - d_hi, 0)
+        hi = tl.minimum(row0 + BLOCK_M - d_lo, N)
+        n_tiles += tl.sum(tl.where(listed & (hi > lo), (hi - lo + BLOCK_N - 1) // BLOCK_N, 0), 0)
+    return n_tiles
+
+
+@triton.jit
+def _flat_run_tiles(acc, l_i, m_i, q, k_base, v_base, kp_base, run_base, n_tiles, row0, rows, N,
+                    stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
+                    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr,
+                    BLOCK_N: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The ``n_tiles`` run tiles of a block in one loop: run ``r`` and tile ``i`` within it are
+    carried, and a tile is masked only when it crosses its interval's end or the diagonal.
+    Runs are sorted by diagonal: those that reach the block (``d_lo < row0 + BLOCK_M``) come
+    first and have at least one tile each, so the walk never meets an empty run."""
+    offs = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DV)
+    r = 0
+    i = 0
+    for _ in range(0, n_tiles):
+        d_lo = tl.load(run_base + 2 * r)
+        d_hi = tl.load(run_base + 2 * r + 1)
+        lo = tl.maximum(row0 - d_hi, 0)
+        hi = tl.minimum(row0 + BLOCK_M - d_lo, N)
+        start = lo + i * BLOCK_N
+        keys = start + offs
+        keys64 = keys.to(tl.int64)
+        in_range = keys < hi
+        k = tl.load(k_base + keys64[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=in_range[:, None], other=0.0)
+        v = tl.load(v_base + keys64[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=in_range[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if (start + BLOCK_N > hi) | (start + BLOCK_N - 1 > row0):
+            qk = tl.where(in_range[None, :] & (keys[None, :] <= rows[:, None]), qk, float("-inf"))
+        if HAS_PADDING:
+            pad = tl.load(kp_base + keys64 * stride_kpn, mask=in_range, other=0)
+            qk = tl.where((pad != 0)[None, :], qk, float("-inf"))
+        acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, qk_scale, DOT_PRECISION)
+        last = start + BLOCK_N >= hi
+        r = tl.where(last, r + 1, r)
+        i = tl.where(last, 0, i + 1)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _sparse_attention_kernel(
         Q, K, V, Out, KP,
         Runs, RunCount, DiagPrefix, Columns, ColumnCount, Blocks, BlockCount,
@@ -285,9 +356,19 @@ def _sparse_attention_kernel(
 
     # (b) Runs: one contiguous key interval each; full tiles ending at or before the block's
     # first query (and the interval end) go unmasked, the last one or two tiles are masked.
+    # Past FLAT_RUNS runs, all run tiles go through one loop instead (``_flat_run_tiles``).
     run_count = tl.load(RunCount + bh64)
     run_base = Runs + bh64 * R * 2
-    for r in range(0, run_count):
+    n_flat = 0
+    n_runs = run_count
+    if run_count > FLAT_RUNS:
+        n_flat = _run_tile_count(run_base, run_count, row0, N, BLOCK_M, BLOCK_N)
+        n_runs = 0
+    acc, l_i, m_i = _flat_run_tiles(
+        acc, l_i, m_i, q, k_base, v_base, kp_base, run_base, n_flat, row0, rows, N,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
+        BLOCK_M, HEAD_DIM, HEAD_DV, BLOCK_N, HAS_PADDING, DOT_PRECISION)
+    for r in range(0, n_runs):
         d_lo = tl.load(run_base + 2 * r)
         d_hi = tl.load(run_base + 2 * r + 1)
         lo = tl.maximum(row0 - d_hi, 0)
@@ -458,7 +539,7 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     if block_n is None:
         _sparse_attention_tuned[grid](*args, **meta)
     else:
-        _sparse_attention_kernel[grid](*args, **meta, BLOCK_N=block_n, num_warps=4, num_stages=2)
+        _sparse_attention_kernel[grid](*args, **meta, **fixed_config(d, dv, q.dtype, block_n))
     return out
 
 
