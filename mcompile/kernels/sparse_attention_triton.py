@@ -38,6 +38,10 @@ query and < the interval end needs none; for a tile crossing the diagonal::
                  x x x x x / . .
         q +63    x x x x x x x /
 
+A head with more than ``FLAT_RUNS`` runs walks the tiles of all its runs in one loop instead,
+masking only the tiles that cross a run's end or the diagonal: one software pipeline instead of
+one per run (real vertical-slash heads have dozens of runs of 2-3 tiles).
+
 Columns below ``m*64`` need only their per-column mask (inside a run tile, padding); the
 columns ``column_count[m-1] .. column_count[m]`` of the block's own range get the causal one.
 Columns left of every run tile of the block (below ``m*64 - d_hi`` of the last run) need no
