@@ -121,8 +121,13 @@ def fixed_config(d: int, dv: int, dtype: torch.dtype, block_n: int = 64) -> dict
     head dim 128). On an H100 at 128K, 3 stages beat 2 by 1-4% on A-shape and few-run
     indexes, and with the one-loop walk of many short runs by 10% there (docs/BENCHMARKS.md)."""
     elem = 4 if dtype == torch.float32 else 2
-    stages = next((s for s in (3, 2) if s * block_n * (d + dv) * elem <= SMEM_BUDGET), 1)
+    stages = next((s for s in (3, 2) if _kv_fits(s, block_n, d, dv, elem)), 1)
     return {"BLOCK_N": block_n, "num_warps": 4, "num_stages": stages}
+
+
+def _kv_fits(stages: int, block_n: int, d: int, dv: int, elem: int) -> bool:
+    """Whether ``stages`` pipelined K/V tiles of ``block_n`` keys fit ``SMEM_BUDGET``."""
+    return stages * block_n * (d + dv) * elem <= SMEM_BUDGET
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -134,7 +139,7 @@ def _prune_configs(configs, named_args, **kwargs):
     kept = []
     for c in configs:
         bn = c.kwargs["BLOCK_N"]
-        if c.num_stages * bn * (d + dv) * elem > SMEM_BUDGET:
+        if not _kv_fits(c.num_stages, bn, d, dv, elem):
             continue
         if bn == 64 and c.num_warps == 8:
             continue
@@ -162,9 +167,12 @@ def _online_update(acc, l_i, m_i, qk, v, qk_scale, DOT_PRECISION: tl.constexpr):
 def _contiguous_tile(acc, l_i, m_i, q, k_base, v_base, kp_base, start, end, rows,
                      stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
                      HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr, TILE: tl.constexpr,
-                     MASKED: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Keys [start, start + TILE). MASKED: keep key < end and key <= row; otherwise the caller
-    proved the whole tile is below the diagonal and before ``end`` (<= N)."""
+                     MASKED: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     crosses=True):
+    """Keys [start, start + TILE). MASKED: loads stop at ``end``, and when the tile ``crosses``
+    the interval end or the diagonal (a run-time flag; True where the caller knows it does),
+    the scores keep key < end and key <= row. Not MASKED: the caller proved the whole tile is
+    below the diagonal and before ``end`` (<= N)."""
     offs = tl.arange(0, TILE)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DV)
@@ -181,11 +189,11 @@ def _contiguous_tile(acc, l_i, m_i, q, k_base, v_base, kp_base, start, end, rows
         v = tl.load(v_ptrs)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
-        keep = in_range[None, :] & (keys[None, :] <= rows[:, None])
+        if crosses:
+            qk = tl.where(in_range[None, :] & (keys[None, :] <= rows[:, None]), qk, float("-inf"))
         if HAS_PADDING:
             pad = tl.load(kp_base + keys64 * stride_kpn, mask=in_range, other=0)
-            keep = keep & (pad != 0)[None, :]
-        qk = tl.where(keep, qk, float("-inf"))
+            qk = tl.where((pad != 0)[None, :], qk, float("-inf"))
     elif HAS_PADDING:
         pad = tl.load(kp_base + keys64 * stride_kpn)
         qk = tl.where((pad != 0)[None, :], qk, float("-inf"))
@@ -267,9 +275,6 @@ def _flat_run_tiles(acc, l_i, m_i, q, k_base, v_base, kp_base, run_base, n_tiles
     carried, and a tile is masked only when it crosses its interval's end or the diagonal.
     Runs are sorted by diagonal: those that reach the block (``d_lo < row0 + BLOCK_M``) come
     first and have at least one tile each, so the walk never meets an empty run."""
-    offs = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_dv = tl.arange(0, HEAD_DV)
     r = 0
     i = 0
     for _ in range(0, n_tiles):
@@ -278,20 +283,11 @@ def _flat_run_tiles(acc, l_i, m_i, q, k_base, v_base, kp_base, run_base, n_tiles
         lo = tl.maximum(row0 - d_hi, 0)
         hi = tl.minimum(row0 + BLOCK_M - d_lo, N)
         start = lo + i * BLOCK_N
-        keys = start + offs
-        keys64 = keys.to(tl.int64)
-        in_range = keys < hi
-        k = tl.load(k_base + keys64[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=in_range[:, None], other=0.0)
-        v = tl.load(v_base + keys64[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=in_range[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if (start + BLOCK_N > hi) | (start + BLOCK_N - 1 > row0):
-            qk = tl.where(in_range[None, :] & (keys[None, :] <= rows[:, None]), qk, float("-inf"))
-        if HAS_PADDING:
-            pad = tl.load(kp_base + keys64 * stride_kpn, mask=in_range, other=0)
-            qk = tl.where((pad != 0)[None, :], qk, float("-inf"))
-        acc, l_i, m_i = _online_update(acc, l_i, m_i, qk, v, qk_scale, DOT_PRECISION)
+        crosses = (start + BLOCK_N > hi) | (start + BLOCK_N - 1 > row0)
+        acc, l_i, m_i = _contiguous_tile(
+            acc, l_i, m_i, q, k_base, v_base, kp_base, start, hi, rows,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
+            HEAD_DIM, HEAD_DV, BLOCK_N, True, HAS_PADDING, DOT_PRECISION, crosses)
         last = start + BLOCK_N >= hi
         r = tl.where(last, r + 1, r)
         i = tl.where(last, 0, i + 1)
