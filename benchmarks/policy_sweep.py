@@ -15,6 +15,7 @@ own pieces (``vertical_slash_scores``, ``diagonals_to_runs``, ``SparseIndex``...
     python benchmarks/policy_sweep.py sweep --lengths 2048,4096,6144,8192 --out /tmp/sweep   # --only r3 etc.
     python benchmarks/policy_sweep.py model --candidate abs:144,875 --parts perplexity      # first 8K window
     python benchmarks/policy_sweep.py model --candidate tile:768,1536 --parts needle --dense
+    python benchmarks/policy_sweep.py model --candidate mass:0.99,0.85 --parts perplexity   # per-head mass shares
 
 Results and their reading: benchmarks/results/policy_sweep_cpu.md. One thread by default (--threads).
 """
@@ -25,6 +26,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -215,6 +217,22 @@ def select_runs_tile_aware(slash: torch.Tensor, candidates: int, width_budget: i
     return torch.stack([new_lo.values, new_hi], -1), keep.sum(-1, dtype=torch.int32)
 
 
+def mass_select(scores: torch.Tensor, share: float, forced: int) -> tuple[torch.Tensor, float]:
+    """Per (batch, head) row, the fewest top-scoring entries whose scores reach ``share`` of the
+    row's total, the first ``forced`` entries always kept and their scores counted first (a
+    per-head budget set by the estimate's own mass, as FlexPrefill's cumulative threshold):
+    (ascending indices, SENTINEL-padded; mean entries kept per row)."""
+    n = scores.shape[-1]
+    ranked = scores.clone()
+    ranked[..., :forced] = float("inf")
+    order = ranked.argsort(-1, descending=True)
+    raw = scores.gather(-1, order)
+    before = raw.cumsum(-1) - raw  # mass of the entries ranked above
+    keep = (before < share * scores.sum(-1, keepdim=True)) | (order < forced)
+    picked = torch.where(keep, order.to(torch.int32), SENTINEL).sort(-1).values
+    return picked, float(keep.sum(-1).double().mean()) if n else 0.0
+
+
 # --------------------------------------------------------------------------------------------
 # policies: name -> fn(vertical, slash, n) -> (columns, runs, run_count)
 
@@ -239,6 +257,17 @@ def tile_policy(v_ref, w_ref, length, exponent, cand_factor=4, floor_v=64, floor
         cand = min(n, local + max(1, cand_factor * w // BLOCK))
         runs, rc = select_runs_tile_aware(slash, cand, w, local)
         return select_columns(vertical, nv, sink), runs, rc, (nv, w)
+    return fn
+
+
+def mass_policy(share_v: float, share_s: float, sink=SINK_COLUMNS, local=LOCAL_DIAGONALS):
+    """No budgets: each head keeps the verticals and slashes that hold ``share_v`` / ``share_s`` of
+    its estimated column / diagonal mass (``mass_select``); reported budgets are the mean counts."""
+    def fn(vertical, slash, n):
+        cols, nv = mass_select(vertical, share_v, sink)
+        diags, ns = mass_select(slash, share_s, local)
+        runs, rc = diagonals_to_runs(diags)
+        return cols, runs, rc, (round(nv), round(ns))
     return fn
 
 
@@ -501,6 +530,9 @@ def sweep_policies() -> dict:
     for v4, w4 in ((768, 1024), (768, 1280), (768, 1536)):
         v_ref, w_ref = budgets_at(4096, v4, w4)
         p[f"r5 tile v{v4} w{w4}@4K e0.7"] = tile_policy(v_ref, w_ref, 131072, 0.7, floor_w=256)
+    # round 9: no budgets, per-head counts from the estimate's mass (share of vertical / slash mass)
+    for sv, ss in ((0.9, 0.9), (0.99, 0.75), (0.99, 0.8), (0.99, 0.85), (0.99, 0.9), (0.995, 0.9), (0.999, 0.95)):
+        p[f"r9 mass v{sv} s{ss}"] = mass_policy(sv, ss)
     return p
 
 
@@ -545,37 +577,29 @@ def fmt_breakdown(table: dict) -> str:
 # end to end on the model: perplexity of one window and the needle grid, for one candidate
 
 
-class TileAwareEstimator:
-    """Context manager: the package's pure-PyTorch estimator with tile-aware slash selection
-    (``select_runs_tile_aware``) for all-vertical-slash layers without padding; the op's budgets
-    are read as (verticals, per-row key budget of the slash tiles). Patches
-    ``mcompile.kernels.estimate.assemble_index`` for the duration (nothing on disk changes);
-    ``calls`` counts the layers it estimated, to prove it ran."""
+class PatchedEstimator:
+    """Context manager: the package's pure-PyTorch estimator with this class's selection
+    (``select``) for all-vertical-slash layers without padding; other layers keep the package's.
+    Patches ``mcompile.kernels.estimate.assemble_index`` for the duration (nothing on disk
+    changes); ``calls`` counts the layers it estimated, to prove it ran."""
 
-    def __init__(self, cand_factor: int = 4, local: int = LOCAL_DIAGONALS, sink: int = SINK_COLUMNS):
-        self.cand_factor, self.local, self.sink, self.calls = cand_factor, local, sink, 0
+    def __init__(self, local: int = LOCAL_DIAGONALS, sink: int = SINK_COLUMNS):
+        self.local, self.sink, self.calls = local, sink, 0
+
+    def select(self, vertical, slash, nv: int, w: int, n: int):
+        """(columns, runs, run_count) from the scores and the op's (scaled) budgets."""
+        raise NotImplementedError
 
     def assemble(self, q, k, key_padding, kinds, p0, p1, scale, vs_scores=vertical_slash_scores, capacity=None):
-        from mcompile.kernels import estimate as est
-
         if key_padding is not None or any(int(x) != PatternKind.VERTICAL_SLASH for x in kinds) \
                 or len(set(p0)) > 1 or len(set(p1)) > 1 or q.shape[2] != k.shape[2]:
             return self._orig(q, k, key_padding, kinds, p0, p1, scale, vs_scores, capacity)
-        b, h = q.shape[:2]
-        n = k.shape[2]
-        r_cap, c_cap, _ = capacity if capacity is not None else est.index_capacity(n, kinds, p0, p1)
+        h, n = q.shape[1], k.shape[2]
         vertical, slash = vs_scores(q, k, None, scale, torch.arange(h, device=q.device))
-        nv, w = min(p0[0], n), min(p1[0], n)
-        cand = min(n, self.local + max(1, self.cand_factor * w // BLOCK))
-        runs, rc = select_runs_tile_aware(slash, cand, w, self.local)
-        cols = select_columns(vertical, nv, self.sink)
-        runs_full = torch.full((b, h, r_cap, 2), SENTINEL, dtype=torch.int32, device=q.device)
-        runs_full[:, :, :min(r_cap, runs.shape[-2])] = runs[:, :, :r_cap]
-        cols_full = torch.full((b, h, c_cap), SENTINEL, dtype=torch.int32, device=q.device)
-        cols_full[:, :, :cols.shape[-1]] = cols
+        cols, runs, rc = self.select(vertical, slash, min(p0[0], n), min(p1[0], n), n)
         self.calls += 1
-        idx = make_index(cols_full, runs_full, rc, n)
-        return idx
+        # Built at the selection's own size, not the op's capacity: the graph runs eagerly here.
+        return make_index(cols, runs, rc, n)
 
     def __enter__(self):
         from mcompile.kernels import estimate as est
@@ -590,19 +614,51 @@ class TileAwareEstimator:
         est.assemble_index = self._orig
 
 
-def candidate_options(name: str) -> tuple[dict, bool]:
-    """'default', 'vs:V,S' (budgets at 4096 tokens, scaled as the package does), 'tile:V,W' or
-    'abs:V,S' (absolute budgets, no scaling: for one perplexity window, only its length's budgets
-    matter)."""
+class TileAwareEstimator(PatchedEstimator):
+    """Tile-aware slash selection (``select_runs_tile_aware``); the op's budgets are read as
+    (verticals, per-row key budget of the slash tiles)."""
+
+    def __init__(self, cand_factor: int = 4, **kw):
+        super().__init__(**kw)
+        self.cand_factor = cand_factor
+
+    def select(self, vertical, slash, nv, w, n):
+        cand = min(n, self.local + max(1, self.cand_factor * w // BLOCK))
+        runs, rc = select_runs_tile_aware(slash, cand, w, self.local)
+        return select_columns(vertical, nv, self.sink), runs, rc
+
+
+class MassEstimator(PatchedEstimator):
+    """Per-head counts from the estimate's mass (``mass_select``); the op's budgets are ignored."""
+
+    def __init__(self, share_v: float, share_s: float, **kw):
+        super().__init__(**kw)
+        self.share_v, self.share_s = share_v, share_s
+
+    def select(self, vertical, slash, nv, w, n):
+        cols, _ = mass_select(vertical, self.share_v, self.sink)
+        runs, rc = diagonals_to_runs(mass_select(slash, self.share_s, self.local)[0])
+        return cols, runs, rc
+
+
+def candidate_options(name: str) -> tuple[dict, Callable[[], PatchedEstimator] | None]:
+    """(backend options, estimator patch or None) of a candidate: 'default', 'vs:V,S' (budgets at
+    4096 tokens, scaled as the package does), 'tile:V,W', 'abs:V,S' (absolute budgets, no scaling:
+    for one perplexity window, only its length's budgets matter) or 'mass:SV,SS' (shares of the
+    vertical / slash mass, no budgets: ``MassEstimator``)."""
     if name == "default":
-        return {}, False
+        return {}, None
     kind, spec = name.split(":")
+    if kind == "mass":
+        sv, ss = (float(x) for x in spec.split(","))
+        return {}, lambda: MassEstimator(sv, ss)
     v4, x4 = (int(x) for x in spec.split(","))
     if kind == "abs":
-        return {"default_pattern": Pattern(PatternKind.VERTICAL_SLASH, v4, x4), "budget_length": 0}, False
+        return {"default_pattern": Pattern(PatternKind.VERTICAL_SLASH, v4, x4), "budget_length": 0}, None
     v_ref, x_ref = budgets_at(4096, v4, x4)
     pattern = Pattern(PatternKind.VERTICAL_SLASH, v_ref, x_ref)
-    return {"default_pattern": pattern, "budget_length": 131072, "budget_exponent": 0.7}, kind == "tile"
+    options = {"default_pattern": pattern, "budget_length": 131072, "budget_exponent": 0.7}
+    return options, (TileAwareEstimator if kind == "tile" else None)
 
 
 def run_model(name: str, parts, lengths, depths, ppl_window: int, dense: bool, log=print) -> dict:
@@ -611,12 +667,12 @@ def run_model(name: str, parts, lengths, depths, ppl_window: int, dense: bool, l
     from mcompile.eval.variants import DENSE, MINFERENCE, Variant, compiled
 
     model, tok, _ = load_model("smollm2", torch.float32, "cpu")
-    options, tile = candidate_options(name)
+    options, estimator = candidate_options(name)
     variants = ([Variant(DENSE, "eager")] if dense else []) + \
         [Variant(MINFERENCE, "eager", {"dense_below": 0, "pattern_db": None, **options})]
-    out = {"candidate": name, "options": {k: str(v) for k, v in options.items()}, "tile_aware": tile}
+    out = {"candidate": name, "options": {k: str(v) for k, v in options.items()}, "estimator": estimator().__class__.__name__ if estimator else None}
     for variant in variants:
-        est = TileAwareEstimator() if (tile and variant.name == MINFERENCE) else None
+        est = estimator() if (estimator is not None and variant.name == MINFERENCE) else None
         ctx = est if est is not None else _null()
         res = out.setdefault(variant.name, {})
         with ctx:
@@ -639,7 +695,7 @@ def run_model(name: str, parts, lengths, depths, ppl_window: int, dense: bool, l
                 res["needle"] = {"cells": needle_grid.cells_to_json(cells), "compile": comp.summary(),
                                  "seconds": round(time.perf_counter() - t)}
         if est is not None:
-            res["tile_aware_layer_calls"] = est.calls
+            res["patched_layer_calls"] = est.calls
     return out
 
 
@@ -654,7 +710,7 @@ class _null:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("what", choices=["capture", "breakdown", "sweep", "model"])
-    ap.add_argument("--candidate", default="default", help="model: 'default', 'vs:V,S' or 'tile:V,W' (budgets at 4096)")
+    ap.add_argument("--candidate", default="default", help="model: 'default', 'vs:V,S', 'tile:V,W' (budgets at 4096), 'abs:V,S' or 'mass:SV,SS'")
     ap.add_argument("--parts", default="perplexity", help="model: perplexity,needle")
     ap.add_argument("--depths", default="0.3,0.5,0.7,0.9", help="model: needle depths")
     ap.add_argument("--ppl-window", type=int, default=8192)
