@@ -8,7 +8,11 @@ position's logits, compiled with ``dynamic=True`` by plain Inductor and by minfe
 default threshold (these prompts run dense attention) in several configurations, so that each
 part's cost shows: the whole backend; without the chunked MLP; with the opaque attention op
 instead of the inlined one. Median of 20 calls after warm-up. ``--profile`` prints the top host
-and device ops of each configuration at the first length.
+and device ops of each configuration at the first length, and one line with the profiled
+forward's device time, kernel launches and the compiled wrapper's own Python time (the
+``## Call CompiledFxGraph`` row's self time). ``--mask-free`` gives both the model's attention
+as ``benchmarks/e2e.py`` does (causal SDPA, no N x N mask), so that plain Inductor is not slowed
+by a mask the rewrite removes.
 """
 
 from __future__ import annotations
@@ -36,13 +40,22 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--mask-free", action="store_true", help="causal SDPA without a mask for both (as e2e.py)")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
                    help="configurations to time (plain Inductor always runs: the baseline)")
     args = p.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE, max_position_embeddings=max(args.lengths)))
+    config = LlamaConfig(**SMOLLM2_SHAPE, max_position_embeddings=max(args.lengths))
+    if args.mask_free:
+        import e2e
+
+        e2e.register_attention()
+        config._attn_implementation = e2e.ATTN_IMPL
+    model = LlamaForCausalLM(config)
+    if args.mask_free:
+        model.config._attn_implementation = e2e.ATTN_IMPL
     model = model.to("cuda", torch.bfloat16).eval()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     ids = {n: torch.randint(0, 49152, (1, n), device="cuda") for n in args.lengths}
@@ -73,7 +86,13 @@ def main():
                     activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
                 model(ids[n], **kw)
                 torch.cuda.synchronize()
-            print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
+            events = prof.key_averages()
+            cuda = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+            wrapper = sum(e.self_cpu_time_total for e in events if e.key.startswith("## Call CompiledFxGraph"))
+            print(f"  profile {name}, N={n}: device time {sum(e.self_device_time_total for e in cuda) / 1e3:.2f} ms "
+                  f"in {sum(e.count for e in cuda)} kernels; compiled wrapper's own Python time "
+                  f"{wrapper / 1e3:.2f} ms", flush=True)
+            print(events.table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
     print("\n| configuration | " + " | ".join(f"N={n}" for n in args.lengths) + " |")
     print("| --- | " + " | ".join("---" for _ in args.lengths) + " |")
     for name in configs:
