@@ -32,27 +32,25 @@ sys.path.insert(0, os.path.dirname(__file__))
 from kernel_configs import run_config
 from kernels import LLAMA3_8B, clustered_qk
 
-from mcompile import ops
-from mcompile.index import SparseIndex
+from mcompile.kernels.estimate_triton import estimate_index_triton
 from mcompile.kernels.sparse_attention_triton import fixed_config
 from mcompile.patterns import PatternKind
 
 SMI_FIELDS = "timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active"
 
 
-def start_sampler(path: str):
+def start_sampler(out):
+    """``nvidia-smi`` writing a sample every 20 ms to the open file ``out``; None without it."""
     if shutil.which("nvidia-smi") is None:
         return None
     return subprocess.Popen(["nvidia-smi", f"--query-gpu={SMI_FIELDS}", "--format=csv,noheader", "-lms", "20"],
-                            stdout=open(path, "w"), stderr=subprocess.DEVNULL)
+                            stdout=out, stderr=subprocess.DEVNULL)
 
 
-def read_samples(path: str) -> list[tuple]:
+def read_samples(text: str) -> list[tuple]:
     """(epoch seconds, SM MHz, watts, temperature, throttle reasons) per sample."""
     out = []
-    with open(path) as f:
-        lines = f.read().splitlines()
-    for line in lines:
+    for line in text.splitlines():
         p = [x.strip() for x in line.split(",")]
         try:
             t = datetime.datetime.strptime(p[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
@@ -74,8 +72,7 @@ def main() -> int:
     q, k = clustered_qk(n, h, hk, d)
     v = torch.randn(1, hk, n, d, device="cuda", dtype=torch.bfloat16)
     scale = d ** -0.5
-    index = SparseIndex(*ops.estimate_index(q, k, None, [int(PatternKind.A_SHAPE)] * h, [500] * h, [3048] * h,
-                                            scale, 0))
+    index = estimate_index_triton(q, k, None, [int(PatternKind.A_SHAPE)] * h, [500] * h, [3048] * h, scale)
     cfg = fixed_config(d, d, q.dtype)
     config = (cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"])
 
@@ -110,30 +107,31 @@ def main() -> int:
         ("gemm_long", "after 30 matrix products", lambda: gemms(30)),
         ("alone_again", "kernel alone again", lambda: None),
     ]
-    tmp = tempfile.mkdtemp()
-    smi_path = os.path.join(tmp, "smi.csv")
-    sampler = start_sampler(smi_path)
-    time.sleep(0.2)
     results = {}
-    for key, label, prepare in phases:
-        rows = []
-        t0 = time.time()
-        for _ in range(args.reps):
-            prepare()
-            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                      for _ in range(args.calls)]
-            for s, e in events:
-                s.record()
-                kernel()
-                e.record()
-            torch.cuda.synchronize()
-            rows.append([s.elapsed_time(e) for s, e in events])
-        results[key] = {"label": label, "ms": rows, "start": t0, "end": time.time()}
-    if sampler is not None:
+    with tempfile.TemporaryFile("w+") as smi_out:
+        sampler = start_sampler(smi_out)
         time.sleep(0.2)
-        sampler.terminate()
-        sampler.wait()
-    samples = read_samples(smi_path) if sampler is not None else []
+        for key, label, prepare in phases:
+            rows = []
+            t0 = time.time()
+            for _ in range(args.reps):
+                prepare()
+                events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                          for _ in range(args.calls)]
+                for s, e in events:
+                    s.record()
+                    kernel()
+                    e.record()
+                torch.cuda.synchronize()
+                rows.append([s.elapsed_time(e) for s, e in events])
+            results[key] = {"label": label, "ms": rows, "start": t0, "end": time.time()}
+        samples = []
+        if sampler is not None:
+            time.sleep(0.2)
+            sampler.terminate()
+            sampler.wait()
+            smi_out.seek(0)
+            samples = read_samples(smi_out.read())
 
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, length {n}, config {config}, "
           f"matrix product 65536x4096x14336: {gemm_ms:.2f} ms ({2 * 65536 * 4096 * 14336 / gemm_ms / 1e9:.0f} TFLOP/s)")

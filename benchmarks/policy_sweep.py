@@ -222,7 +222,6 @@ def mass_select(scores: torch.Tensor, share: float, forced: int) -> tuple[torch.
     row's total, the first ``forced`` entries always kept and their scores counted first (a
     per-head budget set by the estimate's own mass, as FlexPrefill's cumulative threshold):
     (ascending indices, SENTINEL-padded; mean entries kept per row)."""
-    n = scores.shape[-1]
     ranked = scores.clone()
     ranked[..., :forced] = float("inf")
     order = ranked.argsort(-1, descending=True)
@@ -230,7 +229,7 @@ def mass_select(scores: torch.Tensor, share: float, forced: int) -> tuple[torch.
     before = raw.cumsum(-1) - raw  # mass of the entries ranked above
     keep = (before < share * scores.sum(-1, keepdim=True)) | (order < forced)
     picked = torch.where(keep, order.to(torch.int32), SENTINEL).sort(-1).values
-    return picked, float(keep.sum(-1).double().mean()) if n else 0.0
+    return picked, float(keep.sum(-1).double().mean())
 
 
 # --------------------------------------------------------------------------------------------
@@ -636,8 +635,7 @@ class MassEstimator(PatchedEstimator):
         self.share_v, self.share_s = share_v, share_s
 
     def select(self, vertical, slash, nv, w, n):
-        cols, _ = mass_select(vertical, self.share_v, self.sink)
-        runs, rc = diagonals_to_runs(mass_select(slash, self.share_s, self.local)[0])
+        cols, runs, rc, _ = mass_policy(self.share_v, self.share_s, self.sink, self.local)(vertical, slash, n)
         return cols, runs, rc
 
 
@@ -670,9 +668,11 @@ def run_model(name: str, parts, lengths, depths, ppl_window: int, dense: bool, l
     options, estimator = candidate_options(name)
     variants = ([Variant(DENSE, "eager")] if dense else []) + \
         [Variant(MINFERENCE, "eager", {"dense_below": 0, "pattern_db": None, **options})]
-    out = {"candidate": name, "options": {k: str(v) for k, v in options.items()}, "estimator": estimator().__class__.__name__ if estimator else None}
+    out = {"candidate": name, "options": {k: str(v) for k, v in options.items()}, "estimator": None}
     for variant in variants:
         est = estimator() if (estimator is not None and variant.name == MINFERENCE) else None
+        if est is not None:
+            out["estimator"] = type(est).__name__
         ctx = est if est is not None else _null()
         res = out.setdefault(variant.name, {})
         with ctx:

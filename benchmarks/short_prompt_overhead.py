@@ -44,18 +44,17 @@ def main():
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
                    help="configurations to time (plain Inductor always runs: the baseline)")
     args = p.parse_args()
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
-    torch.manual_seed(0)
-    config = LlamaConfig(**SMOLLM2_SHAPE, max_position_embeddings=max(args.lengths))
+    attn_implementation = "sdpa"
     if args.mask_free:
         import e2e
 
         e2e.register_attention()
-        config._attn_implementation = e2e.ATTN_IMPL
-    model = LlamaForCausalLM(config)
-    if args.mask_free:
-        model.config._attn_implementation = e2e.ATTN_IMPL
+        attn_implementation = e2e.ATTN_IMPL
+    torch.manual_seed(0)
+    config = LlamaConfig(**SMOLLM2_SHAPE, max_position_embeddings=max(args.lengths))
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     model = model.to("cuda", torch.bfloat16).eval()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     ids = {n: torch.randint(0, 49152, (1, n), device="cuda") for n in args.lengths}

@@ -218,16 +218,19 @@ def test_allocate_command_stops_at_its_time_limit_and_resumes(tmp_path, capsys):
     from mcompile.cli import main
 
     path = tmp_path / "allocation.json"
-    args = ["allocate", "--device", "cpu", "--window", "256", "--needle-lengths", "256", "--depths", "0.5",
-            "--verticals", "64", "--slashes", "128", "--kept", "256:0.9", "--reference-length", "256",
-            "--quiet", "--time-limit", "0.001", "--out", str(tmp_path)]
-    assert main(args) == 3
+
+    def allocate_cli(*extra, slashes="128"):
+        return main(["allocate", "--device", "cpu", "--window", "256", "--needle-lengths", "256", "--depths", "0.5",
+                     "--verticals", "64", "--slashes", slashes, "--kept", "256:0.9", "--reference-length", "256",
+                     "--quiet", "--time-limit", "0.001", "--out", str(tmp_path), *extra])
+
+    assert allocate_cli() == 3
     first = json.loads(path.read_text())
     assert "resume with --from-table" in capsys.readouterr().out
     assert first["options"] == ["vertical_slash(vertical=64, slash=128)", "dense"]
     assert len(first["table"]) == 1 and first["allocations"] == []
     assert "calibration_docs" in first["calibration"]
-    assert main(args + ["--from-table", str(path)]) == 3
+    assert allocate_cli("--from-table", str(path)) == 3
     second = json.loads(path.read_text())
     assert second["dense"] == first["dense"]
     assert len(second["table"]) == 2 and second["table"][0] == first["table"][0]
@@ -235,5 +238,4 @@ def test_allocate_command_stops_at_its_time_limit_and_resumes(tmp_path, capsys):
     assert 0 < kept < 1 and second["table"][1][1]["kept"]["256"] == 1.0  # the sparse option, then dense
     # a table measured with other options is refused, not silently mixed in
     with pytest.raises(SystemExit, match="other options"):
-        main([*args[:args.index("--slashes") + 1], "256", *args[args.index("--slashes") + 2:],
-              "--from-table", str(path)])
+        allocate_cli("--from-table", str(path), slashes="256")
