@@ -89,9 +89,7 @@ def demo(args) -> int:
         mark = "found" if prompt.passed(text) else "MISSED"
         print(f"[{name}] answer: {text!r} ({mark}); prefill {prefill:.2f} s (compile + first call {compile_and_first:.1f} s)",
               flush=True)
-    torch._dynamo.reset()
-    model._compiled_call_impl = None
-    print("\nwhat minference rewrote:")
+    print("\nwhat minference rewrote:")  # explain looks through model.compile: it traces the model as written
     print(explain(model, prompt.input_ids, options=options, use_cache=False).summary())
     d, m = results["dense"], results["minference"]
     print(f"\npassword {prompt.value}: dense {'found' if prompt.passed(d[0]) else 'missed'}, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Optional
 
@@ -37,6 +38,16 @@ class Logits(str, enum.Enum):
 
 def _choices(enum_cls) -> list[str]:
     return [e.value for e in enum_cls]
+
+
+# Integer options reach the graph ops as int64 arguments.
+INT64_MAX = 2 ** 63 - 1
+
+
+def _check_int(name: str, value, low: int, what: str = "") -> None:
+    """An int (not a bool) in [low, INT64_MAX], else a ValueError that says so."""
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= INT64_MAX:
+        raise ValueError(f"{name} must be an int in [{low}, 2**63 - 1]{what}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -95,19 +106,23 @@ class MInferenceConfig:
     inductor_config: tuple = field(default_factory=tuple)  # sorted (key, value) pairs
 
     def __post_init__(self):
+        if isinstance(self.pattern_db, os.PathLike):
+            object.__setattr__(self, "pattern_db", os.fspath(self.pattern_db))
         if self.pattern_db is not None and not isinstance(self.pattern_db, str):
             raise ValueError(f"pattern_db must be a path, a database name, 'auto' or None, got {self.pattern_db!r}")
+        if self.pattern_db is not None and not self.pattern_db.strip():
+            raise ValueError("pattern_db is empty: give a database's JSON file, a shipped name, 'auto' or None")
+        if self.pattern_db is not None and os.path.isdir(self.pattern_db):
+            raise ValueError(f"pattern_db {self.pattern_db!r} is a directory: give the database's JSON file")
         if isinstance(self.default_pattern, Mapping):
             object.__setattr__(self, "default_pattern", Pattern.from_dict(self.default_pattern))
         if not isinstance(self.default_pattern, Pattern):
             raise ValueError(f"default_pattern must be a dict such as {DEFAULT_VERTICAL_SLASH.to_dict()}")
-        if not isinstance(self.dense_below, int) or isinstance(self.dense_below, bool) or self.dense_below < 0:
-            raise ValueError(f"dense_below must be an int >= 0, got {self.dense_below!r}")
+        _check_int("dense_below", self.dense_below, 0, " (0 forces sparse)")
         if self.budget_length is None:
             length = DEFAULT_BUDGET_LENGTH if self.default_pattern == DEFAULT_VERTICAL_SLASH else 0
             object.__setattr__(self, "budget_length", length)
-        if not isinstance(self.budget_length, int) or isinstance(self.budget_length, bool) or self.budget_length < 0:
-            raise ValueError(f"budget_length must be an int >= 0 or None, got {self.budget_length!r}")
+        _check_int("budget_length", self.budget_length, 0, " or None")
         if isinstance(self.budget_exponent, int) and not isinstance(self.budget_exponent, bool):
             object.__setattr__(self, "budget_exponent", float(self.budget_exponent))
         if not isinstance(self.budget_exponent, float) or not 0.0 <= self.budget_exponent <= 2.0:
@@ -118,8 +133,7 @@ class MInferenceConfig:
             raise ValueError(f"logits must be one of {_choices(Logits)}, got {self.logits!r}") from None
         if not isinstance(self.chunk_mlp, bool):
             raise ValueError(f"chunk_mlp must be True or False, got {self.chunk_mlp!r}")
-        if not isinstance(self.mlp_chunk, int) or isinstance(self.mlp_chunk, bool) or self.mlp_chunk < 1:
-            raise ValueError(f"mlp_chunk must be an int >= 1 (tokens per chunk), got {self.mlp_chunk!r}")
+        _check_int("mlp_chunk", self.mlp_chunk, 1, " (tokens per chunk)")
         for name in ("rope_once", "store_residual"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -145,6 +159,8 @@ class MInferenceConfig:
     @classmethod
     def from_options(cls, options: Optional[Mapping[str, Any]] = None, mode: Optional[str] = None) -> "MInferenceConfig":
         """Build from torch.compile's ``options`` (and ``mode``); unknown keys are an error."""
+        if options is not None and not isinstance(options, Mapping):
+            raise ValueError(f"options must be a dict such as {{'dense_below': 0}}, got {options!r}")
         options = dict(options or {})
         valid = [f.name for f in fields(cls)]
         unknown = sorted(set(options) - set(valid))

@@ -1,11 +1,23 @@
-"""``mcompile.explain``: what the backend would do to a model, attention by attention."""
+"""``mcompile.explain``: what the backend would do to a model, attention by attention.
+
+Explain traces the model as written, with a backend of its own, whether or not the model was
+compiled already: ``model.compile(...)`` (which sets ``_compiled_call_impl``) and
+``torch.compile(model)`` (an ``OptimizedModule`` around ``_orig_mod``) are looked through, and
+the model's own ``_call_impl`` is traced from a function whose code object is new for every
+call. Dynamo keeps compiled code per code object, keyed by backend, so the user's compiled
+frames are neither used by explain nor disturbed by it: the compiled model runs its code
+afterwards without compiling again.
+"""
 
 from __future__ import annotations
 
 import functools
+import inspect
+import itertools
+import types
 from collections import Counter
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -67,6 +79,15 @@ class Explanation:
         """The rewritten FX graph (print_readable form)."""
         return self.reports[graph].code
 
+    def nothing_found(self) -> list[str]:
+        """A line saying why there is no attention to report, when there is none."""
+        if self.sites:
+            return []
+        if not self.reports:
+            return ["no graph reached the backend: Dynamo compiled nothing (the model ran eagerly)"]
+        return [f"no attention found in the {len(self.reports)} graph(s): no SDPA call, higher-order attention op, "
+                f"or softmax over a product of two activations whose weights multiply a third"]
+
     def table(self, length: Optional[int] = None) -> str:
         n = length or self.length
         head = f"{'graph':>5} {'layer':>5}  {'attention':<10} {'heads':<9} {'result':<9} {'density@' + str(n):>15}  detail"
@@ -86,6 +107,7 @@ class Explanation:
                              f"{dens:>15}  {detail}")
         lines.append(f"{self.rewritten} of {len(self.sites)} attentions rewritten in {len(self.reports)} graph(s); "
                      f"pattern database: {', '.join(sorted({r.pattern_db for r in self.reports})) or '-'}")
+        lines.extend(self.nothing_found())
         lines.extend(self.inline_lines())
         lines.extend(self.memory_lines())
         return "\n".join(lines)
@@ -123,20 +145,72 @@ class Explanation:
         lines = [f"layers {_ranges(layers)}: {what}" for what, layers in groups.items()]
         lines.extend(self.inline_lines())
         lines.append(f"{self.rewritten} of {len(self.sites)} attentions rewritten in {len(self.reports)} graph(s)")
+        lines.extend(self.nothing_found())
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.table()
 
 
+_CALLS = itertools.count()  # numbers the traced functions: Dynamo keys compile state by a code's name
+_ISOLATE = "isolate_recompiles" in inspect.signature(torch.compile).parameters  # newer torch releases
+
+
+def as_written(model: Callable) -> Callable:
+    """``model`` without the compiled wrappers around it: an ``OptimizedModule``'s ``_orig_mod``,
+    a compiled function's original. (A module's ``_compiled_call_impl`` is looked through by
+    calling its ``_call_impl``: ``traced_call``.)"""
+    while True:
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
+        elif getattr(model, "_torchdynamo_orig_callable", None) is not None:
+            model = model._torchdynamo_orig_callable
+        else:
+            return model
+
+
+def traced_call(model: Callable) -> Callable:
+    """A function ``run(model, *args, **kwargs)`` that runs ``model`` as written (a module's hooks
+    and forward, never its ``_compiled_call_impl``), with a code object no other call shares:
+    Dynamo's cache entries and automatic-dynamic state for it are explain's alone, and go with it.
+    The model is an argument, as ``self`` is for a compiled module, so the frame holds it."""
+
+    def run(model, /, *args, **kwargs):
+        if isinstance(model, torch.nn.Module):
+            return model._call_impl(*args, **kwargs)
+        return model(*args, **kwargs)
+
+    code = run.__code__.replace(co_name=f"mcompile_explain_{next(_CALLS)}")
+    return types.FunctionType(code, run.__globals__, code.co_name)
+
+
+def prompt_length(args: tuple, kwargs: dict) -> Optional[int]:
+    """The sequence length of a model's input: ``input_ids``' last dim, ``inputs_embeds``' dim -2;
+    for a first positional tensor, the last dim of token ids and dim -2 of floating values
+    (embeddings (B, N, hidden), or q (B, H, N, D))."""
+    ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+    if isinstance(ids, torch.Tensor) and ids.dim() >= 1:
+        return int(ids.shape[-1])
+    if isinstance(embeds, torch.Tensor) and embeds.dim() >= 2:
+        return int(embeds.shape[-2])
+    first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    if first is None or first.dim() < 1:
+        return None
+    if first.is_floating_point():
+        return int(first.shape[-2]) if first.dim() >= 2 else None
+    return int(first.shape[-1])
+
+
 def explain(model: torch.nn.Module, *args, options: Optional[dict] = None, length: Optional[int] = None,
             dynamic: Optional[bool] = None, **kwargs) -> Explanation:
     """Compile ``model`` with the minference backend on ``args``/``kwargs`` and report, per
     attention: rewritten or not and why, layer, patterns per head, and the expected share of
-    causal pairs the kernel computes at ``length`` (default: the input's sequence length); then
-    what the memory passes did, with their reasons.
+    causal pairs the kernel computes at ``length`` (default: the prompt length of the input,
+    ``prompt_length``); then what the memory passes did, with their reasons.
 
-    The rewritten graph runs once, uncompiled, to let Dynamo finish tracing.
+    ``model`` may be compiled already (``model.compile(...)``, ``torch.compile(model)``): explain
+    traces it as written and leaves its compiled code as it was (module docstring). The
+    rewritten graph runs once, uncompiled, to let Dynamo finish tracing.
     """
     reports: list[RewriteReport] = []
     memory: list = []
@@ -144,10 +218,10 @@ def explain(model: torch.nn.Module, *args, options: Optional[dict] = None, lengt
     opts["compiler"] = "eager"
     backend = functools.partial(minference_backend, options=opts, report_sink=reports.append,
                                 memory_sink=memory.append)
-    compiled = torch.compile(model, backend=backend, dynamic=dynamic)
+    isolate = {"isolate_recompiles": True} if _ISOLATE else {}  # graph-break frames: out of the user's count
+    compiled = torch.compile(traced_call(model), backend=backend, dynamic=dynamic, **isolate)
     with torch.no_grad():
-        compiled(*args, **kwargs)
+        compiled(as_written(model), *args, **kwargs)
     if length is None:
-        first = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
-        length = int(first.shape[-1]) if first is not None and first.dim() >= 1 else None
+        length = prompt_length(args, kwargs)
     return Explanation(tuple(reports), length, tuple(memory))

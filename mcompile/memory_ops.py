@@ -12,6 +12,11 @@ serves every length and the loop over chunks is a run-time loop, not a guard. A 
 most ``chunk`` tokens runs as one chunk: the same matmuls Inductor would launch, plus one fused
 activation-multiply (a Triton kernel on CUDA, the same one Inductor would generate), so short
 prompts pay nothing measurable. Inference only: the op has no backward.
+
+Plain tensors only: a weight that is a tensor subclass (torchao's quantized ``Int8Tensor``, a
+DTensor) computes ``linear`` through its own ``__torch_dispatch__``, which has no rule for this op
+nor for the conditional and shared region around it (``torch.cond`` and ``invoke_subgraph`` reject
+subclass operands). ``operand_reason`` says so before the memory pass inserts anything.
 """
 
 from __future__ import annotations
@@ -23,8 +28,13 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor
 
 log = logging.getLogger(__name__)
+
+# Tensor types the op, torch.cond and invoke_subgraph take as they are (FakeTensor: what Dynamo
+# records for a plain tensor); any other subclass computes through its own __torch_dispatch__.
+PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter, FakeTensor)
 
 
 class Activation(str, enum.Enum):
@@ -68,6 +78,21 @@ def act_mul(g: torch.Tensor, u: torch.Tensor, activation: str) -> torch.Tensor:
         if kernel is not None:
             return kernel(g, u, activation)
     return act_mul_ref(g, u, activation)
+
+
+def operand_reason(operands: dict) -> Optional[str]:
+    """Why ``gated_mlp`` cannot take ``operands`` (name -> tensor or example value, None for an
+    absent bias), or None. A tensor subclass has no rule for the op, torch.cond or
+    invoke_subgraph, and its own arithmetic (a quantized matmul) is not this op's."""
+    for name, t in operands.items():
+        if not isinstance(t, torch.Tensor) or type(t) in PLAIN_TENSORS:
+            continue
+        cls = type(t)
+        return (f"{name} is a {cls.__module__.split('.', 1)[0]} {cls.__name__} (a tensor subclass, e.g. a "
+                "quantized weight): chunked_mlp runs plain tensors only, so this MLP runs as written, unchunked, "
+                "with its N x intermediate_size temporaries; to chunk it, keep the MLP's weights plain (e.g. "
+                "leave its Linear layers out of the quantization)")
+    return None
 
 
 def _check(x, w_gate, w_up, w_down, activation: str, chunk: int) -> None:
@@ -142,4 +167,5 @@ def mlp_ref(x, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None, activa
     return F.linear(act_mul_ref(F.linear(x, w_gate, b_gate), F.linear(x, w_up, b_up), activation), w_down, b_down)
 
 
-__all__ = ["Activation", "ACTIVATIONS", "chunked_mlp", "gated_mlp", "act_mul", "act_mul_ref", "mlp_ref"]
+__all__ = ["Activation", "ACTIVATIONS", "chunked_mlp", "gated_mlp", "operand_reason", "act_mul", "act_mul_ref",
+           "mlp_ref"]

@@ -75,7 +75,8 @@ def runs_dense(nq: int, nk: int, dense_below: int) -> bool:
     return nk < dense_below or (nq < nk and nq < MIN_SPARSE_CHUNK)
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], kinds, p0, p1):
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], kinds, p0, p1,
+                  key_padding: Optional[torch.Tensor] = None):
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"mcompile attention expects (B, H, N, D) tensors, got q {tuple(q.shape)}, k {tuple(k.shape)}")
     h, hk = q.shape[1], k.shape[1]
@@ -88,6 +89,10 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], k
                          "the last Nq of the N key positions")
     if v is not None and v.shape[:3] != k.shape[:3]:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} disagree")
+    if key_padding is not None and (key_padding.dim() != 2 or key_padding.shape[0] != q.shape[0]
+                                    or key_padding.shape[1] != k.shape[2]):
+        raise ValueError(f"key_padding must be (B, N) = ({q.shape[0]}, {k.shape[2]}): one flag per key of each "
+                         f"batch row, got {tuple(key_padding.shape)}")
     if not (len(kinds) == len(p0) == len(p1) == h):
         raise ValueError(f"need one pattern per query head ({h}), got {len(kinds)}")
     decode(kinds, p0, p1)  # validates kinds and budgets, with a message naming the bad field
@@ -104,7 +109,18 @@ def estimate_index(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch
     ``runs_dense``. Budgets are scaled to the length N when ``budget_length`` > 0
     (``patterns.scaled_budgets``); the scaled budgets never exceed the given ones, so the index
     capacity does not change."""
-    _check_inputs(q, k, None, kinds, p0, p1)
+    _check_inputs(q, k, None, kinds, p0, p1, key_padding)
+    with _no_autocast(q):
+        return _estimate_index(q, k, key_padding, kinds, p0, p1, scale, dense_below, budget_length, budget_exponent)
+
+
+def _no_autocast(x: torch.Tensor):
+    """The ops compute in their inputs' dtype. Where a graph runs as written (compiler="eager")
+    or the ops are called directly, an active autocast would recast their matmuls."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+def _estimate_index(q, k, key_padding, kinds, p0, p1, scale, dense_below, budget_length, budget_exponent):
     n = k.shape[2]
     dense = runs_dense(q.shape[2], n, dense_below)
     capacity = index_capacity(n, kinds, p0, p1)  # what the fake promises, from the unscaled budgets
@@ -171,6 +187,13 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: to
                      key_padding: Optional[torch.Tensor], scale: float, dense_below: int) -> torch.Tensor:
     """Causal attention of q (B, H, Nq, D) over k/v (B, Hk, N, D), Nq <= N, keeping what the
     index keeps; dense attention when ``runs_dense``."""
+    with _no_autocast(q):
+        return _sparse_attention(q, k, v, runs, run_count, diag_prefix, columns, column_count, blocks, block_count,
+                                 key_padding, scale, dense_below)
+
+
+def _sparse_attention(q, k, v, runs, run_count, diag_prefix, columns, column_count, blocks, block_count,
+                      key_padding, scale, dense_below):
     if runs_dense(q.shape[2], k.shape[2], dense_below):
         return dense_attention(q, k, v, scale, key_padding)
     index = SparseIndex(runs, run_count, diag_prefix, columns, column_count, blocks, block_count)

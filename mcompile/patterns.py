@@ -19,6 +19,8 @@ MIN_VERTICAL = SINK_COLUMNS  # a vertical budget never drops below the forced co
 MIN_SLASH = LOCAL_DIAGONALS  # a slash budget never drops below the forced diagonals
 # Block-sparse: the diagonal block and the first block (sink) are always kept.
 MIN_BLOCKS = 2
+# Budgets count keys, diagonals or blocks, which the index stores as int32.
+MAX_BUDGET = 2 ** 31 - 1
 
 
 class PatternKind(enum.IntEnum):
@@ -56,6 +58,8 @@ class Pattern:
                 raise ValueError(f"{self.kind.label}.{name} must be an int, got {value!r}")
             if value < _MINIMUM[name]:
                 raise ValueError(f"{self.kind.label}.{name} must be >= {_MINIMUM[name]}, got {value}")
+            if value > MAX_BUDGET:
+                raise ValueError(f"{self.kind.label}.{name} must be <= 2**31 - 1 (the index stores int32), got {value}")
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any]) -> "Pattern":

@@ -36,9 +36,16 @@ def _sym_min(a, b):
     return torch.sym_min(a, b) if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt) else min(a, b)
 
 
+# Block budgets up to this many blocks give the index a static width KB (the Triton kernel
+# sizes its per-row block list at compile time); a larger budget is clipped to the rows of the
+# index at run time, so that a budget beyond the prompt's blocks allocates no more than the
+# prompt has (1e6 blocks would be tens of GB).
+STATIC_BLOCK_BUDGET = 1024
+
+
 def index_capacity(n, kinds: Sequence[int], p0: Sequence[int], p1: Sequence[int]):
     """Sizes (R runs, C columns, KB blocks) of a layer's index at length ``n``; KB is the largest
-    block budget itself (static), not clipped to the number of blocks.
+    block budget itself (static) up to ``STATIC_BLOCK_BUDGET``, clipped to the index rows above.
 
     Uses only symbolic arithmetic so that fake tensors built from it need no guards.
     """
@@ -50,6 +57,8 @@ def index_capacity(n, kinds: Sequence[int], p0: Sequence[int], p1: Sequence[int]
             cols = max(cols, a)
         elif kind == PatternKind.BLOCK_SPARSE:
             blks = max(blks, a)
+    if blks > STATIC_BLOCK_BUDGET:
+        blks = _sym_min(blks, index_rows(n))
     return _sym_min(runs, n), _sym_min(cols, n), blks
 
 

@@ -14,9 +14,10 @@
                                                   down(act(gate(x)) * up(x)))
 
   so no N x intermediate_size tensor exists, and a prompt of at most ``chunk`` tokens runs the MLP
-  as Inductor compiles it, with no opaque op (memory_ops.gated_mlp). Norms need no pass: Inductor fuses
-  an RMSNorm into one kernel per row, whose only N-sized tensor is the normalised output the
-  next matmul reads anyway.
+  as Inductor compiles it, with no opaque op (memory_ops.gated_mlp). An MLP whose weights are
+  tensor subclasses (torchao's quantized weights) is kept, with the reason
+  (``memory_ops.operand_reason``). Norms need no pass: Inductor fuses an RMSNorm into one kernel
+  per row, whose only N-sized tensor is the normalised output the next matmul reads anyway.
 - ``rope_once``, ``store_residual`` (options of the same names; passes/realize.py): not memory
   passes but of the same kind: RoPE's shared cos / sin tables and the residual stream are stored
   once instead of recomputed inside every kernel that reads them.
@@ -209,6 +210,18 @@ def match_mlp(nodes: list[fx.Node]) -> tuple[Optional[MLPMatch], str]:
     return MLPMatch(x, gate, up, act, prod, down, activation), ""
 
 
+def _operand_reason(m: MLPMatch) -> Optional[str]:
+    """Why ``memory_ops.gated_mlp`` cannot take the MLP's tensors as Dynamo recorded them (tensor
+    subclasses: torchao's quantized weights), or None."""
+    operands = {"the MLP input": example(m.x)}
+    for lin in (m.gate, m.up, m.down):
+        _, w, b = _linear_parts(lin)
+        proj = _module_path(lin).rsplit(".", 1)[-1] or lin.name
+        operands[f"the weight of {proj}"] = example(w)
+        operands[f"the bias of {proj}"] = example(b)
+    return memory_ops.operand_reason(operands)
+
+
 def _shape_reason(m: MLPMatch) -> Optional[str]:
     ex = example(m.x)
     if ex is None or ex.dim() < 2 or not ex.is_floating_point():
@@ -229,7 +242,7 @@ def chunk_mlps(gm: fx.GraphModule, config: MInferenceConfig, grad_enabled: bool 
             sites.append(MemorySite("chunked_mlp", module, False, "switched off (chunk_mlp=False)"))
             continue
         match, reason = match_mlp(nodes)
-        reason = reason or _shape_reason(match) or (GRAD_REASON if grad_enabled else "")
+        reason = reason or _operand_reason(match) or _shape_reason(match) or (GRAD_REASON if grad_enabled else "")
         if reason:
             counters["mcompile"]["mlp_kept"] += 1
             log.info("mcompile: kept MLP %s: %s", module, reason)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import torch
@@ -20,3 +21,17 @@ def example(node) -> Optional[torch.Tensor]:
     if not isinstance(node, fx.Node):
         return None
     return node.meta.get("example_value", node.meta.get("val"))
+
+
+_SOURCE_ROOT = re.compile(r"^[LG]\[[^\]]*\](\[\d+\])*\.?")  # L['self'], L['args'][0], G['...']
+
+
+def module_path(source: str) -> str:
+    """A module's path as the user names it (``model.layers.0.self_attn``) from the Dynamo source
+    name in ``nn_module_stack`` (``L['self'].model.layers[0].self_attn``, ``L['args'][0]._modules
+    ['model']...``: the root's name depends on how the model was called and on the torch release)."""
+    path = _SOURCE_ROOT.sub("", str(source))
+    path = re.sub(r"\.?_modules\['([^']*)'\]", r".\1", path)
+    path = re.sub(r"\['([^']*)'\]", r".\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    return path.strip(".")

@@ -17,6 +17,7 @@ chain) is removed afterwards.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import operator
 from dataclasses import dataclass, field
@@ -25,13 +26,18 @@ from typing import Optional
 import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import ops  # noqa: F401  (registers torch.ops.mcompile.*)
 from ..config import MInferenceConfig
 from ..kernels import inline
-from ..pattern_db import PatternDB, PatternDBError, find_shipped, load
+from ..kernels.estimate import STATIC_BLOCK_BUDGET
+from ..pattern_db import ModelFingerprint, PatternDB, PatternDBError, find_shipped, load
 from ..patterns import Pattern, PatternKind, encode
+from .frame import model_config
 from .match import AttentionSite, find_attention
+from .mutation import mutates
+from .nodes import example
 
 log = logging.getLogger(__name__)
 INDEX_FIELDS = 7  # tensors of a SparseIndex
@@ -68,44 +74,69 @@ class RewriteReport:
         return sum(s.rewritten for s in self.sites)
 
 
-_INPLACE_OPERATORS = {"iadd", "iand", "iconcat", "ifloordiv", "ilshift", "imod", "imul", "imatmul", "ior", "ipow",
-                      "irshift", "isub", "itruediv", "ixor", "setitem", "delitem"}
-
-
-def _mutates(node: fx.Node) -> bool:
-    t = node.target
-    if isinstance(t, torch._ops.OpOverload):
-        return t._schema.is_mutable
-    name = t if isinstance(t, str) else getattr(t, "__name__", "")
-    if getattr(t, "__module__", None) in ("_operator", "operator"):
-        return name in _INPLACE_OPERATORS
-    return name.endswith("_") and not name.endswith("__")
-
-
 def erase_dead(graph: fx.Graph, roots) -> None:
     """Erase ``roots`` and, transitively, their inputs once nothing uses them (pure nodes only)."""
     work = list(roots)
     while work:
         n = work.pop()
-        if n.graph is not graph or n.users or n.op not in ("call_function", "call_method") or _mutates(n):
+        if n.graph is not graph or n.users or n.op not in ("call_function", "call_method") or mutates(n):
             continue
         inputs = n.all_input_nodes
         graph.erase_node(n)
         work.extend(inputs)
 
 
+def _graph_model_type(sites: list[AttentionSite]) -> Optional[str]:
+    """transformers' model type of the attention modules (``transformers.models.<type>.modeling_<type>``),
+    if they are transformers' own; None otherwise."""
+    for site in sites:
+        stack = site.node.meta.get("nn_module_stack") or {}
+        cls = list(stack.values())[-1][1] if stack else None
+        parts = (getattr(cls, "__module__", None) or "").split(".")
+        if len(parts) >= 3 and parts[:2] == ["transformers", "models"]:
+            return parts[2]
+    return None
+
+
+def compiled_fingerprint(sites: list[AttentionSite]) -> Optional[ModelFingerprint]:
+    """The fingerprint of the model being compiled, from its config (passes/frame.py); None when
+    the compiled frame is not a transformers model (regional compilation, a bare module)."""
+    cfg = model_config()
+    if cfg is None:
+        return None
+    try:
+        return ModelFingerprint.from_config(cfg)
+    except (AttributeError, TypeError) as exc:
+        log.debug("mcompile: no fingerprint from the model's config: %s", exc)
+        return None
+
+
 def resolve_db(config: MInferenceConfig, sites: list[AttentionSite]) -> tuple[Optional[PatternDB], str]:
-    """The database for this graph and how it was chosen."""
+    """The database for this graph and how it was chosen. An explicit database must match the
+    whole fingerprint of the model being compiled (model type, layers, heads, KV heads, head dim);
+    where the model's config cannot be read, the model type the graph shows, and per attention its
+    heads, head dim and layer index (``site_patterns``)."""
     if config.pattern_db is None:
         return None, "none"
+    model = compiled_fingerprint(sites)
     if config.pattern_db != "auto":
-        return load(config.pattern_db), config.pattern_db
-    ok = [s for s in sites if s.heads]
+        db = load(config.pattern_db)
+        if model is not None:
+            db.check_model(model)
+        else:
+            model_type = _graph_model_type(sites)
+            if model_type is not None and model_type != db.model.model_type:
+                raise PatternDBError(f"pattern database {db.source!r}: model.model_type is {db.model.model_type!r}, "
+                                     f"the model being compiled is {model_type!r}")
+        return db, config.pattern_db
+    ok = [s for s in sites if s.heads and s.reason is None]  # attentions that can be rewritten
     if not ok or any(s.layer is None for s in ok):
         return None, "auto: no match"
     s = ok[0]
-    model_type = s.module_type.lower().replace("attention", "").replace("sdpa", "").replace("flash", "")
-    db = find_shipped(model_type, s.heads, s.kv_heads, s.head_dim, num_layers=max(x.layer for x in ok) + 1, auto=True)
+    model_type = _graph_model_type(ok) or \
+        s.module_type.lower().replace("attention", "").replace("sdpa", "").replace("flash", "")
+    layers = model.num_layers if model is not None else max(x.layer for x in ok) + 1
+    db = find_shipped(model_type, s.heads, s.kv_heads, s.head_dim, num_layers=layers, auto=True)
     if db is None:
         return None, "auto: no match"
     return db, f"auto: {db.source}"
@@ -135,34 +166,76 @@ def inline_decision(site: AttentionSite, config: MInferenceConfig) -> tuple[bool
     q, k, v = (x.meta.get("example_value") for x in (site.q, site.k, site.v))
     if not all(isinstance(x, torch.Tensor) for x in (q, k, v)):
         return False, "no example values in the graph"
+    if site.dtype is not None:  # what autocast casts them to (_rewrite_site)
+        q, k, v = (x.to(site.dtype) for x in (q, k, v))
     if config.inline_kernels is None and q.device.type != "cuda":
         return False, f"device {q.device.type} (auto inlines the Triton kernel on CUDA)"
     reason = inline.inline_reason(q, k, v, site.key_padding, site.scale)
     return reason is None, reason or ""
 
 
+def _cast(graph: fx.Graph, node: fx.Node, dtype: Optional[torch.dtype]) -> fx.Node:
+    """``node.to(dtype)`` where autocast would cast it (site.dtype), else ``node``."""
+    ex = node.meta.get("example_value")
+    if dtype is None or not isinstance(ex, torch.Tensor) or ex.dtype == dtype:
+        return node
+    cast = graph.call_method("to", (node, dtype))
+    cast.meta["example_value"] = ex.to(dtype)
+    return cast
+
+
 def _rewrite_site(graph: fx.Graph, site: AttentionSite, patterns: list[Pattern], config: MInferenceConfig,
                   scaling: tuple[int, float], inlined: bool):
     kinds, p0, p1 = encode(patterns)
+    before = set(graph.nodes)
     with graph.inserting_before(site.node):
+        # Under autocast the attention computes in autocast's dtype, as eager SDPA and matmul do
+        # (passes/amp.py): q, k and v are cast to it, and the ops run with autocast off (as in a
+        # graph AOTAutograd compiled), so that they compute as documented and return that dtype.
+        q, k, v = (_cast(graph, x, site.dtype) for x in (site.q, site.k, site.v))
+        region = None
+        if site.dtype is not None:
+            device = site.q.meta["example_value"].device.type
+            region = graph.call_function(torch.amp.autocast_mode._enter_autocast, (device, None, False, None))
         if inlined:  # estimation happens inside (kernels/inline.py)
-            new = [graph.call_function(inline.sparse_attention, (site.q, site.k, site.v, kinds, p0, p1, site.scale,
-                                                                config.dense_below, *scaling))]
+            attn = graph.call_function(inline.sparse_attention, (q, k, v, kinds, p0, p1, site.scale,
+                                                                 config.dense_below, *scaling))
         else:
             est = graph.call_function(torch.ops.mcompile.estimate_index.default,
-                                      (site.q, site.k, site.key_padding, kinds, p0, p1, site.scale,
-                                       config.dense_below, *scaling))
+                                      (q, k, site.key_padding, kinds, p0, p1, site.scale, config.dense_below, *scaling))
             parts = [graph.call_function(operator.getitem, (est, i)) for i in range(INDEX_FIELDS)]
-            new = [est, *parts, graph.call_function(torch.ops.mcompile.sparse_attention.default,
-                                                    (site.q, site.k, site.v, *parts, site.key_padding, site.scale,
-                                                     config.dense_below))]
-    attn = new[-1]
-    for node in new:
-        for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
-            if key in site.node.meta:
-                node.meta[key] = site.node.meta[key]
+            attn = graph.call_function(torch.ops.mcompile.sparse_attention.default,
+                                       (q, k, v, *parts, site.key_padding, site.scale, config.dense_below))
+        if region is not None:
+            graph.call_function(torch.amp.autocast_mode._exit_autocast, (region,))
+    for node in graph.nodes:
+        if node not in before:
+            for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+                if key in site.node.meta:
+                    node.meta[key] = site.node.meta[key]
     site.node.replace_all_uses_with(attn)
     erase_dead(graph, [site.node, *reversed(site.dead)])
+
+
+def fit_padding(graph: fx.Graph, site: AttentionSite) -> AttentionSite:
+    """The site with its key padding cut to (B, N), the shape the ops read.
+
+    The mask proof shows the mask reads ``padding[b, k]`` for the B batch rows and N keys of the
+    attention; transformers also accepts a 2-D attention_mask wider than the keys (its mask
+    reads the first N columns), which the ops would reject."""
+    pad = site.key_padding
+    ep, eq, ek = example(pad), example(site.q), example(site.k)
+    if pad is None or not all(isinstance(x, torch.Tensor) for x in (ep, eq, ek)):
+        return site
+    b, n = eq.shape[0], ek.shape[2]
+    if statically_known_true(ep.shape[0] == b) and statically_known_true(ep.shape[1] == n):
+        return site
+    with graph.inserting_before(site.node):
+        sizes = [x if isinstance(x, int) else graph.call_function(torch.ops.aten.sym_size.int, (src, dim))
+                 for x, src, dim in ((b, site.q, 0), (n, site.k, 2))]
+        cut = graph.call_function(operator.getitem, (pad, (slice(None, sizes[0]), slice(None, sizes[1]))))
+    cut.meta["example_value"] = ep[:b, :n]
+    return dataclasses.replace(site, key_padding=cut)
 
 
 GRAD_REASON = ("gradients are enabled: the sparse ops are inference-only; run prefill under "
@@ -187,7 +260,11 @@ def rewrite_attention(gm: fx.GraphModule, config: MInferenceConfig, grad_enabled
             if all(p.kind == PatternKind.DENSE for p in patterns):
                 reason = f"every head is dense ({source})"
         if reason is None:
+            site = fit_padding(gm.graph, site)
             inlined, why_not = inline_decision(site, config)
+            if inlined and any(p.kind == PatternKind.BLOCK_SPARSE and p.p0 > STATIC_BLOCK_BUDGET for p in patterns):
+                inlined, why_not = False, (f"a block budget above {STATIC_BLOCK_BUDGET} blocks (the inlined kernel "
+                                           "sizes its block list at compile time)")
             _rewrite_site(gm.graph, site, patterns, config, scaling, inlined)
             counters["mcompile"]["rewritten"] += 1
             log.info("mcompile: rewrote %s attention in %s (layer %s) with %s", site.kind, site.module or "?",

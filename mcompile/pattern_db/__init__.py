@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from ..config import INT64_MAX
 from ..patterns import DEFAULT_BUDGET_EXPONENT, Pattern
 
 FORMAT = "mcompile-pattern-db"
@@ -152,8 +153,8 @@ def _check_calibration(cal: Any) -> dict:
     for key, low in (("length", 1), ("budget_length", 0)):
         if key in cal:
             value = _require(cal, key, int, "calibration")
-            if value < low:
-                raise PatternDBError(f"calibration.{key} must be >= {low}, got {value}")
+            if value < low or value > INT64_MAX:
+                raise PatternDBError(f"calibration.{key} must be >= {low} and <= 2**63 - 1, got {value}")
     if "budget_exponent" in cal:
         value = cal["budget_exponent"]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 2.0:

@@ -1,0 +1,138 @@
+"""Quantized models through the minference backend (CPU): torchao's int8 weight-only and int8
+dynamic-activation Linear layers are tensor subclasses, which the chunked MLP cannot take (its op,
+torch.cond and invoke_subgraph have no rule for them). The attention is still rewritten (it has no
+weights), the MLPs are kept with a reason, and the logits match the eagerly run quantized model
+under dynamic and static shapes, with Inductor; no fallback compile happens. Plus the fallback's
+warning naming the part that failed."""
+
+import functools
+import logging
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from mcompile import memory_ops
+from mcompile.backend import minference_backend
+from mcompile.explain import explain
+from mcompile.models import tiny_llama
+
+torchao_quant = pytest.importorskip("torchao.quantization")
+
+# The pattern covers every key at these lengths, so sparse attention equals dense exactly.
+COVER = {"dense_below": 0, "default_pattern": {"kind": "vertical_slash", "vertical": 4096, "slash": 4096}}
+LENGTHS = (37, 70)  # two prompt lengths through one dynamic graph (odd, and above 64)
+LAYERS = 1  # one decoder layer: Inductor compiles of quantized models take seconds each on a CPU
+EXACT_TOL = dict(atol=1e-5, rtol=1e-5)  # the same quantized arithmetic: float rounding only
+KEPT = "is a torchao "  # then the class: Int8Tensor (torchao 0.18), AffineQuantizedTensor (older)
+
+
+def _configs():
+    return {"int8_weight_only": torchao_quant.Int8WeightOnlyConfig(),
+            "int8_dynamic_activation": torchao_quant.Int8DynamicActivationInt8WeightConfig()}
+
+
+def _quantized(config_name: str) -> torch.nn.Module:
+    model = tiny_llama("sdpa", layers=LAYERS).eval()
+    torchao_quant.quantize_(model, _configs()[config_name])
+    return model
+
+
+def _ids(n: int) -> torch.Tensor:
+    return torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(n))
+
+
+def _logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids, use_cache=False).logits
+
+
+def _minference(model, memory: list, dynamic: bool, **options):
+    backend = functools.partial(minference_backend, options={**COVER, **options}, memory_sink=memory.append)
+    return torch.compile(model, backend=backend, dynamic=dynamic)
+
+
+def _assert_mlps_kept(memory: list) -> None:
+    """Every MLP of every compiled graph kept, with the reason naming the quantized weight."""
+    assert memory and all(r.applied("chunked_mlp") == 0 for r in memory)
+    reasons = [reason for r in memory for reason in r.reasons("chunked_mlp")]
+    assert len(reasons) == len(memory) * LAYERS, reasons
+    assert all(KEPT in reason and "tensor subclass" in reason for reason in reasons), reasons
+    assert counters["mcompile"]["chunked_mlp"] == 0 and counters["mcompile"]["inline_failed"] == 0
+
+
+@pytest.mark.parametrize("config_name", ["int8_weight_only", "int8_dynamic_activation"])
+def test_quantized_model_dynamic_shapes_equal_eager(config_name, caplog):
+    """Inductor, dynamic=True: one graph serves both lengths, attention rewritten, MLPs kept, no
+    fallback warning. Weight-only matches eager to rounding. Dynamic activation quantization
+    rounds x / scale in Inductor's fused kernel, where a tie can land one int8 step away from
+    eager's: there the logits equal plain Inductor's, and eager's within what Inductor's own are."""
+    model = _quantized(config_name)
+    memory = []
+    compiled = _minference(model, memory, dynamic=True)
+    inductor = torch.compile(model, backend="inductor", dynamic=True)
+    with caplog.at_level(logging.WARNING, logger="mcompile"):
+        for n in LENGTHS:
+            ids = _ids(n)
+            ref, out = _logits(model, ids), _logits(compiled, ids)
+            if config_name == "int8_weight_only":
+                torch.testing.assert_close(out, ref, **EXACT_TOL)
+            else:
+                plain = _logits(inductor, ids)
+                torch.testing.assert_close(out, plain, **EXACT_TOL)
+                assert (out - ref).abs().max() <= (plain - ref).abs().max() + EXACT_TOL["atol"]
+    assert len(memory) == 1  # no recompile for the second length
+    assert counters["mcompile"]["rewritten"] >= LAYERS and counters["mcompile"]["kept_dense"] == 0
+    _assert_mlps_kept(memory)
+    assert not [r for r in caplog.records if "failed" in r.getMessage()]
+
+
+def test_quantized_model_static_shapes_equal_eager():
+    """dynamic=False (a graph per length, the conditional known at trace time): same outcome."""
+    model = _quantized("int8_weight_only")
+    memory = []
+    compiled = _minference(model, memory, dynamic=False, compiler="aot_eager")
+    for n in LENGTHS:
+        ids = _ids(n)
+        torch.testing.assert_close(_logits(compiled, ids), _logits(model, ids), **EXACT_TOL)
+    assert len(memory) == len(LENGTHS) and counters["mcompile"]["rewritten"] == len(LENGTHS) * LAYERS
+    _assert_mlps_kept(memory)
+
+
+def test_explain_names_the_quantized_weight():
+    model = _quantized("int8_dynamic_activation")
+    lines = explain(model, _ids(LENGTHS[0]), options=COVER, use_cache=False).memory_lines()
+    mlp = [line for line in lines if " chunked_mlp " in line]
+    assert len(mlp) == LAYERS and all(f"kept: the weight of gate_proj {KEPT}" in line for line in mlp), lines
+
+
+def test_plain_mlp_still_chunked():
+    """Negative case of the refusal: the same model unquantized has its MLPs chunked."""
+    model = tiny_llama("sdpa", layers=LAYERS).eval()
+    memory = []
+    ids = _ids(LENGTHS[0])
+    out = _logits(_minference(model, memory, dynamic=True, compiler="aot_eager"), ids)
+    torch.testing.assert_close(out, _logits(model, ids), **EXACT_TOL)
+    assert memory[-1].applied("chunked_mlp") == LAYERS and counters["mcompile"]["chunked_mlp"] >= LAYERS
+
+
+def test_failed_mlp_compile_is_named_and_falls_back(monkeypatch, caplog):
+    """A compile that fails in the chunked MLP's conditional: the warning names the MLP, not the
+    inlined attention; the retry without shared regions fails there too, so the MLPs are kept as
+    written, with the reason, and the model still runs."""
+    def fail(*args, **kwargs):
+        raise RuntimeError("simulated conditional failure")
+
+    monkeypatch.setattr(memory_ops, "gated_mlp", fail)
+    model = tiny_llama("sdpa", layers=LAYERS).eval()
+    memory = []
+    ids = _ids(LENGTHS[0])
+    with caplog.at_level(logging.WARNING, logger="mcompile"):
+        out = _logits(_minference(model, memory, dynamic=False, compiler="aot_eager"), ids)
+    torch.testing.assert_close(out, _logits(model, ids), **EXACT_TOL)
+    warnings = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert len(warnings) == 2 and all("compiling the chunked MLP's conditional" in w for w in warnings), warnings
+    assert not any("inlined sparse attention" in w for w in warnings)
+    assert counters["mcompile"]["inline_failed"] == 1 and counters["mcompile"]["chunked_mlp_failed"] == 1
+    assert memory[-1].reasons("chunked_mlp") == ["compiling the chunked MLP failed (RuntimeError): kept as written"]
+    assert counters["mcompile"]["rewritten"] >= LAYERS
