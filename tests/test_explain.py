@@ -213,12 +213,19 @@ def test_prompt_length_of_inputs_embeds_and_explicit_length():
 # Continuous batching
 # ------------------------------------------------------------------------------------------------
 
+_GENERATE_BATCH_RAN: list = []
+
+
 @pytest.mark.parametrize("impl", ["paged|sdpa", "paged|eager"])
 def test_continuous_batching_says_why(impl):
     """generate_batch runs a paged cache Dynamo does not trace: the attention's graph starts
     after the cache update, and the mask over the packed requests is one of its inputs."""
     from transformers import GenerationConfig
 
+    if _GENERATE_BATCH_RAN and torch.__version__ < "2.13":
+        pytest.skip("torch 2.11 crashes (segfault in Dynamo's fake-tensor conversion) on a second generate_batch "
+                    "in one process, with any backend")
+    _GENERATE_BATCH_RAN.append(impl)
     model = tiny_llama(impl, layers=1)
     user = _Recorder(compiler="eager")
     model.compile(backend=user, dynamic=True)  # dynamic: q, k and v arrive with symbolic head counts too
@@ -230,7 +237,8 @@ def test_continuous_batching_says_why(impl):
     sites = [s for r in user.reports for s in r.sites]
     assert sites and not any(s.rewritten for s in sites)
     for s in sites:
-        assert "continuous batching" in s.reason and "KV-cache update" in s.reason, s.reason
+        assert "continuous batching" in s.reason and "input of this graph" in s.reason.replace("inputs", "input"), \
+            s.reason  # transformers 5.25: mask, K and V are inputs; 5.17: the mask is
         assert "symbolic" not in s.reason
 
 

@@ -224,6 +224,7 @@ def test_llama_with_a_prefix_written_into_its_mask():
         assert len(e.sites) == 2 and e.rewritten == 0, e.summary()
         assert all("changed in place" in s.reason for s in e.sites), e.summary()
         torch._dynamo.reset()
-        compiled = torch.compile(model, backend="minference", options={"dense_below": 0})
+        # aot_eager: torch 2.11's Inductor cannot compile this model's write into a bool mask for the CPU
+        compiled = torch.compile(model, backend="minference", options=OPTIONS)
         out = compiled(ids, attention_mask=pad, use_cache=False).logits
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)

@@ -183,7 +183,8 @@ def short_chunk_reason(q, k) -> Optional[str]:
 
 MASK_INPUT_REASON = (
     "mask not proven causal: it is an input of this graph, built outside the compiled code (passed in by the "
-    "caller, or built before a graph break)")
+    "caller, or built before a graph break), as transformers' continuous batching (generate_batch) passes its mask "
+    "over packed requests of several lengths, which are not one causal prefill")
 PAGED_REASON = (
     "mask not proven causal: the mask, K and V are all inputs of this graph, as when the graph starts after a "
     "KV-cache update Dynamo does not trace; transformers' paged cache for continuous batching (generate_batch) is "
