@@ -73,7 +73,10 @@ class Explanation:
         if not site.rewritten or not n:
             return None
         length_ref, exponent = site.budget_scaling
-        return sum(expected_density(scaled_budgets(p, n, length_ref, exponent), n) for p in site.patterns) / len(site.patterns)
+        densities = [expected_density(scaled_budgets(p, n, length_ref, exponent), n) for p in site.patterns]
+        if any(d is None for d in densities):
+            return None  # block-mass: what it computes depends on the input
+        return sum(densities) / len(densities)
 
     def graph_code(self, graph: int = 0) -> str:
         """The rewritten FX graph (print_readable form)."""

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from .patterns import PatternKind, encode, scaled_budgets
 
 KIND_COLOURS = {PatternKind.DENSE: "#9e9e9e", PatternKind.A_SHAPE: "#4c72b0",
-                PatternKind.VERTICAL_SLASH: "#dd8452", PatternKind.BLOCK_SPARSE: "#55a868"}
+                PatternKind.VERTICAL_SLASH: "#dd8452", PatternKind.BLOCK_SPARSE: "#55a868",
+                PatternKind.BLOCK_MASS: "#8172b3"}
 LOG_FLOOR = -4.0  # attention probabilities below 1e-4 are drawn as the floor colour
 BAND_ROWS = 256  # query rows per band when pooling the attention map
 
@@ -52,8 +53,10 @@ def plot_database(db, n: int, path) -> Path:
         for j, p in enumerate(db.patterns_for(i)):
             kinds[i, j] = order.index(p.kind)
             d = expected_density(scaled_budgets(p, n, db.budget_length, db.budget_exponent), n)
-            dens.append(d)
-            ax.text(j, i, f"{100 * d:.0f}", ha="center", va="center", fontsize=7, color="white")
+            if d is not None:  # block-mass: depends on the input
+                dens.append(d)
+            ax.text(j, i, "?" if d is None else f"{100 * d:.0f}", ha="center", va="center", fontsize=7,
+                    color="white")
     ax.imshow(kinds, cmap=ax_cmap, vmin=-0.5, vmax=len(order) - 0.5, aspect="auto", interpolation="nearest")
     ax.set_xlabel("query head")
     ax.set_ylabel("layer")

@@ -6,6 +6,8 @@
   top-k of each, then the chosen diagonals are merged into runs (index.py).
 - block-sparse: mean-pool Q and K over ``BLOCK`` tokens, score pooled blocks (block-causal),
   keep the top-k key blocks per query block; the diagonal block and block 0 are forced.
+- block-mass: per query block, the fewest key tiles reaching ``recall`` of the mass that
+  sampled rows of the block put on them (kernels/block_mass.py); a diffuse head: dense.
 - A-shape: static, ``sink`` columns and one run of ``local`` diagonals. Dense: one run
   covering every diagonal.
 
@@ -27,7 +29,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..index import BLOCK, SENTINEL, SparseIndex, column_counts, index_rows, num_blocks, runs_to_diag_prefix
-from ..patterns import LAST_Q, LOCAL_DIAGONALS, SINK_COLUMNS, PatternKind
+from ..patterns import LAST_Q, LOCAL_DIAGONALS, RECALL_SCALE, SINK_COLUMNS, PatternKind
+from .block_mass import block_mass_ref
 
 SCORE_BYTES = 1 << 30  # cap on one chunk's fp32 score tensor during estimation
 
@@ -41,6 +44,10 @@ def _sym_min(a, b):
 # index at run time, so that a budget beyond the prompt's blocks allocates no more than the
 # prompt has (1e6 blocks would be tens of GB).
 STATIC_BLOCK_BUDGET = 1024
+# Block-mass keeps up to this many tiles per query block (128K keys): its index is
+# (B, H, N / 64, min(N / 64, 2048)) int32 (150 MB for 9 heads at 128K). A head that needs more in
+# some block runs dense (kernels/block_mass.py).
+MASS_TILE_CAP = 2048
 
 
 def index_capacity(n, kinds: Sequence[int], p0: Sequence[int], p1: Sequence[int]):
@@ -57,6 +64,8 @@ def index_capacity(n, kinds: Sequence[int], p0: Sequence[int], p1: Sequence[int]
             cols = max(cols, a)
         elif kind == PatternKind.BLOCK_SPARSE:
             blks = max(blks, a)
+        elif kind == PatternKind.BLOCK_MASS:
+            blks = max(blks, MASS_TILE_CAP)
     if blks > STATIC_BLOCK_BUDGET:
         blks = _sym_min(blks, index_rows(n))
     return _sym_min(runs, n), _sym_min(cols, n), blks
@@ -254,6 +263,18 @@ def assemble_index(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch
         counts = torch.minimum(budget[:, None], rows[None, :] + 1)
         counts = torch.where(rows >= (n - q.shape[2]) // BLOCK, counts, 0)  # blocks before the chunk: none
         block_count[:, sel, :nb] = counts.to(torch.int32).expand(b, -1, -1)
+
+    bm = heads_of[PatternKind.BLOCK_MASS]
+    if bm:
+        sel = _device_ints(bm, dev).long()
+        recall = torch.tensor([p0[i] / RECALL_SCALE for i in bm], dtype=torch.float32, device=dev)
+        m0 = (n - q.shape[2]) // BLOCK
+        tiles, counts, dense = block_mass_ref(q, k, key_padding, scale, sel, recall, max(p1[i] for i in bm), kb_cap)
+        blocks[:, sel, m0:nb] = tiles
+        block_count[:, sel, m0:nb] = torch.where(dense[..., None], 0, counts)
+        runs[:, sel, 0, 0] = torch.where(dense, 0, SENTINEL).to(torch.int32)  # a diffuse head: one run of all diagonals
+        runs[:, sel, 0, 1] = torch.where(dense, n - 1, SENTINEL).to(torch.int32)
+        run_count[:, sel] = dense.to(torch.int32)
 
     return SparseIndex(runs, run_count, runs_to_diag_prefix(runs, run_count, n), columns,
                        column_counts(columns, n), blocks, block_count)

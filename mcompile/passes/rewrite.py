@@ -262,9 +262,10 @@ def rewrite_attention(gm: fx.GraphModule, config: MInferenceConfig, grad_enabled
         if reason is None:
             site = fit_padding(gm.graph, site)
             inlined, why_not = inline_decision(site, config)
-            if inlined and any(p.kind == PatternKind.BLOCK_SPARSE and p.p0 > STATIC_BLOCK_BUDGET for p in patterns):
-                inlined, why_not = False, (f"a block budget above {STATIC_BLOCK_BUDGET} blocks (the inlined kernel "
-                                           "sizes its block list at compile time)")
+            if inlined and any(p.kind == PatternKind.BLOCK_MASS or (p.kind == PatternKind.BLOCK_SPARSE
+                                                                   and p.p0 > STATIC_BLOCK_BUDGET) for p in patterns):
+                inlined, why_not = False, (f"block-mass or a block budget above {STATIC_BLOCK_BUDGET} blocks: the "
+                                           "block list is sized at run time, the inlined kernel sizes it when compiled")
             _rewrite_site(gm.graph, site, patterns, config, scaling, inlined)
             counters["mcompile"]["rewritten"] += 1
             log.info("mcompile: rewrote %s attention in %s (layer %s) with %s", site.kind, site.module or "?",

@@ -46,7 +46,7 @@ Densities are pairs over the ``N (N + 1) / 2`` causal pairs (at most 1).
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -96,9 +96,12 @@ def pattern_pairs(pattern: Pattern, n: int) -> float:
     return _compiled(pattern.kind)(n, min(pattern.p0, n), min(pattern.p1, n))
 
 
-def expected_density(pattern: Pattern, n: int) -> float:
+def expected_density(pattern: Pattern, n: int) -> Optional[float]:
     """Fraction of the causal pairs the kernel computes for ``pattern`` at length ``n`` (nominal
-    for vertical-slash; see the module docstring), at most 1."""
+    for vertical-slash; see the module docstring), at most 1; None for block-mass, whose tiles
+    depend on the input alone."""
+    if pattern.kind == PatternKind.BLOCK_MASS:
+        return None
     if n <= 0:
         return 0.0
     return min(1.0, pattern_pairs(pattern, n) / causal_pairs(n))

@@ -1,0 +1,209 @@
+"""Recall against computed share on real heads, with the oracles: how far an index is from the best possible.
+
+SmolLM2-135M-Instruct (real weights, RoPE stretched by YaRN x16) reads real text; for each of a
+set of layers its Q/K are captured (``mcompile.capture``) and, on 64-row query blocks sampled in
+the second half of the prompt, the exact attention is compared with:
+
+- the tile oracle: per query block, the fewest 64x64 tiles whose true mass reaches the target;
+- the key oracle: per query row, the fewest keys whose true mass reaches the target;
+- each policy's index, built by the package's own estimation (``estimate_index_ref`` on the
+  device the run uses): recall (true mass on kept keys, mean over rows), and the share of the
+  sampled rows' causal pairs it computes (= kept: the kernels compute exactly the index).
+
+    python -m benchmarks.recall_frontier --lengths 8192 --out frontier.json --plot frontier.png
+    python -m benchmarks.recall_frontier --device cuda --dtype bfloat16 --lengths 32768 65536 131072
+
+(run as a module from the repository root: as a script, benchmarks/kernels.py would shadow the
+``kernels`` package that transformers 5.25 imports)
+
+Policies (``--policies``): ``default`` (vertical-slash 1000/6096 at 128K, scaled below it),
+``vs:V,S`` (fixed vertical-slash budgets), ``mass:R`` or ``mass:R,S`` (block-mass at recall R with
+S sampled rows per block). Prints one line per layer as it goes and a table at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from mcompile.capture import attention_recall, capture_qkv
+from mcompile.data import haystack
+from mcompile.index import BLOCK, block_mask_rows
+from mcompile.kernels.estimate import estimate_index_ref
+from mcompile.models import load_smollm2
+from mcompile.patterns import DEFAULT_BUDGET_EXPONENT, DEFAULT_BUDGET_LENGTH, DEFAULT_VERTICAL_SLASH, Pattern, encode, \
+    scaled_budgets
+
+TARGETS = (0.9, 0.95)  # recall targets of the oracles
+TEXT_OFFSET = 20000  # tokens into the standard library's documentation (not the search's calibration text)
+
+
+def policy(spec: str, n: int) -> Pattern:
+    if spec == "default":
+        return scaled_budgets(DEFAULT_VERTICAL_SLASH, n, DEFAULT_BUDGET_LENGTH, DEFAULT_BUDGET_EXPONENT)
+    kind, _, args = spec.partition(":")
+    values = [float(x) for x in args.split(",")]
+    if kind == "vs":
+        return Pattern.from_dict({"kind": "vertical_slash", "vertical": int(values[0]), "slash": int(values[1])})
+    if kind == "mass":
+        extra = {"samples": int(values[1])} if len(values) > 1 else {}
+        return Pattern.from_dict({"kind": "block_mass", "recall": values[0], **extra})
+    raise ValueError(f"unknown policy {spec!r}: default, vs:V,S or mass:R[,S]")
+
+
+def sampled_blocks(n: int, count: int) -> list[int]:
+    """``count`` query blocks spread over the second half of the prompt, the last one included."""
+    nb = n // BLOCK
+    first, last = nb // 2, nb - 1
+    return sorted({first + round(i * (last - first) / max(count - 1, 1)) for i in range(count)})
+
+
+def exact_rows(q, k, m, scale):
+    """(H, BLOCK, N) fp32 softmax of query block m over all keys (future keys 0)."""
+    n, group = k.shape[2], q.shape[1] // k.shape[1]
+    r0, r1 = m * BLOCK, (m + 1) * BLOCK
+    s = torch.matmul(q[0, :, r0:r1].float(), k[0, :, :r1].float().repeat_interleave(group, 0).transpose(-1, -2)) * scale
+    causal = torch.arange(r1, device=q.device)[None, :] <= torch.arange(r0, r1, device=q.device)[:, None]
+    p = torch.softmax(s.masked_fill(~causal, float("-inf")), -1)
+    return torch.nn.functional.pad(p, (0, n - r1))
+
+
+def fewest(mass: torch.Tensor, target: float) -> torch.Tensor:
+    """How many of the largest entries of each row reach ``target`` of the row's sum."""
+    srt = mass.sort(-1, descending=True).values
+    return ((srt.cumsum(-1) - srt) < target * srt.sum(-1, keepdim=True)).sum(-1)
+
+
+def oracles(q, k, blocks, scale):
+    """{'tile@t': (H,), 'key@t': (H,)}: computed share of the sampled rows' causal pairs."""
+    n, h = k.shape[2], q.shape[1]
+    nb = (n + BLOCK - 1) // BLOCK
+    tiles = {t: torch.zeros(h, device=q.device) for t in TARGETS}
+    keys = {t: torch.zeros(h, device=q.device) for t in TARGETS}
+    causal = 0.0
+    for m in blocks:
+        p = exact_rows(q, k, m, scale)  # (H, 64, N)
+        tm = torch.nn.functional.pad(p, (0, nb * BLOCK - n)).view(h, BLOCK, nb, BLOCK).sum(-1).mean(1)
+        for t in TARGETS:
+            count = fewest(tm, t).float()
+            tiles[t] += (count - 1) * BLOCK * BLOCK + BLOCK * (BLOCK + 1) / 2  # the diagonal tile is half causal
+            keys[t] += fewest(p, t).float().sum(-1)
+        causal += BLOCK * m * BLOCK + BLOCK * (BLOCK + 1) / 2
+    return {**{f"tile@{t}": (tiles[t] / causal).tolist() for t in TARGETS},
+            **{f"key@{t}": (keys[t] / causal).tolist() for t in TARGETS}}
+
+
+def measure_policy(q, k, pattern: Pattern, blocks, scale):
+    n, h = k.shape[2], q.shape[1]
+    t0 = time.perf_counter()
+    index = estimate_index_ref(q, k, None, *encode([pattern] * h), scale)
+    if q.is_cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    recall = attention_recall(q, k, index, scale, rows=[m * BLOCK for m in blocks])[0]
+    kept = sum(block_mask_rows(index, m * BLOCK, (m + 1) * BLOCK, n).sum((-1, -2))[0].double() for m in blocks)
+    causal = sum(BLOCK * m * BLOCK + BLOCK * (BLOCK + 1) / 2 for m in blocks)
+    return {"recall": recall.tolist(), "kept": (kept / causal).tolist(), "estimate_s": seconds}
+
+
+def run(args) -> list[dict]:
+    torch.set_num_threads(args.threads) if args.threads else None
+    dtype = getattr(torch, args.dtype)
+    results = []
+    for n in args.lengths:
+        model, tok = load_smollm2(dtype=dtype, yarn_factor=16, device=args.device)
+        ids = torch.tensor([haystack(tok, n, offset=TEXT_OFFSET)], device=args.device)
+        blocks = sampled_blocks(n, args.blocks)
+        scale = model.model.layers[0].self_attn.scaling
+        layers = args.layers
+
+        def one_layer(layer, q, k, v):
+            if layer not in layers:
+                return
+            row = {"length": n, "layer": layer, "oracles": oracles(q, k, blocks, scale), "policies": {}}
+            for spec in args.policies:
+                row["policies"][spec] = measure_policy(q, k, policy(spec, n), blocks, scale)
+            results.append(row)
+            mean = lambda xs: sum(xs) / len(xs)
+            print(f"N={n} L{layer:2d} tile@0.95 {mean(row['oracles']['tile@0.95']):.3f} key@0.95 "
+                  f"{mean(row['oracles']['key@0.95']):.3f} | " + " | ".join(
+                      f"{s}: r {mean(r['recall']):.3f}/{min(r['recall']):.2f} k {mean(r['kept']):.3f}"
+                      for s, r in row["policies"].items()), flush=True)
+
+        with torch.no_grad():
+            capture_qkv(model, ids, layers=layers, on_layer=one_layer)
+        del model
+    return results
+
+
+def summary(results: list[dict]) -> list[dict]:
+    """Per length and policy: mean recall, worst head, mean kept; the oracles' mean kept."""
+    rows = []
+    for n in sorted({r["length"] for r in results}):
+        at = [r for r in results if r["length"] == n]
+        flat = lambda get: [x for r in at for x in get(r)]
+        mean = lambda xs: sum(xs) / len(xs)
+        oracle = {key: mean(flat(lambda r: r["oracles"][key])) for key in at[0]["oracles"]}
+        for spec in at[0]["policies"]:
+            recall = flat(lambda r: r["policies"][spec]["recall"])
+            kept = mean(flat(lambda r: r["policies"][spec]["kept"]))
+            rows.append({"length": n, "policy": spec, "recall": mean(recall), "worst": min(recall), "kept": kept,
+                         "kept_over_tile_oracle@0.95": kept / oracle["tile@0.95"], **oracle})
+    return rows
+
+
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary(results)
+    lengths = sorted({r["length"] for r in rows})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), squeeze=False)
+    for ax, n in zip(axes[0], lengths):
+        at = [r for r in rows if r["length"] == n]
+        for r in at:
+            ax.scatter(100 * r["kept"], r["recall"], label=r["policy"])
+            ax.annotate(f"worst {r['worst']:.2f}", (100 * r["kept"], r["recall"]), fontsize=7)
+        for t in TARGETS:
+            ax.scatter(100 * at[0][f"tile@{t}"], t, marker="s", color="black")
+            ax.scatter(100 * at[0][f"key@{t}"], t, marker="^", color="grey")
+        ax.set_title(f"N={n}: recall vs computed (square: tile oracle, triangle: key oracle)", fontsize=9)
+        ax.set_xlabel("computed share of causal pairs (%)")
+        ax.set_ylabel("recall (mean over heads)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lengths", type=int, nargs="+", default=[8192])
+    p.add_argument("--layers", type=int, nargs="+", default=list(range(0, 30, 3)))
+    p.add_argument("--blocks", type=int, default=12, help="64-row query blocks sampled per layer")
+    p.add_argument("--policies", nargs="+", default=["default", "mass:0.95", "mass:0.98", "mass:0.98,4"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", default="")
+    p.add_argument("--plot", default="")
+    args = p.parse_args()
+    results = run(args)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"args": vars(args), "layers": results, "summary": summary(results)}, f, indent=1)
+    if args.plot:
+        plot(results, args.plot)
+    print(f"{'N':>7} {'policy':<14} {'recall':>7} {'worst':>6} {'kept':>7} {'kept/tile@.95':>13} {'tile@.95':>8} "
+          f"{'key@.95':>8}")
+    for r in summary(results):
+        print(f"{r['length']:>7} {r['policy']:<14} {r['recall']:7.3f} {r['worst']:6.2f} {100 * r['kept']:6.1f}% "
+              f"{r['kept_over_tile_oracle@0.95']:13.2f} {100 * r['tile@0.95']:7.1f}% {100 * r['key@0.95']:7.1f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Block-mass estimation: per query block, the fewest key tiles whose estimated mass reaches a target.
+
+For every 64-query block ``m`` that holds queries, ``samples`` of its rows (spread over the
+block, its last row first) attend exactly: softmax over their causal keys, in fp32. The mean,
+over those rows, of the mass each 64-key tile receives estimates the block's tile masses
+``e[m, t]``. The block keeps tile 0 (the sink) and its diagonal tile ``m``, then tiles in
+decreasing ``e`` until the kept estimate reaches ``recall`` of the block's estimated total::
+
+    e[m] = mean_{sampled rows r of block m} (sum_{keys j in tile t} softmax(q_r . K / sqrt(d))_j)
+    keep(m) = {0, m} + the fewest largest t with sum_{t kept} e[m, t] >= recall * sum_t e[m, t]
+
+The index is the block-sparse part of index.py (``blocks`` / ``block_count``): the kernel
+computes exactly the kept tiles, so the computed share equals the kept share. A head that needs
+more tiles than the index holds (``capacity``) in some block runs dense instead (its mass is
+diffuse: the kernel would compute nearly every tile anyway).
+
+Why sampled rows (measured on SmolLM2 + YaRN x16, real text, 10 layers, docs/ACCURACY.md): the
+last 64 queries (vertical-slash's estimate) miss what earlier queries look at (the default's
+worst head recalls 0.54-0.64 at 8K-16K); strided antidiagonal sums (XAttention) and mean-pooled
+blocks average the logits of several queries and keys before the softmax, so one strong key (a
+sink, a slash) is under-weighted (recall 0.76-0.86 on layers whose mass lies on lines). Exact
+rows keep the peaks, and sampling every block keeps what each block looks at.
+
+Cost: ``samples / 64`` of dense attention's query-key products (no value products), plus a
+sort of the tile estimates per block. This is the pure-PyTorch implementation (the CPU path and
+the reference of a fused kernel); it walks chunks of query blocks so that the fp32 score tensor
+stays under ``SCORE_BYTES``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..index import BLOCK, SENTINEL, num_blocks
+
+SCORE_BYTES = 1 << 30  # cap on one chunk's fp32 score tensor
+FORCED = 2.0  # added to the estimates of the forced tiles (0 and the diagonal): kept first
+
+
+def sample_offsets(samples: int, device=None) -> torch.Tensor:
+    """Row offsets within a block, the last row (63) first, spread over the block."""
+    offs = sorted({BLOCK - 1 - (i * BLOCK) // samples for i in range(samples)}, reverse=True)
+    return torch.tensor(offs, dtype=torch.long, device=device)
+
+
+def tile_mass(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch.Tensor], scale: float,
+              heads: torch.Tensor, samples: int) -> torch.Tensor:
+    """Estimated tile masses (B, Hm, M, NB) fp32 of query heads ``heads`` for the M query blocks
+    that hold queries (``m0 = (N - Nq) // BLOCK`` on); q (B, H, Nq, D) may be a chunk after a
+    cached prefix (positions N - Nq .. N - 1), k (B, Hk, N, D), key_padding (B, N)."""
+    b, h, nq, d = q.shape
+    hk, n = k.shape[1], k.shape[2]
+    group = h // hk
+    nb = num_blocks(n)
+    p = n - nq
+    m0 = p // BLOCK
+    dev = q.device
+    blocks = torch.arange(m0, nb, device=dev)
+    offs = sample_offsets(samples, dev)
+    lo = torch.clamp(blocks * BLOCK, min=p)[:, None]
+    hi = torch.clamp((blocks + 1) * BLOCK, max=n)[:, None] - 1
+    pos = torch.minimum(torch.maximum(blocks[:, None] * BLOCK + offs[None, :], lo), hi)  # (M, S) positions
+    heads = heads.long()
+    hm = heads.numel()
+    ks = k[:, heads // group].float()  # (B, Hm, N, D)
+    keys = torch.arange(n, device=dev)
+    allowed_keys = key_padding.bool()[:, None, None, :] if key_padding is not None else None
+    out = torch.zeros(b, hm, blocks.numel(), nb, dtype=torch.float32, device=dev)
+    s_rows = offs.numel()
+    per_block = max(1, b * hm * s_rows * n * 4)
+    step = max(1, SCORE_BYTES // per_block)
+    for c0 in range(0, blocks.numel(), step):
+        c1 = min(blocks.numel(), c0 + step)
+        rp = pos[c0:c1].flatten()  # (R,) absolute positions of the chunk's sampled rows
+        qs = q[:, heads][:, :, rp - p].float()  # (B, Hm, R, D)
+        s = torch.matmul(qs, ks.transpose(-1, -2)) * scale  # (B, Hm, R, N)
+        allowed = (keys[None, :] <= rp[:, None])[None, None]
+        if allowed_keys is not None:
+            allowed = allowed & allowed_keys
+        prob = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1).nan_to_num_(0.0)
+        prob = torch.nn.functional.pad(prob, (0, nb * BLOCK - n))
+        out[:, :, c0:c1] = prob.view(b, hm, c1 - c0, s_rows, nb, BLOCK).sum(-1).mean(3)
+    return out
+
+
+def select_tiles(est: torch.Tensor, recall: torch.Tensor, m0: int, capacity: int) -> tuple:
+    """From estimates (B, Hm, M, NB) of query blocks m0.., the kept tiles per block:
+    (tiles (B, Hm, M, capacity) int32 ascending SENTINEL-padded, counts (B, Hm, M) int32,
+    dense (B, Hm) bool: heads with a block needing more than ``capacity`` tiles).
+    ``recall`` (Hm,) fp32: each head's target share."""
+    b, hm, m_rows, nb = est.shape
+    dev = est.device
+    rows = torch.arange(m0, m0 + m_rows, device=dev)  # query block of each estimate row
+    cols = torch.arange(nb, device=dev)
+    causal = cols[None, :] <= rows[:, None]  # (M, NB)
+    est = est.masked_fill(~causal, 0.0)
+    total = est.sum(-1, keepdim=True)
+    forced = (cols[None, :] == 0) | (cols[None, :] == rows[:, None])
+    ranked = torch.where(forced, est + FORCED, est)
+    srt, order = ranked.sort(-1, descending=True)
+    mass = torch.where(srt >= FORCED, srt - FORCED, srt)
+    before = mass.cumsum(-1) - mass  # estimated mass kept before this tile
+    need = recall.view(1, -1, 1, 1) * total
+    every = (recall >= 1.0).view(1, -1, 1, 1)  # recall 1: every tile, also those the samples gave no mass
+    keep_sorted = (srt >= FORCED) | ((before < need) & (mass > 0)) | every
+    keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted) & causal
+    counts = keep.sum(-1, dtype=torch.int32)
+    dense = (counts > capacity).any(-1)
+    ids = torch.where(keep, cols.to(torch.int32), SENTINEL).sort(-1).values[..., :capacity]
+    tiles = torch.nn.functional.pad(ids, (0, capacity - ids.shape[-1]), value=SENTINEL)
+    return tiles, counts.clamp(max=capacity), dense
+
+
+def block_mass_ref(q, k, key_padding, scale: float, heads: torch.Tensor, recall: torch.Tensor, samples: int,
+                   capacity: int) -> tuple:
+    """Tiles, counts and dense flags (``select_tiles``) of the block-mass heads ``heads`` for
+    the query blocks that hold queries."""
+    est = tile_mass(q, k, key_padding, scale, heads, samples)
+    return select_tiles(est, recall, (k.shape[2] - q.shape[2]) // BLOCK, capacity)

@@ -1,0 +1,173 @@
+"""Block-mass: per query block, the fewest key tiles reaching a share of the estimated mass.
+
+The estimator against a direct computation, the selection's contract (target reached, nothing
+kept beyond it, forced tiles, diffuse heads dense), and the index it builds driving the sparse
+attention against dense attention with the index's mask materialised, over odd shapes, GQA,
+batch > 1, padding and a chunk after a cached prefix."""
+
+import pytest
+import torch
+
+from mcompile.index import BLOCK, SENTINEL, block_mask_rows, kept_fraction, num_blocks
+from mcompile.kernels.block_mass import sample_offsets, select_tiles, tile_mass
+from mcompile.kernels.estimate import estimate_index_ref
+from mcompile.patterns import Pattern, PatternKind, encode
+
+from .helpers import dense_causal, masked_dense, padding_mask, qkv
+
+
+def _mass(recall, samples=8):
+    return Pattern.from_dict({"kind": "block_mass", "recall": recall, "samples": samples})
+
+
+def _structured(b, h, hk, n, d, seed=0):
+    """Q/K with a few strong key columns, so that heads are sparse, as real ones are."""
+    q, k, v = qkv(b, h, hk, n, d, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    hot = torch.randint(0, n, (hk, 3), generator=g)
+    for j in range(hk):
+        k[:, j, hot[j]] += 4 * q.mean((0, 1, 2))  # keys every query aligns with
+    return q, k, v
+
+
+def test_pattern_parses_validates_and_describes():
+    p = _mass(0.98)
+    assert p.kind == PatternKind.BLOCK_MASS and p.recall == 0.98 and p.p1 == 8
+    assert Pattern.from_dict(p.to_dict()) == p and p.describe() == "block_mass(recall=0.98, samples=8)"
+    assert Pattern.from_dict({"kind": "block_mass", "recall": 1}).recall == 1.0
+    for bad, message in [({"recall": 0.0}, r"recall must be a number in \(0, 1\]"),
+                         ({"recall": 1.5}, r"recall must be a number in \(0, 1\]"),
+                         ({"recall": "high"}, "recall must be a number"),
+                         ({"recall": 0.9505}, "kept to 1/1000"),
+                         ({"recall": 0.9, "samples": 65}, "samples must be <= 64"),
+                         ({"recall": 0.9, "samples": 0}, "samples must be >= 1"),
+                         ({"recall": 0.9, "blocks": 4}, "unknown keys")]:
+        with pytest.raises(ValueError, match=message):
+            Pattern.from_dict({"kind": "block_mass", **bad})
+
+
+def test_sample_offsets_spread_over_the_block():
+    assert sample_offsets(1).tolist() == [63]
+    assert sample_offsets(4).tolist() == [63, 47, 31, 15]
+    assert sample_offsets(64).tolist() == list(range(63, -1, -1))
+
+
+@pytest.mark.parametrize("b,h,hk,n,nq", [(1, 2, 2, 200, 200), (2, 4, 2, 161, 161), (1, 3, 1, 300, 130)])
+def test_tile_mass_equals_a_direct_computation(b, h, hk, n, nq):
+    """Each estimate is the mean, over the sampled rows of its block, of the softmax mass per key
+    tile, computed here row by row with the causal mask materialised."""
+    q, k, _ = qkv(b, h, hk, n, 16, seed=3)
+    q = q[:, :, n - nq:]
+    kp = padding_mask(b, n, left=(7,) * b)
+    heads = torch.tensor([0, h - 1])
+    est = tile_mass(q, k, kp, 0.25, heads, samples=4)
+    p = n - nq
+    m0, nb = p // BLOCK, num_blocks(n)
+    assert est.shape == (b, 2, nb - m0, nb)
+    group = h // hk
+    for bi in range(b):
+        for hi, head in enumerate(heads.tolist()):
+            for m in range(m0, nb):
+                rows = [min(max(m * BLOCK + o, p, m * BLOCK), min(n, (m + 1) * BLOCK) - 1) for o in (63, 47, 31, 15)]
+                want = torch.zeros(nb)
+                for r in rows:
+                    s = (q[bi, head, r - p].float() @ k[bi, head // group].float().T) * 0.25
+                    s = s.masked_fill((torch.arange(n) > r) | ~kp[bi], float("-inf"))
+                    pr = torch.softmax(s, -1)
+                    want += torch.nn.functional.pad(pr, (0, nb * BLOCK - n)).view(nb, BLOCK).sum(-1) / len(rows)
+                torch.testing.assert_close(est[bi, hi, m - m0], want, atol=1e-5, rtol=1e-5)
+
+
+def test_selection_reaches_the_target_with_the_fewest_tiles():
+    torch.manual_seed(0)
+    nb, m0 = 9, 2
+    est = torch.rand(1, 3, nb - m0, nb) ** 4  # skewed masses
+    recall = torch.tensor([0.5, 0.9, 1.0])
+    tiles, counts, dense = select_tiles(est, recall, m0, capacity=nb)
+    assert not dense.any()
+    for h in range(3):
+        for i in range(nb - m0):
+            m = m0 + i
+            row = est[0, h, i, :m + 1]
+            kept = tiles[0, h, i, :counts[0, h, i]].tolist()
+            assert kept == sorted(kept) and 0 in kept and m in kept
+            assert (tiles[0, h, i, counts[0, h, i]:] == SENTINEL).all()
+            share = row[kept].sum() / row.sum()
+            assert share >= recall[h] - 1e-6
+            optional = sorted((t for t in kept if t not in (0, m)), key=lambda t: row[t].item())
+            if optional:  # dropping the smallest optional tile falls short: nothing kept beyond the target
+                assert (row[kept].sum() - row[optional[0]]) / row.sum() < recall[h]
+
+
+def test_a_head_needing_more_tiles_than_the_index_holds_runs_dense():
+    est = torch.ones(1, 2, 4, 4)  # uniform: the last block needs all 4 tiles at recall 1
+    _, counts, dense = select_tiles(est, torch.tensor([1.0, 0.5]), 0, capacity=3)
+    assert dense.tolist() == [[True, False]]
+    q, k, v = qkv(1, 2, 2, 256, 16)
+    kinds, p0, p1 = encode([_mass(1.0)] * 2)
+    index = estimate_index_ref(q, k, None, kinds, p0, p1, 0.25, capacity=(1, 0, 3))
+    assert index.run_count.tolist() == [[1, 1]] and (index.block_count == 0).all()  # one run of every diagonal
+    out = torch.ops.mcompile.sparse_attention(q, k, v, *index, None, 0.25, 0)
+    torch.testing.assert_close(out, dense_causal(q, k, v, 0.25), atol=1e-5, rtol=1e-5)
+
+
+SHAPES = [(1, 2, 2, 200, 200, 16), (2, 4, 2, 161, 161, 16), (2, 6, 2, 97, 97, 32), (1, 4, 4, 300, 130, 16),
+          (2, 3, 1, 257, 257, 8)]
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["nopad", "pad"])
+@pytest.mark.parametrize("b,h,hk,n,nq,d", SHAPES)
+def test_sparse_attention_equals_masked_dense(b, h, hk, n, nq, d, padded):
+    q, k, v = _structured(b, h, hk, n, d)
+    q = q[:, :, n - nq:].contiguous()
+    kp = padding_mask(b, n, left=(5,) * b, right=(3,) * b) if padded else None
+    kinds, p0, p1 = encode([_mass(0.6, samples=4)] * h)
+    index = estimate_index_ref(q, k, kp, kinds, p0, p1, d ** -0.5)
+    out = torch.ops.mcompile.sparse_attention(q, k, v, *index, kp, d ** -0.5, 0)
+    ref = masked_dense(torch.nn.functional.pad(q, (0, 0, n - nq, 0)), k, v, index, d ** -0.5, kp)[:, :, n - nq:]
+    rows = slice(5, n - nq - 3) if padded else slice(None)  # fully padded query rows aside
+    torch.testing.assert_close(out[:, :, rows], ref[:, :, rows].to(out.dtype), atol=1e-5, rtol=1e-5)
+    if num_blocks(n) > 2:  # (two blocks: tile 0 and the diagonal tile are all there is, and both are kept)
+        assert kept_fraction(index, n, kp, queries=nq).mean() < 1.0  # tiles were dropped
+
+
+def test_recall_one_keeps_every_tile_and_equals_dense():
+    q, k, v = _structured(2, 4, 2, 230, 16)
+    kinds, p0, p1 = encode([_mass(1.0)] * 4)
+    index = estimate_index_ref(q, k, None, kinds, p0, p1, 0.25)
+    mask = block_mask_rows(index, 0, 230, 230)
+    causal = torch.arange(230)[None, :] <= torch.arange(230)[:, None]
+    assert torch.equal(mask, causal.expand_as(mask))
+    out = torch.ops.mcompile.sparse_attention(q, k, v, *index, None, 0.25, 0)
+    torch.testing.assert_close(out, dense_causal(q, k, v, 0.25).to(out.dtype), atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_with_other_patterns_in_one_layer():
+    """Per head: vertical-slash, block-mass, A-shape and dense in one index, each head as alone."""
+    q, k, v = _structured(1, 4, 2, 260, 16)
+    pats = [Pattern.from_dict({"kind": "vertical_slash", "vertical": 30, "slash": 100}), _mass(0.7),
+            Pattern.from_dict({"kind": "a_shape", "sink": 4, "local": 64}), Pattern(PatternKind.DENSE)]
+    kinds, p0, p1 = encode(pats)
+    index = estimate_index_ref(q, k, None, kinds, p0, p1, 0.25)
+    alone = estimate_index_ref(q[:, 1:2], k[:, :1], None, *encode([_mass(0.7)]), 0.25)
+    assert torch.equal(block_mask_rows(index, 0, 260, 260)[:, 1], block_mask_rows(alone, 0, 260, 260)[:, 0])
+    out = torch.ops.mcompile.sparse_attention(q, k, v, *index, None, 0.25, 0)
+    torch.testing.assert_close(out, masked_dense(q, k, v, index, 0.25).to(out.dtype), atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_model_with_block_mass_equals_masked_dense(monkeypatch):
+    """Through the backend: a tiny Llama with block-mass as the default pattern equals the same
+    model whose attention is dense with the index's mask materialised."""
+    from mcompile.kernels import dispatch
+    from mcompile.models import tiny_llama
+
+    options = {"dense_below": 0, "compiler": "aot_eager", "default_pattern": {"kind": "block_mass", "recall": 0.8}}
+    model = tiny_llama("sdpa")
+    ids = torch.randint(0, 128, (2, 300), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = torch.compile(model, backend="minference", options=options)(ids).logits
+        torch._dynamo.reset()
+        monkeypatch.setattr(dispatch, "attention_impl", lambda q: lambda q, k, v, index, scale, kp:
+                            masked_dense(q, k, v, index, scale, kp).to(q.dtype))
+        ref = torch.compile(model, backend="minference", options=options)(ids).logits
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
