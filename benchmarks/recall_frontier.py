@@ -11,7 +11,7 @@ the second half of the prompt, the exact attention is compared with:
   sampled rows' causal pairs it computes (= kept: the kernels compute exactly the index).
 
     python -m benchmarks.recall_frontier --lengths 8192 --out frontier.json --plot frontier.png
-    python -m benchmarks.recall_frontier --device cuda --dtype bfloat16 --lengths 32768 65536 131072
+    python -m benchmarks.recall_frontier --device cuda --dtype bfloat16 --lengths 32768 65536 131072 --time
 
 (run as a module from the repository root: as a script, benchmarks/kernels.py would shadow the
 ``kernels`` package that transformers 5.25 imports)
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+from typing import Optional
 
 import torch
 
@@ -96,17 +96,32 @@ def oracles(q, k, blocks, scale):
             **{f"key@{t}": (keys[t] / causal).tolist() for t in TARGETS}}
 
 
-def measure_policy(q, k, pattern: Pattern, blocks, scale):
+def layer_ms(q, k, v, pattern: Optional[Pattern], scale) -> float:
+    """Median ms of the attention layer on CUDA: the ops (estimation + sparse kernel), or cuDNN's
+    causal SDPA for ``pattern`` None."""
+    from triton.testing import do_bench
+
+    h = q.shape[1]
+    if pattern is None:
+        fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                                      enable_gqa=True)
+    else:
+        kinds, p0, p1 = encode([pattern] * h)
+        fn = lambda: torch.ops.mcompile.sparse_attention(
+            q, k, v, *torch.ops.mcompile.estimate_index(q, k, None, kinds, p0, p1, scale, 0), None, scale, 0)
+    return do_bench(fn, warmup=50, rep=200, return_mode="median")
+
+
+def measure_policy(q, k, v, pattern: Pattern, blocks, scale, timed: bool):
     n, h = k.shape[2], q.shape[1]
-    t0 = time.perf_counter()
     index = estimate_index_ref(q, k, None, *encode([pattern] * h), scale)
-    if q.is_cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
     recall = attention_recall(q, k, index, scale, rows=[m * BLOCK for m in blocks])[0]
     kept = sum(block_mask_rows(index, m * BLOCK, (m + 1) * BLOCK, n).sum((-1, -2))[0].double() for m in blocks)
     causal = sum(BLOCK * m * BLOCK + BLOCK * (BLOCK + 1) / 2 for m in blocks)
-    return {"recall": recall.tolist(), "kept": (kept / causal).tolist(), "estimate_s": seconds}
+    row = {"recall": recall.tolist(), "kept": (kept / causal).tolist()}
+    if timed:
+        row["layer_ms"] = layer_ms(q, k, v, pattern, scale)
+    return row
 
 
 def run(args) -> list[dict]:
@@ -124,8 +139,11 @@ def run(args) -> list[dict]:
             if layer not in layers:
                 return
             row = {"length": n, "layer": layer, "oracles": oracles(q, k, blocks, scale), "policies": {}}
+            timed = args.time and q.is_cuda
+            if timed:
+                row["cudnn_ms"] = layer_ms(q, k, v, None, scale)
             for spec in args.policies:
-                row["policies"][spec] = measure_policy(q, k, policy(spec, n), blocks, scale)
+                row["policies"][spec] = measure_policy(q, k, v, policy(spec, n), blocks, scale, timed)
             results.append(row)
             mean = lambda xs: sum(xs) / len(xs)
             print(f"N={n} L{layer:2d} tile@0.95 {mean(row['oracles']['tile@0.95']):.3f} key@0.95 "
@@ -150,8 +168,12 @@ def summary(results: list[dict]) -> list[dict]:
         for spec in at[0]["policies"]:
             recall = flat(lambda r: r["policies"][spec]["recall"])
             kept = mean(flat(lambda r: r["policies"][spec]["kept"]))
+            timing = {}
+            if "cudnn_ms" in at[0]:
+                ms = mean([r["policies"][spec]["layer_ms"] for r in at])
+                timing = {"layer_ms": ms, "speedup_vs_cudnn": mean([r["cudnn_ms"] for r in at]) / ms}
             rows.append({"length": n, "policy": spec, "recall": mean(recall), "worst": min(recall), "kept": kept,
-                         "kept_over_tile_oracle@0.95": kept / oracle["tile@0.95"], **oracle})
+                         "kept_over_tile_oracle@0.95": kept / oracle["tile@0.95"], **oracle, **timing})
     return rows
 
 
@@ -189,6 +211,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--time", action="store_true", help="on CUDA: time each policy's layer against cuDNN")
     p.add_argument("--out", default="")
     p.add_argument("--plot", default="")
     args = p.parse_args()
@@ -201,8 +224,9 @@ def main() -> None:
     print(f"{'N':>7} {'policy':<14} {'recall':>7} {'worst':>6} {'kept':>7} {'kept/tile@.95':>13} {'tile@.95':>8} "
           f"{'key@.95':>8}")
     for r in summary(results):
+        speed = f" {r['layer_ms']:8.2f} ms {r['speedup_vs_cudnn']:5.2f}x" if "layer_ms" in r else ""
         print(f"{r['length']:>7} {r['policy']:<14} {r['recall']:7.3f} {r['worst']:6.2f} {100 * r['kept']:6.1f}% "
-              f"{r['kept_over_tile_oracle@0.95']:13.2f} {100 * r['tile@0.95']:7.1f}% {100 * r['key@0.95']:7.1f}%")
+              f"{r['kept_over_tile_oracle@0.95']:13.2f} {100 * r['tile@0.95']:7.1f}% {100 * r['key@0.95']:7.1f}%{speed}")
 
 
 if __name__ == "__main__":

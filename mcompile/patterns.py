@@ -73,6 +73,9 @@ class Pattern:
                     raise ValueError(f"{self.kind.label}.{name} must be <= {_MAXIMUM[name]}, got {value}")
                 raise ValueError(f"{self.kind.label}.{name} must be <= 2**31 - 1 (the index stores int32), got {value}")
 
+        if self.kind == PatternKind.BLOCK_MASS and self.p1 & (self.p1 - 1):
+            raise ValueError(f"block_mass.samples must be a power of two (1, 2, 4, ... 64), got {self.p1}")
+
     @property
     def recall(self) -> float:
         """Block-mass's target share of the estimated attention mass (0, 1]."""

@@ -41,6 +41,7 @@ def test_pattern_parses_validates_and_describes():
                          ({"recall": 0.9505}, "kept to 1/1000"),
                          ({"recall": 0.9, "samples": 65}, "samples must be <= 64"),
                          ({"recall": 0.9, "samples": 0}, "samples must be >= 1"),
+                         ({"recall": 0.9, "samples": 6}, "samples must be a power of two"),
                          ({"recall": 0.9, "blocks": 4}, "unknown keys")]:
         with pytest.raises(ValueError, match=message):
             Pattern.from_dict({"kind": "block_mass", **bad})

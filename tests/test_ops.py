@@ -180,7 +180,7 @@ def test_property_sparse_equals_masked_dense(b, hk, group, n, kind, budget, seed
     p0 = {PatternKind.DENSE: 0, PatternKind.A_SHAPE: budget % 50, PatternKind.VERTICAL_SLASH: max(30, budget),
           PatternKind.BLOCK_SPARSE: max(2, budget // 64), PatternKind.BLOCK_MASS: min(1000, 2 * budget + 200)}[kind]
     p1 = {PatternKind.A_SHAPE: 1 + budget, PatternKind.VERTICAL_SLASH: max(100, budget),
-          PatternKind.BLOCK_MASS: 1 + budget % 16}.get(kind, 0)
+          PatternKind.BLOCK_MASS: 1 << (budget % 7)}.get(kind, 0)
     out, index = _run(q, k, v, [int(kind)] * h, [p0] * h, [p1] * h, d ** -0.5)
     torch.testing.assert_close(out, masked_dense(q, k, v, index, d ** -0.5), atol=3e-5, rtol=3e-5)
     covers = {PatternKind.DENSE: True, PatternKind.A_SHAPE: p1 >= n,

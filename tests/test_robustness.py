@@ -377,7 +377,7 @@ def test_property_offset_sparse_equals_masked_dense(b, hk, group, n, chunk, kind
     p0 = {PatternKind.DENSE: 0, PatternKind.A_SHAPE: budget % 50, PatternKind.VERTICAL_SLASH: max(30, budget),
           PatternKind.BLOCK_SPARSE: max(2, budget // 64), PatternKind.BLOCK_MASS: min(1000, 2 * budget + 200)}[kind]
     p1 = {PatternKind.A_SHAPE: 1 + budget, PatternKind.VERTICAL_SLASH: max(100, budget),
-          PatternKind.BLOCK_MASS: 1 + budget % 16}.get(kind, 0)
+          PatternKind.BLOCK_MASS: 1 << (budget % 7)}.get(kind, 0)
     index = estimate_index_ref(q, k, None, [int(kind)] * h, [p0] * h, [p1] * h, d ** -0.5)
     out = sparse_attention_ref(q, k, v, index, d ** -0.5)
     torch.testing.assert_close(out, masked_dense(q, k, v, index, d ** -0.5), atol=3e-5, rtol=3e-5)

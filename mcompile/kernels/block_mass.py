@@ -29,7 +29,7 @@ stays under ``SCORE_BYTES``.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -114,8 +114,9 @@ def select_tiles(est: torch.Tensor, recall: torch.Tensor, m0: int, capacity: int
 
 
 def block_mass_ref(q, k, key_padding, scale: float, heads: torch.Tensor, recall: torch.Tensor, samples: int,
-                   capacity: int) -> tuple:
+                   capacity: int, estimate: Callable = tile_mass) -> tuple:
     """Tiles, counts and dense flags (``select_tiles``) of the block-mass heads ``heads`` for
-    the query blocks that hold queries."""
-    est = tile_mass(q, k, key_padding, scale, heads, samples)
+    the query blocks that hold queries; ``estimate`` computes the tile masses (``tile_mass``, or
+    ``block_mass_triton.tile_mass_triton`` on the GPU)."""
+    est = estimate(q, k, key_padding, scale, heads, samples)
     return select_tiles(est, recall, (k.shape[2] - q.shape[2]) // BLOCK, capacity)

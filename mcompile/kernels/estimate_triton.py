@@ -1,4 +1,5 @@
-"""Index estimation on the GPU: vertical-slash scores without the (B, H, 64, N) score tensor.
+"""Index estimation on the GPU: vertical-slash scores without the (B, H, 64, N) score tensor
+(block-mass's tile estimates: block_mass_triton.py).
 
 Math (per batch b and vertical-slash head h; the last ``lq = min(LAST_Q, Nq)`` queries of q
 (B, H, Nq, D) sit at positions ``P + i``, ``P = N - lq``, also when q is a chunk after a
@@ -265,5 +266,8 @@ def estimate_index_triton(q: torch.Tensor, k: torch.Tensor, key_padding: Optiona
                           scale: float, capacity: Optional[tuple] = None) -> SparseIndex:
     """Same contract and result as ``estimate_index_ref``; vertical-slash scores come from the
     fused kernels above, the index assembly is the shared one."""
+    from .block_mass_triton import tile_mass_triton  # (imports this module's constants)
+
     _check(q, k, key_padding, kinds, p0, p1)
-    return assemble_index(q, k, key_padding, kinds, p0, p1, scale, vertical_slash_scores_triton, capacity)
+    return assemble_index(q, k, key_padding, kinds, p0, p1, scale, vertical_slash_scores_triton, capacity,
+                          tile_mass_triton)
