@@ -1,22 +1,26 @@
-"""The block-mass tile estimate on the GPU: the fused kernel against the PyTorch reference, then
-its time against cuDNN's dense causal attention of the same layer.
+"""Block-mass estimation on the GPU: the Triton kernels against the PyTorch references, then the
+estimate, the selection and the whole index against cuDNN's dense causal attention.
 
     python -m benchmarks.block_mass_kernel                 # from the repository root, on CUDA
-    python -m benchmarks.block_mass_kernel --lengths 32768 131072
+    python -m benchmarks.block_mass_kernel --lengths 32768 65536 131072 --splits 8 16 32 64 0
 
 Correctness on random bf16 / fp16 inputs (head dims 64, 128 and 80, a chunk after a cached
-prefix, GQA, batch 2): the largest absolute difference of the estimates. Timing: SmolLM2's
-layer shape (9 query heads, 3 KV heads, head dim 64, bf16), median of ``triton.testing.do_bench``.
+prefix, GQA, batch 2, keys split over programs or not): the largest absolute difference of the
+estimates, and whether the selection kernel keeps what the reference keeps. Timing: SmolLM2's
+layer shape (9 query heads, 3 KV heads, head dim 64, bf16), median of ``triton.testing.do_bench``;
+``--splits`` are key tiles per program (0: one program walks every key tile of its rows).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 
 import torch
 
-from mcompile.kernels.block_mass import tile_mass
-from mcompile.kernels.block_mass_triton import tile_mass_triton
+from mcompile.index import BLOCK
+from mcompile.kernels.block_mass import select_tiles, tile_mass
+from mcompile.kernels.block_mass_triton import SPLIT, select_tiles_triton, tile_mass_triton
 
 SHAPES = [(1, 9, 3, 4096, 4096, 64), (2, 8, 2, 3001, 1000, 128), (1, 4, 4, 777, 777, 80)]  # B, H, Hk, N, Nq, D
 
@@ -28,17 +32,27 @@ def check() -> float:
             q = torch.randn(b, h, nq, d, device="cuda", dtype=dtype)
             k = torch.randn(b, hk, n, d, device="cuda", dtype=dtype)
             heads = torch.arange(h, device="cuda")
-            for samples in (4, 8):
-                err = (tile_mass_triton(q, k, None, d ** -0.5, heads, samples)
-                       - tile_mass(q, k, None, d ** -0.5, heads, samples)).abs().max().item()
+            for samples, split in ((4, 4), (8, SPLIT), (8, 1000)):
+                est = tile_mass_triton(q, k, None, d ** -0.5, heads, samples, split)
+                ref = tile_mass(q, k, None, d ** -0.5, heads, samples)
+                err = (est - ref).abs().max().item()
                 worst = max(worst, err)
-                print(f"{str(dtype):15s} B{b} H{h} Hk{hk} N{n} Nq{nq} D{d} samples {samples}: max err {err:.2e}")
+                recall = torch.linspace(0.5, 1.0, h, device="cuda")
+                m0 = (n - nq) // BLOCK
+                same = all(torch.equal(x, y) for x, y in zip(select_tiles_triton(ref, recall, m0, 512),
+                                                             select_tiles(ref, recall, m0, 512)))
+                print(f"{str(dtype):15s} B{b} H{h} Hk{hk} N{n} Nq{nq} D{d} samples {samples} split {split}: "
+                      f"max err {err:.2e}, selection equal {same}", flush=True)
+                worst = worst if same else float("inf")
     return worst
 
 
-def timing(lengths) -> None:
+def timing(lengths, splits) -> list[dict]:
     from triton.testing import do_bench
 
+    from mcompile.patterns import Pattern, encode
+
+    rows = []
     for n in lengths:
         q = torch.randn(1, 9, n, 64, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(1, 3, n, 64, device="cuda", dtype=torch.bfloat16)
@@ -48,18 +62,39 @@ def timing(lengths) -> None:
                                                                                   enable_gqa=True),
                          return_mode="median")
         for samples in (4, 8):
-            ms = do_bench(lambda: tile_mass_triton(q, k, None, 0.125, heads, samples), return_mode="median")
-            print(f"N={n:>6} samples {samples}: estimate {ms:7.2f} ms, cuDNN causal {dense:7.2f} ms "
-                  f"({ms / dense:.2f} of dense)")
+            for split in splits:
+                sp = split or n // BLOCK + 1
+                ms = do_bench(lambda: tile_mass_triton(q, k, None, 0.125, heads, samples, sp), return_mode="median")
+                rows.append({"n": n, "samples": samples, "split": split, "estimate_ms": ms, "cudnn_ms": dense})
+                print(f"N={n:>6} samples {samples} split {split:>4}: estimate {ms:7.3f} ms, cuDNN causal "
+                      f"{dense:7.2f} ms ({ms / dense:.3f} of dense)", flush=True)
+            est = tile_mass_triton(q, k, None, 0.125, heads, samples)
+            recall = torch.full((9,), 0.98, device="cuda")
+            sel = do_bench(lambda: select_tiles_triton(est, recall, 0, 2048), return_mode="median")
+            sel_ref = do_bench(lambda: select_tiles(est, recall, 0, 2048), return_mode="median")
+            pattern = Pattern.from_dict({"kind": "block_mass", "recall": 0.98, "samples": samples})
+            kinds, p0, p1 = encode([pattern] * 9)
+            whole = do_bench(lambda: torch.ops.mcompile.estimate_index(q, k, None, kinds, p0, p1, 0.125, 0),
+                             return_mode="median")
+            rows.append({"n": n, "samples": samples, "select_ms": sel, "select_torch_ms": sel_ref,
+                         "estimate_index_ms": whole, "cudnn_ms": dense})
+            print(f"N={n:>6} samples {samples}: selection {sel:.3f} ms (torch sort {sel_ref:.3f} ms), whole "
+                  f"estimate_index {whole:.3f} ms ({whole / dense:.3f} of dense)", flush=True)
+    return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[32768])
+    p.add_argument("--splits", type=int, nargs="+", default=[SPLIT])
+    p.add_argument("--out", default="")
     args = p.parse_args()
     worst = check()
     print(f"largest difference from the reference: {worst:.2e}")
-    timing(args.lengths)
+    rows = timing(args.lengths, args.splits)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"check_max_err": worst, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,11 @@ the second half of the prompt, the exact attention is compared with:
 ``kernels`` package that transformers 5.25 imports)
 
 Policies (``--policies``): ``default`` (vertical-slash 1000/6096 at 128K, scaled below it),
-``vs:V,S`` (fixed vertical-slash budgets), ``mass:R`` or ``mass:R,S`` (block-mass at recall R with
-S sampled rows per block). Prints one line per layer as it goes and a table at the end.
+``vs:V,S`` (fixed vertical-slash budgets), ``ashape:SINK,LOCAL``, ``mass:R`` or ``mass:R,S`` (block-mass at recall R with
+S sampled rows per block), ``minference:V,S`` (MInference's own pipeline at budgets V/S, from
+the sources benchmarks/peer_minference.py vendors; CUDA only; computed = what its kernel
+scores, whole 64-wide tiles included). Prints one line per layer as it goes and a table at the
+end.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 
 from mcompile.capture import attention_recall, capture_qkv
 from mcompile.data import haystack
-from mcompile.index import BLOCK, block_mask_rows
+from mcompile.index import BLOCK, SparseIndex, block_mask_rows
 from mcompile.kernels.estimate import estimate_index_ref
 from mcompile.models import load_smollm2
 from mcompile.patterns import DEFAULT_BUDGET_EXPONENT, DEFAULT_BUDGET_LENGTH, DEFAULT_VERTICAL_SLASH, Pattern, encode, \
@@ -48,10 +51,12 @@ def policy(spec: str, n: int) -> Pattern:
     values = [float(x) for x in args.split(",")]
     if kind == "vs":
         return Pattern.from_dict({"kind": "vertical_slash", "vertical": int(values[0]), "slash": int(values[1])})
+    if kind == "ashape":
+        return Pattern.from_dict({"kind": "a_shape", "sink": int(values[0]), "local": int(values[1])})
     if kind == "mass":
         extra = {"samples": int(values[1])} if len(values) > 1 else {}
         return Pattern.from_dict({"kind": "block_mass", "recall": values[0], **extra})
-    raise ValueError(f"unknown policy {spec!r}: default, vs:V,S or mass:R[,S]")
+    raise ValueError(f"unknown policy {spec!r}: default, vs:V,S, ashape:SINK,LOCAL or mass:R[,S]")
 
 
 def sampled_blocks(n: int, count: int) -> list[int]:
@@ -112,9 +117,40 @@ def layer_ms(q, k, v, pattern: Optional[Pattern], scale) -> float:
     return do_bench(fn, warmup=50, rep=200, return_mode="median")
 
 
-def measure_policy(q, k, v, pattern: Pattern, blocks, scale, timed: bool):
+def measure_minference(q, k, v, spec: str, blocks, scale, timed: bool):
+    """MInference's pipeline: recall and computed share of its index on the sampled blocks, its
+    layer time (estimate + CUDA index builder + Triton kernel, all heads in one call of each)."""
+    from triton.testing import do_bench
+
+    from .peer_minference import minference_kept, minference_layer, recall_on_blocks
+
+    n = k.shape[2]
+    vertical, slash = (int(x) for x in spec.partition(":")[2].split(","))
+    rows = [m * BLOCK for m in blocks]
+    covered = minference_kept(q, k, vertical, slash, scale, rows)  # (1, H, R, 64, N)
+    recall = recall_on_blocks(q, k, covered, rows, scale)[0]
+    keys = torch.arange(n, device=q.device)
+    kept = sum((covered[0, :, i] & (keys[None, :] <= (m * BLOCK + torch.arange(BLOCK, device=q.device))[:, None]))
+               .sum((-1, -2)).double() for i, m in enumerate(blocks))
+    causal = sum(BLOCK * m * BLOCK + BLOCK * (BLOCK + 1) / 2 for m in blocks)
+    row = {"recall": recall.tolist(), "kept": (kept / causal).tolist()}
+    del covered
+    if timed:
+        row["layer_ms"] = do_bench(lambda: minference_layer(q, k, v, vertical, slash, scale), warmup=50, rep=200,
+                                   return_mode="median")
+    return row
+
+
+def measure_policy(q, k, v, spec: str, blocks, scale, timed: bool):
+    if spec.startswith("minference:"):
+        return measure_minference(q, k, v, spec, blocks, scale, timed)
     n, h = k.shape[2], q.shape[1]
-    index = estimate_index_ref(q, k, None, *encode([pattern] * h), scale)
+    pattern = policy(spec, n)
+    kinds, p0, p1 = encode([pattern] * h)
+    if q.is_cuda:  # the index the op builds (the Triton estimation), which is what is timed
+        index = SparseIndex(*torch.ops.mcompile.estimate_index(q, k, None, kinds, p0, p1, scale, 0))
+    else:
+        index = estimate_index_ref(q, k, None, kinds, p0, p1, scale)
     recall = attention_recall(q, k, index, scale, rows=[m * BLOCK for m in blocks])[0]
     kept = sum(block_mask_rows(index, m * BLOCK, (m + 1) * BLOCK, n).sum((-1, -2))[0].double() for m in blocks)
     causal = sum(BLOCK * m * BLOCK + BLOCK * (BLOCK + 1) / 2 for m in blocks)
@@ -130,7 +166,7 @@ def run(args) -> list[dict]:
     results = []
     for n in args.lengths:
         model, tok = load_smollm2(dtype=dtype, yarn_factor=16, device=args.device)
-        ids = torch.tensor([haystack(tok, n, offset=TEXT_OFFSET)], device=args.device)
+        ids = torch.tensor([haystack(tok, n, offset=args.offset, source=args.source)], device=args.device)
         blocks = sampled_blocks(n, args.blocks)
         scale = model.model.layers[0].self_attn.scaling
         layers = args.layers
@@ -143,7 +179,7 @@ def run(args) -> list[dict]:
             if timed:
                 row["cudnn_ms"] = layer_ms(q, k, v, None, scale)
             for spec in args.policies:
-                row["policies"][spec] = measure_policy(q, k, v, policy(spec, n), blocks, scale, timed)
+                row["policies"][spec] = measure_policy(q, k, v, spec, blocks, scale, timed)
             results.append(row)
             mean = lambda xs: sum(xs) / len(xs)
             print(f"N={n} L{layer:2d} tile@0.95 {mean(row['oracles']['tile@0.95']):.3f} key@0.95 "
@@ -208,6 +244,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, nargs="+", default=list(range(0, 30, 3)))
     p.add_argument("--blocks", type=int, default=12, help="64-row query blocks sampled per layer")
     p.add_argument("--policies", nargs="+", default=["default", "mass:0.95", "mass:0.98", "mass:0.98,4"])
+    p.add_argument("--source", default="stdlib", help="text (mcompile.data.SOURCES): stdlib docs or python source")
+    p.add_argument("--offset", type=int, default=TEXT_OFFSET, help="tokens into the text")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=0)

@@ -76,12 +76,41 @@ def calibration_docs() -> str:
     return "\n\n".join(parts)
 
 
-SOURCES = {"stdlib": stdlib_docs, "calibration": calibration_docs}
+PYTHON_SOURCE_CHARS = 4_000_000  # about 1M tokens of code: enough for two 128K prompts and more
+
+
+@functools.lru_cache(maxsize=1)
+def python_source() -> str:
+    """The standard library's own Python source (``.py`` files in sorted path order, tests left
+    out), up to ``PYTHON_SOURCE_CHARS``: long real code, for perplexity at 32K-128K where the
+    documentation (about 111K tokens) would repeat inside one prompt."""
+    import sysconfig
+    from pathlib import Path
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    parts, size = [], 0
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).parts
+        if rel[0] == "site-packages" or any(part in ("test", "tests", "idlelib", "tkinter") for part in rel):
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        parts.append(f"# {'/'.join(rel)}\n{text}")
+        size += len(parts[-1])
+        if size >= PYTHON_SOURCE_CHARS:
+            break
+    return "\n\n".join(parts)[:PYTHON_SOURCE_CHARS]
+
+
+SOURCES = {"stdlib": stdlib_docs, "calibration": calibration_docs, "python": python_source}
 
 
 def haystack(tokenizer, tokens: int, offset: int = 0, source: str = "stdlib") -> list[int]:
     """``tokens`` token ids of real text, starting ``offset`` tokens in: the standard library's
-    documentation (``source="stdlib"``, the evaluation text) or PyTorch's (``"calibration"``)."""
+    documentation (``source="stdlib"``, the evaluation text), PyTorch's (``"calibration"``) or
+    the standard library's source code (``"python"``)."""
     if source not in SOURCES:
         raise ValueError(f"unknown text source {source!r}; valid sources: {sorted(SOURCES)}")
     ids = _tokenized(tokenizer, source)

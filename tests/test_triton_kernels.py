@@ -550,22 +550,56 @@ def test_block_mass_index_drives_the_kernel(nq):
     check(q, k, v, index, d ** -0.5)
 
 
-@pytest.mark.parametrize("samples", [1, 4, 8])
+@pytest.mark.parametrize("samples,split,chunked", [(1, 32, False), (4, 1, True), (8, 2, False), (32, 3, True)])
 @pytest.mark.parametrize("b,h,hk,n,nq,d,pad", [(1, 2, 2, 200, 200, 16, False), (2, 4, 2, 161, 100, 32, True),
-                                               (1, 3, 1, 130, 130, 8, False)])
-def test_tile_mass_kernel_equals_reference(b, h, hk, n, nq, d, pad, samples):
+                                               (1, 3, 1, 330, 330, 8, False)])
+def test_tile_mass_kernel_equals_reference(b, h, hk, n, nq, d, pad, samples, split, chunked, monkeypatch):
     """The fused block-mass estimate equals block_mass.tile_mass: odd lengths, a chunk after a
-    cached prefix, GQA, batch > 1, padding, a head dim padded to 16."""
+    cached prefix, GQA, batch > 1, padding, a head dim padded to 16, the keys of a row group
+    split over programs (1, 2 and 3 tiles each) or not, the row groups in chunks of one (the
+    bound on the kept tile sums) or all at once."""
+    from mcompile.kernels import block_mass_triton
     from mcompile.kernels.block_mass import tile_mass
     from mcompile.kernels.block_mass_triton import tile_mass_triton
+
+    if chunked:
+        monkeypatch.setattr(block_mass_triton, "TILE_SUM_BYTES", 1)
 
     q, k, _ = inputs(b, h, hk, n, d, seed=n + samples)
     q = q[:, :, n - nq:]
     kp = padding(b, n, seed=n) if pad else None
     heads = torch.tensor([h - 1, 0])
-    est = tile_mass_triton(q, k, kp, d ** -0.5, heads, samples)
+    est = tile_mass_triton(q, k, kp, d ** -0.5, heads, samples, split)
     ref = tile_mass(q, k, kp, d ** -0.5, heads, samples)
     torch.testing.assert_close(est, ref, atol=2e-5, rtol=1e-4)
+
+
+def _estimates(b, hm, m0, nb, seed):
+    """Tile estimates as the estimate makes them (rows summing to 1 over causal tiles) with
+    zeros, ties and a dominant tile."""
+    g = torch.Generator().manual_seed(seed)
+    e = torch.rand(b, hm, nb - m0, nb, generator=g) ** 6
+    e[e < 0.02] = 0.0
+    e[..., 1::5] = e[..., 1:2]  # ties
+    causal = torch.arange(nb)[None, :] <= torch.arange(m0, nb)[:, None]
+    e = e.masked_fill(~causal, 0.0)
+    return e / e.sum(-1, keepdim=True).clamp(min=1e-30)
+
+
+@pytest.mark.parametrize("b,hm,m0,nb,cap", [(2, 4, 9, 21, 21), (1, 4, 5, 23, 6), (1, 4, 0, 1, 1), (2, 4, 15, 20, 0)])
+def test_select_kernel_equals_reference(b, hm, m0, nb, cap):
+    """The bisection selection keeps what block_mass.select_tiles keeps: forced tiles, ties at
+    the threshold, zero estimates, recall 0 and 1, a capacity below the need (dense heads), rows
+    longer than the kernel's chunk of estimates."""
+    from mcompile.kernels.block_mass import select_tiles
+    from mcompile.kernels.block_mass_triton import select_tiles_triton
+
+    est = _estimates(b, hm, m0, nb, seed=nb + cap)
+    recall = torch.tensor([0.0, 0.5, 0.95, 1.0])
+    got = select_tiles_triton(est, recall, m0, cap, chunk=8)  # rows of up to three chunks
+    want = select_tiles(est, recall, m0, cap)
+    for name, x, y in zip(("tiles", "counts", "dense"), got, want):
+        assert torch.equal(x, y), name
 
 
 def test_estimate_index_triton_builds_the_block_mass_index_of_the_reference():

@@ -36,7 +36,7 @@ import torch
 from ..index import BLOCK, SENTINEL, num_blocks
 
 SCORE_BYTES = 1 << 30  # cap on one chunk's fp32 score tensor
-FORCED = 2.0  # added to the estimates of the forced tiles (0 and the diagonal): kept first
+LOCAL_TILES = 1  # tiles before the diagonal every block keeps: each row sees at least 64 keys before it
 
 
 def sample_offsets(samples: int, device=None) -> torch.Tensor:
@@ -89,23 +89,30 @@ def select_tiles(est: torch.Tensor, recall: torch.Tensor, m0: int, capacity: int
     """From estimates (B, Hm, M, NB) of query blocks m0.., the kept tiles per block:
     (tiles (B, Hm, M, capacity) int32 ascending SENTINEL-padded, counts (B, Hm, M) int32,
     dense (B, Hm) bool: heads with a block needing more than ``capacity`` tiles).
-    ``recall`` (Hm,) fp32: each head's target share."""
+    ``recall`` (Hm,) fp32: each head's target share.
+
+    The forced tiles (0 and the diagonal) count towards the target; the rest is reached by the
+    free tiles at or above a threshold, the largest free estimate ``tau`` such that the free
+    estimates ``>= tau`` sum to what the forced tiles leave (the fewest largest tiles, ties at
+    ``tau`` kept together). Tiles whose estimate is 0 are never chosen, except at recall 1,
+    which keeps every causal tile.
+    """
     b, hm, m_rows, nb = est.shape
     dev = est.device
     rows = torch.arange(m0, m0 + m_rows, device=dev)  # query block of each estimate row
     cols = torch.arange(nb, device=dev)
     causal = cols[None, :] <= rows[:, None]  # (M, NB)
+    forced = (cols[None, :] == 0) | ((cols[None, :] >= rows[:, None] - LOCAL_TILES) & (cols[None, :] <= rows[:, None]))
+    free = causal & ~forced
     est = est.masked_fill(~causal, 0.0)
-    total = est.sum(-1, keepdim=True)
-    forced = (cols[None, :] == 0) | (cols[None, :] == rows[:, None])
-    ranked = torch.where(forced, est + FORCED, est)
-    srt, order = ranked.sort(-1, descending=True)
-    mass = torch.where(srt >= FORCED, srt - FORCED, srt)
-    before = mass.cumsum(-1) - mass  # estimated mass kept before this tile
-    need = recall.view(1, -1, 1, 1) * total
-    every = (recall >= 1.0).view(1, -1, 1, 1)  # recall 1: every tile, also those the samples gave no mass
-    keep_sorted = (srt >= FORCED) | ((before < need) & (mass > 0)) | every
-    keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted) & causal
+    rest = recall.view(1, -1, 1) * est.sum(-1) - est.masked_fill(~forced, 0.0).sum(-1)  # (B, Hm, M)
+    srt = est.masked_fill(~free, 0.0).sort(-1, descending=True).values
+    first = (srt.cumsum(-1) < rest[..., None]).sum(-1, keepdim=True)  # sorted position that reaches rest
+    tau = srt.gather(-1, first.clamp(max=nb - 1))
+    tau = torch.where(first >= nb, 0.0, tau)  # never reached (rounding): every free tile with mass
+    chosen = free & (est >= tau) & (est > 0) & (rest > 0)[..., None]
+    every = (recall >= 1.0).view(1, -1, 1, 1)
+    keep = causal & (forced | chosen | every)
     counts = keep.sum(-1, dtype=torch.int32)
     dense = (counts > capacity).any(-1)
     ids = torch.where(keep, cols.to(torch.int32), SENTINEL).sort(-1).values[..., :capacity]
@@ -114,9 +121,10 @@ def select_tiles(est: torch.Tensor, recall: torch.Tensor, m0: int, capacity: int
 
 
 def block_mass_ref(q, k, key_padding, scale: float, heads: torch.Tensor, recall: torch.Tensor, samples: int,
-                   capacity: int, estimate: Callable = tile_mass) -> tuple:
+                   capacity: int, estimate: Callable = tile_mass, select: Callable = select_tiles) -> tuple:
     """Tiles, counts and dense flags (``select_tiles``) of the block-mass heads ``heads`` for
-    the query blocks that hold queries; ``estimate`` computes the tile masses (``tile_mass``, or
-    ``block_mass_triton.tile_mass_triton`` on the GPU)."""
+    the query blocks that hold queries; ``estimate`` computes the tile masses and ``select``
+    chooses from them (``tile_mass`` and ``select_tiles``, or block_mass_triton's kernels on
+    the GPU)."""
     est = estimate(q, k, key_padding, scale, heads, samples)
-    return select_tiles(est, recall, (k.shape[2] - q.shape[2]) // BLOCK, capacity)
+    return select(est, recall, (k.shape[2] - q.shape[2]) // BLOCK, capacity)

@@ -1,4 +1,5 @@
-"""Block-mass tile estimates on the GPU, without the sampled rows' probabilities in memory.
+"""Block-mass estimation on the GPU: tile estimates without the sampled rows' probabilities in
+memory, and the per-block selection without a sort.
 
 Math (kernels/block_mass.py; per batch b and block-mass head h, for query block m its sampled
 rows r at positions ``pos[m, s]``, a key j allowed for row r iff ``j <= pos`` and
@@ -7,11 +8,26 @@ rows r at positions ``pos[m, s]``, a key j allowed for row r iff ``j <= pos`` an
     p[r, j]  = softmax_j(scale * q[pos_r] . k[j])             (0 where not allowed)
     e[m, t]  = mean_{s} sum_{j in [64 t, 64 t + 64)} p[(m, s), j]
 
-One program holds ``64 / S`` query blocks of S sampled rows each (64 rows: one tensor-core
-tile) and walks the key tiles up to its last block twice, base 2: first the running row max
-and sum of exp, then the normalised probabilities, summed per key tile and averaged over each
-block's S rows, stored as ``e``. The (B, H, N / 64 * S, N) probabilities never exist; the
-output is (B, Hm, M, N / 64) fp32. Grid: ``(cdiv(M, 64 / S), B * Hm)``.
+Three kernels:
+
+1. ``_tile_sums_kernel``, grid ``(row groups, key splits, B * Hm)``: a row group is 64 sampled
+   rows (``64 / S`` query blocks of S rows: one tensor-core tile), a key split ``SPLIT``
+   consecutive key tiles. One pass over its tiles with a running row max ``m`` and sum of exp
+   ``l`` (base 2, as flash attention keeps them); for every tile it stores
+   ``log2(sum_j exp2(s_j - m)) + m``, the log of the tile's unnormalised mass, which does not
+   depend on the max at the time; at the end the split's ``m`` and ``l``. One exponential per
+   logit: the estimate is bound by the exponentials (head dim 64), and a first pass for the
+   row statistics would double them. Splitting the keys keeps the GPU busy: one program per
+   row group walking every key tile leaves the latest groups (the longest walks) running alone.
+2. ``_tile_mass_kernel``, grid ``(query blocks, B * Hm)``: combines each sampled row's split
+   statistics into its log-normaliser, then ``e[m, t]`` = the mean over the block's S rows of
+   ``exp2(log tile sum - log normaliser)``. The (B, H, N / 64 * S, N) probabilities never
+   exist; the log tile sums (one fp32 per sampled row and key tile) are kept for at most
+   ``TILE_SUM_BYTES`` at a time, the row groups taken in chunks beyond that.
+3. ``_select_kernel``, grid ``(M, B * Hm)``: the selection of ``block_mass.select_tiles`` per
+   query block by bisection on the bits of the threshold (estimates are non-negative, so their
+   int32 bit patterns are ordered like their values), then the kept tiles written in ascending
+   order by a running prefix sum. No sort, no (B, Hm, M, NB) temporaries.
 
 Head dims outside HEAD_DIMS (up to 128) are zero-padded, as in sparse_attention_triton.
 """
@@ -24,56 +40,31 @@ import torch
 import triton
 import triton.language as tl
 
-from ..index import BLOCK, num_blocks
-from .block_mass import sample_offsets
+from ..index import BLOCK, SENTINEL, num_blocks
+from .block_mass import LOCAL_TILES, sample_offsets
 from .estimate_triton import HEAD_DIMS, LOG2E, NEG_INIT, NUM_STAGES, NUM_WARPS, _interpreting
 from .sparse_attention_triton import MAX_HEAD_DIM, pad_head_dim, padded_head_dim
 
 ROWS = 64  # sampled rows per program: one 64-row tile
+SPLIT = 32  # key tiles per program (2048 keys); see benchmarks/block_mass_kernel.py
+SELECT_CHUNK = 1024  # estimates the selection holds at a time
+MASS_CHUNK = 256  # key tiles the averaging kernel holds at a time
+TILE_SUM_BYTES = 1 << 29  # bound on the per-row tile sums kept between the two kernels
+BISECTION_STEPS = 31  # enough to pin any non-negative fp32 bit pattern
 
 
 @triton.jit
-def _tile_mass_kernel(Q, K, KP, Heads, Pos, Est,
-                      stride_qb, stride_qh, stride_qn, stride_qd,
-                      stride_kb, stride_kh, stride_kn, stride_kd, stride_kpb, stride_kpn,
-                      N, P, M, M0, NB, GROUP, HM, qk_scale,
-                      HEAD_DIM: tl.constexpr, SAMPLES: tl.constexpr, GROUPS: tl.constexpr,
-                      HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b64 = (bh // HM).to(tl.int64)
-    h = tl.load(Heads + bh % HM)
+def _rows(Q, Pos, b64, h, pid, M, P, stride_qb, stride_qh, stride_qn, stride_qd,
+          HEAD_DIM: tl.constexpr, SAMPLES: tl.constexpr, GROUPS: tl.constexpr):
+    """The program's 64 sampled query rows: (q, absolute positions, valid)."""
     r = tl.arange(0, GROUPS * SAMPLES)
-    blk = pid * GROUPS + r // SAMPLES  # estimate row of each sampled row (query block M0 + blk)
+    blk = pid * GROUPS + r // SAMPLES  # estimate row of each sampled row
     row_ok = blk < M
-    pos = tl.load(Pos + blk * SAMPLES + r % SAMPLES, mask=row_ok, other=0)  # absolute positions
+    pos = tl.load(Pos + blk * SAMPLES + r % SAMPLES, mask=row_ok, other=0)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + (pos - P).to(tl.int64)[:, None] * stride_qn
                 + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
-    k_base = K + b64 * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
-    kp_base = KP + b64 * stride_kpb
-    last_tile = tl.minimum(M0 + tl.minimum((pid + 1) * GROUPS, M), NB)  # tiles [0, last_tile)
-    c = tl.arange(0, 64)
-
-    m_i = tl.full([GROUPS * SAMPLES], NEG_INIT, dtype=tl.float32)
-    l_i = tl.zeros([GROUPS * SAMPLES], dtype=tl.float32)
-    for t in range(0, last_tile):
-        s = _logits(q, k_base, kp_base, t * 64 + c, pos, row_ok, N, stride_kn, stride_kd, stride_kpn, qk_scale,
-                    HEAD_DIM, HAS_PADDING, DOT_PRECISION)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
-        m_i = m_new
-    inv = tl.where(l_i > 0, 1.0 / l_i, 0.0)  # rows with no allowed key contribute 0
-
-    g = tl.arange(0, GROUPS)
-    est_row = pid * GROUPS + g
-    est_base = Est + bh.to(tl.int64) * M * NB + est_row.to(tl.int64) * NB
-    for t in range(0, last_tile):
-        s = _logits(q, k_base, kp_base, t * 64 + c, pos, row_ok, N, stride_kn, stride_kd, stride_kpn, qk_scale,
-                    HEAD_DIM, HAS_PADDING, DOT_PRECISION)
-        mass = tl.sum(tl.math.exp2(s - m_i[:, None]), 1) * inv  # (rows,) mass of tile t per row
-        per_block = tl.sum(tl.reshape(mass, (GROUPS, SAMPLES)), 1) / SAMPLES
-        tl.store(est_base + t, per_block, mask=est_row < M)
+    return q, pos, row_ok
 
 
 @triton.jit
@@ -91,10 +82,140 @@ def _logits(q, k_base, kp_base, keys, pos, row_ok, N, stride_kn, stride_kd, stri
     return tl.where(allowed, s, float("-inf"))
 
 
+@triton.jit
+def _tile_sums_kernel(Q, K, KP, Heads, Pos, V, Mx, Lx,
+                      stride_qb, stride_qh, stride_qn, stride_qd,
+                      stride_kb, stride_kh, stride_kn, stride_kd, stride_kpb, stride_kpn,
+                      N, P, M, M0, NB, GROUP, HM, SPLITS, RG, G0, RC, qk_scale,
+                      HEAD_DIM: tl.constexpr, SAMPLES: tl.constexpr, GROUPS: tl.constexpr, SPLIT_TILES: tl.constexpr,
+                      HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    ROWS_: tl.constexpr = GROUPS * SAMPLES
+    local = tl.program_id(0)  # row group within the launch's chunk
+    pid = G0 + local
+    split = tl.program_id(1)
+    bh = tl.program_id(2)
+    last_tile = tl.minimum(M0 + tl.minimum((pid + 1) * GROUPS, M), NB)  # the group needs tiles [0, last_tile)
+    t0 = split * SPLIT_TILES
+    if t0 < last_tile:
+        b64 = (bh // HM).to(tl.int64)
+        h = tl.load(Heads + bh % HM)
+        q, pos, row_ok = _rows(Q, Pos, b64, h, pid, M, P, stride_qb, stride_qh, stride_qn, stride_qd,
+                               HEAD_DIM, SAMPLES, GROUPS)
+        k_base = K + b64 * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
+        kp_base = KP + b64 * stride_kpb
+        c = tl.arange(0, 64)
+        r = tl.arange(0, ROWS_)
+        v_base = V + bh.to(tl.int64) * NB * RC + local * ROWS_ + r
+        m_i = tl.full([ROWS_], NEG_INIT, dtype=tl.float32)
+        l_i = tl.zeros([ROWS_], dtype=tl.float32)
+        for t in range(t0, tl.minimum(t0 + SPLIT_TILES, last_tile)):
+            s = _logits(q, k_base, kp_base, t * 64 + c, pos, row_ok, N, stride_kn, stride_kd, stride_kpn, qk_scale,
+                        HEAD_DIM, HAS_PADDING, DOT_PRECISION)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            tile_sum = tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
+            l_i = l_i * tl.math.exp2(m_i - m_new) + tile_sum
+            m_i = m_new
+            # log2 of the tile's unnormalised mass: exact whatever the row max turns out to be
+            tl.store(v_base + t * RC, tl.math.log2(tile_sum) + m_new)  # t * RC < NB * RC: int32
+        out = (bh.to(tl.int64) * SPLITS + split) * RG * ROWS_ + pid * ROWS_ + r
+        tl.store(Mx + out, m_i)
+        tl.store(Lx + out, l_i)
+
+
+@triton.jit
+def _tile_mass_kernel(V, Mx, Lx, Est, M, M0, NB, SPLITS, RG, G0, RC,
+                      SAMPLES: tl.constexpr, GROUPS: tl.constexpr, SPLIT_TILES: tl.constexpr, CHUNK: tl.constexpr):
+    ROWS_: tl.constexpr = GROUPS * SAMPLES
+    blk = G0 * GROUPS + tl.program_id(0)  # estimate row (query block M0 + blk)
+    bh = tl.program_id(1)
+    if blk < M:
+        pid = blk // GROUPS
+        s = tl.arange(0, SAMPLES)
+        # each sampled row's max and sum over every split its group walked
+        stats = bh.to(tl.int64) * SPLITS * RG * ROWS_ + blk * SAMPLES + s
+        group_last = tl.minimum(M0 + tl.minimum((pid + 1) * GROUPS, M), NB)
+        m_r = tl.full([SAMPLES], NEG_INIT, dtype=tl.float32)
+        l_r = tl.zeros([SAMPLES], dtype=tl.float32)
+        for sp in range(0, tl.cdiv(group_last, SPLIT_TILES)):
+            m_s = tl.load(Mx + stats + sp * RG * ROWS_)
+            l_s = tl.load(Lx + stats + sp * RG * ROWS_)
+            m_new = tl.maximum(m_r, m_s)
+            l_r = l_r * tl.math.exp2(m_r - m_new) + l_s * tl.math.exp2(m_s - m_new)
+            m_r = m_new
+        # rows with no allowed key contribute 0
+        shift = tl.where(l_r > 0, m_r + tl.math.log2(tl.where(l_r > 0, l_r, 1.0)), float("inf"))
+        ncausal = tl.minimum(M0 + blk + 1, NB)
+        v_rows = V + bh.to(tl.int64) * NB * RC + (blk * SAMPLES - G0 * ROWS_) + s
+        est = Est + (bh.to(tl.int64) * M + blk) * NB
+        c = tl.arange(0, CHUNK)
+        for c0 in range(0, ncausal, CHUNK):
+            t = c0 + c
+            inside = t < ncausal
+            v = tl.load(v_rows[:, None] + t.to(tl.int64)[None, :] * RC, mask=inside[None, :], other=float("-inf"))
+            mass = tl.sum(tl.math.exp2(v - shift[:, None]), 0) / SAMPLES
+            tl.store(est + t, mass, mask=inside)
+
+
+@triton.jit
+def _select_kernel(Est, Recall, Tiles, Counts, M, M0, NB, HM, CAP,
+                   LOCAL: tl.constexpr, CHUNK: tl.constexpr, STEPS: tl.constexpr):
+    row = tl.program_id(0)
+    bh = tl.program_id(1)
+    blk = M0 + row  # the query block; its causal tiles are [0, blk]
+    ncausal = tl.minimum(blk + 1, NB)
+    recall = tl.load(Recall + bh % HM)
+    est = Est + (bh.to(tl.int64) * M + row) * NB
+    c = tl.arange(0, CHUNK)
+
+    total = 0.0
+    forced_mass = 0.0
+    top = 0  # largest bit pattern among the free (not forced) tiles
+    for c0 in range(0, ncausal, CHUNK):
+        t = c0 + c
+        e = tl.load(est + t, mask=t < ncausal, other=0.0)
+        forced = (t == 0) | ((t >= blk - LOCAL) & (t <= blk))
+        total += tl.sum(e, 0)
+        forced_mass += tl.sum(tl.where(forced, e, 0.0), 0)
+        top = tl.maximum(top, tl.max(tl.where(forced, 0, e.to(tl.int32, bitcast=True)), 0))
+    rest = recall * total - forced_mass  # what the free tiles must add
+
+    # the largest threshold whose free tiles at or above it still reach ``rest``
+    lo = 0
+    hi = top
+    for _ in range(STEPS):
+        mid = lo + (hi - lo + 1) // 2
+        above = 0.0
+        for c0 in range(0, ncausal, CHUNK):
+            t = c0 + c
+            e = tl.load(est + t, mask=t < ncausal, other=0.0)
+            free = (t != 0) & ((t < blk - LOCAL) | (t > blk))
+            above += tl.sum(tl.where(free & (e.to(tl.int32, bitcast=True) >= mid), e, 0.0), 0)
+        reached = above >= rest
+        lo = tl.where(reached, mid, lo)
+        hi = tl.where(reached, hi, mid - 1)
+    lo = tl.where(rest > 0.0, lo, 0x7F800001)  # nothing left to reach: the forced tiles alone (above +inf)
+    every = recall >= 1.0  # recall 1: every causal tile, also those the samples gave no mass
+    lo = tl.where(every, 0, lo)
+
+    kept = 0
+    out = Tiles + (bh.to(tl.int64) * M + row) * CAP
+    for c0 in range(0, ncausal, CHUNK):
+        t = c0 + c
+        inside = t < ncausal
+        e = tl.load(est + t, mask=inside, other=0.0)
+        forced = (t == 0) | ((t >= blk - LOCAL) & (t <= blk))
+        chosen = (e.to(tl.int32, bitcast=True) >= lo) & ((e > 0.0) | (tl.zeros_like(e) + recall >= 1.0))
+        keep = inside & (forced | chosen)
+        slot = kept + tl.cumsum(keep.to(tl.int32), 0) - 1
+        tl.store(out + slot, t, mask=keep & (slot < CAP))
+        kept += tl.sum(keep.to(tl.int32), 0)
+    tl.store(Counts + bh.to(tl.int64) * M + row, kept)
+
+
 def tile_mass_triton(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch.Tensor], scale: float,
-                     heads: torch.Tensor, samples: int) -> torch.Tensor:
+                     heads: torch.Tensor, samples: int, split: int = SPLIT) -> torch.Tensor:
     """Same contract and result as ``block_mass.tile_mass`` (up to fp32 rounding); ``samples`` a
-    power of two up to 64."""
+    power of two up to 64; ``split`` key tiles per program."""
     b, h, nq, d = q.shape
     hk, n = k.shape[1], k.shape[2]
     if samples < 1 or samples > ROWS or samples & (samples - 1):
@@ -103,7 +224,7 @@ def tile_mass_triton(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[tor
         raise ValueError(f"block-mass kernels support head dims up to {MAX_HEAD_DIM}, got q {d}, k {k.shape[-1]}")
     if d not in HEAD_DIMS:
         dp = padded_head_dim(d)
-        return tile_mass_triton(pad_head_dim(q, dp), pad_head_dim(k, dp), key_padding, scale, heads, samples)
+        return tile_mass_triton(pad_head_dim(q, dp), pad_head_dim(k, dp), key_padding, scale, heads, samples, split)
     nb = num_blocks(n)
     p = n - nq
     m0 = p // BLOCK
@@ -124,10 +245,40 @@ def tile_mass_triton(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[tor
         kp = (key_padding if key_padding.dtype == torch.bool else key_padding != 0).view(torch.uint8)
         kp_strides, has_padding = kp.stride(), True
     groups = ROWS // samples
-    meta = dict(HEAD_DIM=d, SAMPLES=samples, GROUPS=groups, HAS_PADDING=has_padding,
-                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    row_groups = triton.cdiv(m, groups)
+    splits = triton.cdiv(nb, split)
+    mx = torch.empty(b * hm, splits, row_groups, ROWS, dtype=torch.float32, device=dev)
+    lx = torch.empty_like(mx)
+    # log2 tile sums of the sampled rows, (B * Hm, NB, rows of a chunk of row groups): bounded by
+    # TILE_SUM_BYTES, the row groups go in chunks
+    chunk = max(1, min(row_groups, TILE_SUM_BYTES // (b * hm * nb * ROWS * 4)))
+    v = torch.empty(b * hm, nb, chunk * ROWS, dtype=torch.float32, device=dev)
+    heads32 = heads.to(torch.int32).contiguous()
+    meta = dict(SAMPLES=samples, GROUPS=groups, SPLIT_TILES=split)
     launch = {} if _interpreting() else dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-    _tile_mass_kernel[(triton.cdiv(m, groups), b * hm)](
-        q, k, kp, heads.to(torch.int32).contiguous(), pos, est, *q.stride(), *k.stride(), *kp_strides,
-        n, p, m, m0, nb, h // hk, hm, float(scale) * LOG2E, **meta, **launch)
+    for g0 in range(0, row_groups, chunk):
+        g1 = min(row_groups, g0 + chunk)
+        _tile_sums_kernel[(g1 - g0, splits, b * hm)](
+            q, k, kp, heads32, pos, v, mx, lx, *q.stride(), *k.stride(), *kp_strides, n, p, m, m0, nb, h // hk, hm,
+            splits, row_groups, g0, chunk * ROWS, float(scale) * LOG2E, HEAD_DIM=d, HAS_PADDING=has_padding,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **meta, **launch)
+        _tile_mass_kernel[((g1 - g0) * groups, b * hm)](v, mx, lx, est, m, m0, nb, splits, row_groups, g0, chunk * ROWS,
+                                                        CHUNK=MASS_CHUNK, **meta, **launch)
     return est
+
+
+def select_tiles_triton(est: torch.Tensor, recall: torch.Tensor, m0: int, capacity: int,
+                        chunk: int = SELECT_CHUNK) -> tuple:
+    """Same contract and result as ``block_mass.select_tiles`` (up to fp32 summation order at
+    the threshold); ``chunk`` (a power of two) estimates held at a time."""
+    b, hm, m_rows, nb = est.shape
+    dev = est.device
+    tiles = torch.full((b, hm, m_rows, capacity), SENTINEL, dtype=torch.int32, device=dev)
+    counts = torch.zeros(b, hm, m_rows, dtype=torch.int32, device=dev)
+    if b * hm * m_rows:
+        est = est.contiguous()
+        launch = {} if _interpreting() else dict(num_warps=NUM_WARPS)
+        _select_kernel[(m_rows, b * hm)](est, recall.float().contiguous(), tiles, counts, m_rows, m0, nb, hm, capacity,
+                                         LOCAL=LOCAL_TILES, CHUNK=chunk, STEPS=BISECTION_STEPS, **launch)
+    dense = (counts > capacity).any(-1)
+    return tiles, counts.clamp(max=capacity), dense

@@ -30,7 +30,7 @@ import torch
 
 from ..index import BLOCK, SENTINEL, SparseIndex, column_counts, index_rows, num_blocks, runs_to_diag_prefix
 from ..patterns import LAST_Q, LOCAL_DIAGONALS, RECALL_SCALE, SINK_COLUMNS, PatternKind
-from .block_mass import block_mass_ref, tile_mass
+from .block_mass import block_mass_ref, select_tiles, tile_mass
 
 SCORE_BYTES = 1 << 30  # cap on one chunk's fp32 score tensor during estimation
 
@@ -203,12 +203,14 @@ def _forced_columns(key_padding: Optional[torch.Tensor], n: int, device) -> tupl
 def assemble_index(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch.Tensor],
                    kinds: Sequence[int], p0: Sequence[int], p1: Sequence[int], scale: float,
                    vs_scores: Callable = vertical_slash_scores,
-                   capacity: Optional[tuple] = None, mass_scores: Callable = tile_mass) -> SparseIndex:
+                   capacity: Optional[tuple] = None, mass_scores: Callable = tile_mass,
+                   mass_select: Callable = select_tiles) -> SparseIndex:
     """Sparse index of every head of a layer. q (B, H, Nq, D), k (B, Hk, N, D), key_padding (B, N);
     Nq <= N (a chunk after a cached prefix; the index is over N, index.py).
 
     ``vs_scores(q, k, key_padding, scale, heads)`` computes the vertical-slash scores and
-    ``mass_scores(q, k, key_padding, scale, heads, samples)`` block-mass's tile estimates; the rest
+    ``mass_scores(q, k, key_padding, scale, heads, samples)`` block-mass's tile estimates and
+    ``mass_select`` its selection (block_mass.select_tiles's contract); the rest
     is shared by every implementation. Per-head tables are built on the host from the pattern
     lists: no host sync, no loop over heads. ``capacity`` (R, C, KB) sizes the index when the
     budgets were scaled down from larger ones (ops.estimate_index); by default it is
@@ -271,7 +273,7 @@ def assemble_index(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch
         recall = torch.tensor([p0[i] / RECALL_SCALE for i in bm], dtype=torch.float32, device=dev)
         m0 = (n - q.shape[2]) // BLOCK
         tiles, counts, dense = block_mass_ref(q, k, key_padding, scale, sel, recall, max(p1[i] for i in bm), kb_cap,
-                                              mass_scores)
+                                              mass_scores, mass_select)
         blocks[:, sel, m0:nb] = tiles
         block_count[:, sel, m0:nb] = torch.where(dense[..., None], 0, counts)
         runs[:, sel, 0, 0] = torch.where(dense, 0, SENTINEL).to(torch.int32)  # a diffuse head: one run of all diagonals

@@ -266,8 +266,8 @@ def estimate_index_triton(q: torch.Tensor, k: torch.Tensor, key_padding: Optiona
                           scale: float, capacity: Optional[tuple] = None) -> SparseIndex:
     """Same contract and result as ``estimate_index_ref``; vertical-slash scores come from the
     fused kernels above, the index assembly is the shared one."""
-    from .block_mass_triton import tile_mass_triton  # (imports this module's constants)
+    from .block_mass_triton import select_tiles_triton, tile_mass_triton  # (imports this module's constants)
 
     _check(q, k, key_padding, kinds, p0, p1)
     return assemble_index(q, k, key_padding, kinds, p0, p1, scale, vertical_slash_scores_triton, capacity,
-                          tile_mass_triton)
+                          tile_mass_triton, select_tiles_triton)
