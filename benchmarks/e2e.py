@@ -31,9 +31,11 @@ Cases (--cases):
   ashape-est the realistic figure: the ashape case with vertical-slash's estimation run in the model
              too, in every layer on that layer's Q/K (budgets as vs), its index dropped: the
              A-shape kernel work plus the estimation's GPU work, measured in place.
-  vs         minference defaults (vertical-slash 1000/6096) on the random model's Q/K: the
-             degenerate case (no structure: diagonals scatter, nearly every tile is computed).
-All minference cases keep the default dense_below (81920): shorter prompts run dense attention.
+  vs         vertical-slash 1000/6096 (MInference's default budgets, the package's default
+             until 2026-12-06) on the model's Q/K; on the random model the degenerate case (no
+             structure: diagonals scatter, nearly every tile is computed).
+  default    minference with its default options (block-mass, recall 0.98, 8 rows per block).
+All minference cases keep the default dense_below (mcompile.config.DEFAULT_DENSE_BELOW): shorter prompts run dense.
 
 --fit: instead of the full model, time 1- and 2-layer models with the same shapes and report
   per-layer time and ``fixed + 32 x per_layer`` (marked "fit"): dense at 512K-1M takes minutes
@@ -92,7 +94,7 @@ def register_attention():
     AttentionMaskInterface.register(ATTN_IMPL, lambda *args, **kwargs: None)
 
 
-CASES = ["dense", "dense-mem", "ashape", "ashape-est", "vs"]
+CASES = ["dense", "dense-mem", "ashape", "ashape-est", "vs", "default"]
 
 
 def parse_case(case: str) -> tuple:
@@ -122,6 +124,8 @@ def case_backend(case: str, dense_below: int, sinks: dict):
         options["default_pattern"] = {"kind": "dense"}
     elif case in ("ashape", "ashape-est"):
         options.update(default_pattern=ASHAPE, budget_length=BUDGET_LENGTH)
+    elif case == "vs":
+        options.update(default_pattern=VS, budget_length=BUDGET_LENGTH)
     options.update(extra)
     return functools.partial(minference_backend, options=options, report_sink=sinks["attention"].append,
                              memory_sink=sinks["memory"].append), False

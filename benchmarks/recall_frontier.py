@@ -16,7 +16,8 @@ the second half of the prompt, the exact attention is compared with:
 (run as a module from the repository root: as a script, benchmarks/kernels.py would shadow the
 ``kernels`` package that transformers 5.25 imports)
 
-Policies (``--policies``): ``default`` (vertical-slash 1000/6096 at 128K, scaled below it),
+Policies (``--policies``): ``default`` (the package's default pattern), ``vs-default``
+(vertical-slash 1000/6096 at 128K, scaled below it: the default until 2026-12-06),
 ``vs:V,S`` (fixed vertical-slash budgets), ``ashape:SINK,LOCAL``, ``mass:R`` or ``mass:R,S`` (block-mass at recall R with
 S sampled rows per block), ``minference:V,S`` (MInference's own pipeline at budgets V/S, from
 the sources benchmarks/peer_minference.py vendors; CUDA only; computed = what its kernel
@@ -33,6 +34,7 @@ from typing import Optional
 import torch
 
 from mcompile.capture import attention_recall, capture_qkv
+from mcompile.config import MInferenceConfig
 from mcompile.data import haystack
 from mcompile.index import BLOCK, SparseIndex, block_mask_rows
 from mcompile.kernels.estimate import estimate_index_ref
@@ -46,6 +48,8 @@ TEXT_OFFSET = 20000  # tokens into the standard library's documentation (not the
 
 def policy(spec: str, n: int) -> Pattern:
     if spec == "default":
+        return MInferenceConfig().default_pattern
+    if spec == "vs-default":
         return scaled_budgets(DEFAULT_VERTICAL_SLASH, n, DEFAULT_BUDGET_LENGTH, DEFAULT_BUDGET_EXPONENT)
     kind, _, args = spec.partition(":")
     values = [float(x) for x in args.split(",")]
@@ -56,7 +60,7 @@ def policy(spec: str, n: int) -> Pattern:
     if kind == "mass":
         extra = {"samples": int(values[1])} if len(values) > 1 else {}
         return Pattern.from_dict({"kind": "block_mass", "recall": values[0], **extra})
-    raise ValueError(f"unknown policy {spec!r}: default, vs:V,S, ashape:SINK,LOCAL or mass:R[,S]")
+    raise ValueError(f"unknown policy {spec!r}: default, vs-default, vs:V,S, ashape:SINK,LOCAL or mass:R[,S]")
 
 
 def sampled_blocks(n: int, count: int) -> list[int]:
@@ -193,6 +197,21 @@ def run(args) -> list[dict]:
     return results
 
 
+def merge(paths: list[str]) -> list[dict]:
+    """The layers of several runs' JSON, policies of the same (length, layer) merged (the oracles
+    and cuDNN times of the first run that has the layer)."""
+    merged: dict = {}
+    for path in paths:
+        with open(path) as f:
+            for row in json.load(f)["layers"]:
+                key = (row["length"], row["layer"])
+                if key in merged:
+                    merged[key]["policies"].update(row["policies"])
+                else:
+                    merged[key] = row
+    return [merged[key] for key in sorted(merged)]
+
+
 def summary(results: list[dict]) -> list[dict]:
     """Per length and policy: mean recall, worst head, mean kept; the oracles' mean kept."""
     rows = []
@@ -201,11 +220,12 @@ def summary(results: list[dict]) -> list[dict]:
         flat = lambda get: [x for r in at for x in get(r)]
         mean = lambda xs: sum(xs) / len(xs)
         oracle = {key: mean(flat(lambda r: r["oracles"][key])) for key in at[0]["oracles"]}
-        for spec in at[0]["policies"]:
+        specs = [spec for spec in at[0]["policies"] if all(spec in r["policies"] for r in at)]
+        for spec in specs:
             recall = flat(lambda r: r["policies"][spec]["recall"])
             kept = mean(flat(lambda r: r["policies"][spec]["kept"]))
             timing = {}
-            if "cudnn_ms" in at[0]:
+            if "cudnn_ms" in at[0] and all("layer_ms" in r["policies"][spec] for r in at):
                 ms = mean([r["policies"][spec]["layer_ms"] for r in at])
                 timing = {"layer_ms": ms, "speedup_vs_cudnn": mean([r["cudnn_ms"] for r in at]) / ms}
             rows.append({"length": n, "policy": spec, "recall": mean(recall), "worst": min(recall), "kept": kept,
@@ -243,7 +263,7 @@ def main() -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[8192])
     p.add_argument("--layers", type=int, nargs="+", default=list(range(0, 30, 3)))
     p.add_argument("--blocks", type=int, default=12, help="64-row query blocks sampled per layer")
-    p.add_argument("--policies", nargs="+", default=["default", "mass:0.95", "mass:0.98", "mass:0.98,4"])
+    p.add_argument("--policies", nargs="+", default=["vs-default", "mass:0.95", "default", "mass:0.98,4"])
     p.add_argument("--source", default="stdlib", help="text (mcompile.data.SOURCES): stdlib docs or python source")
     p.add_argument("--offset", type=int, default=TEXT_OFFSET, help="tokens into the text")
     p.add_argument("--device", default="cpu")
@@ -252,8 +272,9 @@ def main() -> None:
     p.add_argument("--time", action="store_true", help="on CUDA: time each policy's layer against cuDNN")
     p.add_argument("--out", default="")
     p.add_argument("--plot", default="")
+    p.add_argument("--from-json", nargs="+", default=[], help="merge the layers of earlier runs' JSON instead of running")
     args = p.parse_args()
-    results = run(args)
+    results = merge(args.from_json) if args.from_json else run(args)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "layers": results, "summary": summary(results)}, f, indent=1)

@@ -7,13 +7,12 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Optional
 
-from .patterns import DEFAULT_BUDGET_EXPONENT, DEFAULT_BUDGET_LENGTH, DEFAULT_VERTICAL_SLASH, Pattern
+from .patterns import DEFAULT_BLOCK_MASS, DEFAULT_BUDGET_EXPONENT, DEFAULT_BUDGET_LENGTH, DEFAULT_VERTICAL_SLASH, Pattern
 
-# Prompts shorter than this stay dense. Measured on an H100 (docs/BENCHMARKS.md, 2026-11-22) on
-# real SmolLM2 + YaRN heads with the default budgets (1000 verticals, 6096 slashes), estimation +
-# sparse attention against cuDNN SDPA per layer: 0.33x at 32K, 0.79-0.92x at 64K, 1.23-1.34x at
-# 96K, 1.57-1.90x at 128K. The crossover is near 76K tokens; 80K keeps a margin.
-DEFAULT_DENSE_BELOW = 81920
+# Prompts shorter than this stay dense. Measured on an H100 (docs/BENCHMARKS.md, 2026-12-06) on
+# real SmolLM2 + YaRN heads with the default pattern (block-mass 0.98, 8 rows), estimation +
+# sparse attention against cuDNN SDPA per layer: 0.99x at 32K, 1.23x at 40K, 1.45x at 48K.
+DEFAULT_DENSE_BELOW = 40960
 # Tokens per chunk of the chunked MLP. MInference ran the MLP in 96K-token chunks on an A100 at
 # 1M tokens; 64K keeps Llama-3-8B's chunk intermediates (gate, up: 64K x 14336 bf16) at 1.75 GiB
 # each, while each chunk's matmuls (about 23 TFLOP) stay long enough that per-chunk launch and
@@ -57,14 +56,17 @@ class MInferenceConfig:
     pattern_db: a path to a pattern database (JSON), the name of one shipped in the package,
         "auto" (the shipped database whose model fingerprint matches the graph, else the
         default pattern), or None (the default pattern for every head).
-    default_pattern: the pattern of heads the database does not cover, e.g.
+    default_pattern: the pattern of heads the database does not cover: by default
+        ``{"kind": "block_mass", "recall": 0.98, "samples": 8}`` (budgets from the input, per
+        head and query block); others, e.g.
         ``{"kind": "vertical_slash", "vertical": 1000, "slash": 6096}``, ``{"kind": "a_shape",
         "sink": 128, "local": 4096}``, ``{"kind": "block_sparse", "blocks": 100}``, ``{"kind": "dense"}``.
     dense_below: prompts shorter than this many tokens run dense attention; 0 forces sparse.
     budget_length: the prompt length at which ``default_pattern``'s budgets hold; shorter prompts
         get them scaled by ``(N / budget_length) ** budget_exponent`` (patterns.scaled_budgets).
-        None: 131072 for the built-in default (MInference's 1000 verticals / 6096 slashes, set
-        for 128K prompts), 0 (budgets as given, at every length) for a pattern you pass.
+        None: 131072 for MInference's vertical-slash default (1000 verticals / 6096 slashes, set
+        for 128K prompts), 0 (budgets as given, at every length) for any other pattern
+        (block-mass has no budget to scale: its recall target holds at every length).
     budget_exponent: the exponent of that scaling (0.7; see patterns.py for where it comes from).
     logits: "all" (every position, the model as written) or "last": the lm_head sees only the
         last position, so logits are (B, 1, vocab) instead of (B, N, vocab) (at 1M tokens and a
@@ -91,7 +93,7 @@ class MInferenceConfig:
     """
 
     pattern_db: Optional[str] = "auto"
-    default_pattern: Pattern = DEFAULT_VERTICAL_SLASH
+    default_pattern: Pattern = DEFAULT_BLOCK_MASS
     dense_below: int = DEFAULT_DENSE_BELOW
     budget_length: Optional[int] = None
     budget_exponent: float = DEFAULT_BUDGET_EXPONENT
@@ -117,7 +119,7 @@ class MInferenceConfig:
         if isinstance(self.default_pattern, Mapping):
             object.__setattr__(self, "default_pattern", Pattern.from_dict(self.default_pattern))
         if not isinstance(self.default_pattern, Pattern):
-            raise ValueError(f"default_pattern must be a dict such as {DEFAULT_VERTICAL_SLASH.to_dict()}")
+            raise ValueError(f"default_pattern must be a dict such as {DEFAULT_BLOCK_MASS.to_dict()}")
         _check_int("dense_below", self.dense_below, 0, " (0 forces sparse)")
         if self.budget_length is None:
             length = DEFAULT_BUDGET_LENGTH if self.default_pattern == DEFAULT_VERTICAL_SLASH else 0

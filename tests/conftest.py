@@ -1,5 +1,14 @@
+import os
+
 import pytest
 import torch
+
+# The Triton kernels run under Triton's interpreter only if TRITON_INTERPRET=1 is set before
+# Triton is first imported, and importing mcompile imports Triton (through torch). So the
+# interpreter tests run in a process of their own (test_triton_interpreter.py starts it with the
+# variable set), never in the process that collects the rest of the suite.
+INTERPRETER_PROCESS = "MCOMPILE_TRITON_INTERPRETER_PROCESS"
+collect_ignore = [] if os.environ.get(INTERPRETER_PROCESS) == "1" else ["test_triton_kernels.py"]
 
 
 @pytest.fixture(autouse=True)

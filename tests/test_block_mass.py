@@ -173,3 +173,30 @@ def test_compiled_model_with_block_mass_equals_masked_dense(monkeypatch):
                             masked_dense(q, k, v, index, scale, kp).to(q.dtype))
         ref = torch.compile(model, backend="minference", options=options)(ids).logits
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("nq,padded,kb", [(300, False, None), (170, True, None), (300, False, 3)])
+def test_block_mass_layer_index_equals_the_general_assembly(nq, padded, kb):
+    """A layer of block-mass heads only takes block_mass_index (selection written into the index,
+    no other tables); it keeps exactly what the general assembly keeps for the same heads in a
+    mixed layer: a chunk after a cached prefix, padding, heads run dense for lack of capacity."""
+    b, n, d = 2, 300, 16
+    q, k, v = _structured(b, 4, 2, n, d)
+    q = q[:, :, n - nq:].contiguous()
+    kp = padding_mask(b, n, left=(0, 7), right=(4, 0)) if padded else None
+    mass = [_mass(0.6, samples=4), _mass(0.95, samples=4)]
+    vs = Pattern.from_dict({"kind": "vertical_slash", "vertical": 30, "slash": 100})
+    caps = None if kb is None else (100, 30, kb)
+    mixed = estimate_index_ref(q, k, kp, *encode(mass + [vs, vs]), d ** -0.5, capacity=caps)
+    alone = estimate_index_ref(q[:, :2], k[:, :1], kp, *encode(mass), d ** -0.5,
+                               capacity=None if kb is None else (1, 0, kb))
+    assert alone.column_count.shape[-1] == alone.block_count.shape[-1] and alone.columns.shape[-1] == 0
+    if kb is not None:
+        assert alone.run_count.any()  # a head ran dense
+    rows = (n - nq, n)
+    assert torch.equal(block_mask_rows(alone, *rows, n), block_mask_rows(mixed, *rows, n)[:, :2])
+    out = torch.ops.mcompile.sparse_attention(q[:, :2], k[:, :1], v[:, :1], *alone, kp, d ** -0.5, 0)
+    ref = masked_dense(torch.nn.functional.pad(q[:, :2], (0, 0, n - nq, 0)), k[:, :1], v[:, :1], alone, d ** -0.5,
+                       kp)[:, :, n - nq:]
+    live = slice(7, None) if padded else slice(None)
+    torch.testing.assert_close(out[:, :, live], ref[:, :, live].to(out.dtype), atol=1e-5, rtol=1e-5)

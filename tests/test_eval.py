@@ -199,5 +199,6 @@ def test_fast_subset_on_smollm2(tmp_path):
     assert m != d  # the sparse path ran and dropped keys
     assert t["recall"]["met"], t["recall"]
     summary = results["attention"]["by_length"]["1024"]["summary"]
-    assert summary["layers"] == 30 and summary["kept_fraction_max"] < 1.0
+    # keys were dropped (a diffuse head may keep every tile at 1K: block-mass keeps what it needs)
+    assert summary["layers"] == 30 and summary["kept_fraction_mean"] < 1.0
     assert (tmp_path / "eval.json").exists() and (tmp_path / report.HEATMAP).exists()

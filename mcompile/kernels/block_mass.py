@@ -85,11 +85,12 @@ def tile_mass(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch.Tens
     return out
 
 
-def select_tiles(est: torch.Tensor, recall: torch.Tensor, m0: int, capacity: int) -> tuple:
+def select_tiles(est: torch.Tensor, recall: torch.Tensor, m0: int, capacity: int, out: Optional[tuple] = None) -> tuple:
     """From estimates (B, Hm, M, NB) of query blocks m0.., the kept tiles per block:
     (tiles (B, Hm, M, capacity) int32 ascending SENTINEL-padded, counts (B, Hm, M) int32,
     dense (B, Hm) bool: heads with a block needing more than ``capacity`` tiles).
-    ``recall`` (Hm,) fp32: each head's target share.
+    ``recall`` (Hm,) fp32: each head's target share. ``out``: (tiles, counts) tensors to write
+    into and return instead, the counts not clamped to the capacity.
 
     The forced tiles (0 and the diagonal) count towards the target; the rest is reached by the
     free tiles at or above a threshold, the largest free estimate ``tau`` such that the free
@@ -117,6 +118,10 @@ def select_tiles(est: torch.Tensor, recall: torch.Tensor, m0: int, capacity: int
     dense = (counts > capacity).any(-1)
     ids = torch.where(keep, cols.to(torch.int32), SENTINEL).sort(-1).values[..., :capacity]
     tiles = torch.nn.functional.pad(ids, (0, capacity - ids.shape[-1]), value=SENTINEL)
+    if out is not None:
+        out[0].copy_(tiles)
+        out[1].copy_(counts)
+        return out[0], out[1], dense
     return tiles, counts.clamp(max=capacity), dense
 
 

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from ..index import BLOCK, SENTINEL, num_blocks
-from .block_mass import LOCAL_TILES, sample_offsets
+from .block_mass import LOCAL_TILES
 from .estimate_triton import HEAD_DIMS, LOG2E, NEG_INIT, NUM_STAGES, NUM_WARPS, _interpreting
 from .sparse_attention_triton import MAX_HEAD_DIM, pad_head_dim, padded_head_dim
 
@@ -54,13 +54,17 @@ BISECTION_STEPS = 31  # enough to pin any non-negative fp32 bit pattern
 
 
 @triton.jit
-def _rows(Q, Pos, b64, h, pid, M, P, stride_qb, stride_qh, stride_qn, stride_qd,
+def _rows(Q, b64, h, pid, M, M0, N, P, stride_qb, stride_qh, stride_qn, stride_qd,
           HEAD_DIM: tl.constexpr, SAMPLES: tl.constexpr, GROUPS: tl.constexpr):
-    """The program's 64 sampled query rows: (q, absolute positions, valid)."""
+    """The program's 64 sampled query rows: (q, absolute positions, valid). Block m's rows sit
+    at offsets 63, 63 - 64 / S, ... (block_mass.sample_offsets), clamped to the block's queries."""
     r = tl.arange(0, GROUPS * SAMPLES)
     blk = pid * GROUPS + r // SAMPLES  # estimate row of each sampled row
     row_ok = blk < M
-    pos = tl.load(Pos + blk * SAMPLES + r % SAMPLES, mask=row_ok, other=0)
+    start = (M0 + blk) * 64
+    pos = start + 63 - (r % SAMPLES) * (64 // SAMPLES)
+    pos = tl.minimum(tl.maximum(pos, tl.maximum(start, P)), tl.minimum(start + 63, N - 1))
+    pos = tl.where(row_ok, pos, P)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + (pos - P).to(tl.int64)[:, None] * stride_qn
                 + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
@@ -83,7 +87,7 @@ def _logits(q, k_base, kp_base, keys, pos, row_ok, N, stride_kn, stride_kd, stri
 
 
 @triton.jit
-def _tile_sums_kernel(Q, K, KP, Heads, Pos, V, Mx, Lx,
+def _tile_sums_kernel(Q, K, KP, Heads, V, Mx, Lx,
                       stride_qb, stride_qh, stride_qn, stride_qd,
                       stride_kb, stride_kh, stride_kn, stride_kd, stride_kpb, stride_kpn,
                       N, P, M, M0, NB, GROUP, HM, SPLITS, RG, G0, RC, qk_scale,
@@ -99,7 +103,7 @@ def _tile_sums_kernel(Q, K, KP, Heads, Pos, V, Mx, Lx,
     if t0 < last_tile:
         b64 = (bh // HM).to(tl.int64)
         h = tl.load(Heads + bh % HM)
-        q, pos, row_ok = _rows(Q, Pos, b64, h, pid, M, P, stride_qb, stride_qh, stride_qn, stride_qd,
+        q, pos, row_ok = _rows(Q, b64, h, pid, M, M0, N, P, stride_qb, stride_qh, stride_qn, stride_qd,
                                HEAD_DIM, SAMPLES, GROUPS)
         k_base = K + b64 * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
         kp_base = KP + b64 * stride_kpb
@@ -157,7 +161,8 @@ def _tile_mass_kernel(V, Mx, Lx, Est, M, M0, NB, SPLITS, RG, G0, RC,
 
 
 @triton.jit
-def _select_kernel(Est, Recall, Tiles, Counts, M, M0, NB, HM, CAP,
+def _select_kernel(Est, Recall, Tiles, Counts, M, M0, NB, HM, CAP, stride_tb, stride_th, stride_tm,
+                   stride_cb, stride_ch,
                    LOCAL: tl.constexpr, CHUNK: tl.constexpr, STEPS: tl.constexpr):
     row = tl.program_id(0)
     bh = tl.program_id(1)
@@ -198,7 +203,7 @@ def _select_kernel(Est, Recall, Tiles, Counts, M, M0, NB, HM, CAP,
     lo = tl.where(every, 0, lo)
 
     kept = 0
-    out = Tiles + (bh.to(tl.int64) * M + row) * CAP
+    out = Tiles + (bh // HM).to(tl.int64) * stride_tb + (bh % HM) * stride_th + row.to(tl.int64) * stride_tm
     for c0 in range(0, ncausal, CHUNK):
         t = c0 + c
         inside = t < ncausal
@@ -209,7 +214,7 @@ def _select_kernel(Est, Recall, Tiles, Counts, M, M0, NB, HM, CAP,
         slot = kept + tl.cumsum(keep.to(tl.int32), 0) - 1
         tl.store(out + slot, t, mask=keep & (slot < CAP))
         kept += tl.sum(keep.to(tl.int32), 0)
-    tl.store(Counts + bh.to(tl.int64) * M + row, kept)
+    tl.store(Counts + (bh // HM).to(tl.int64) * stride_cb + (bh % HM) * stride_ch + row, kept)
 
 
 def tile_mass_triton(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch.Tensor], scale: float,
@@ -234,13 +239,8 @@ def tile_mass_triton(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[tor
     if b * hm == 0 or m == 0:
         return est
     dev = q.device
-    blocks = torch.arange(m0, nb, device=dev)
-    lo = torch.clamp(blocks * BLOCK, min=p)[:, None]
-    hi = torch.clamp((blocks + 1) * BLOCK, max=n)[:, None] - 1
-    pos = torch.minimum(torch.maximum(blocks[:, None] * BLOCK + sample_offsets(samples, dev)[None, :], lo), hi)
-    pos = pos.to(torch.int32).contiguous()
     if key_padding is None:
-        kp, kp_strides, has_padding = pos, (0, 0), False  # never read
+        kp, kp_strides, has_padding = q, (0, 0), False  # never read
     else:
         kp = (key_padding if key_padding.dtype == torch.bool else key_padding != 0).view(torch.uint8)
         kp_strides, has_padding = kp.stride(), True
@@ -259,7 +259,7 @@ def tile_mass_triton(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[tor
     for g0 in range(0, row_groups, chunk):
         g1 = min(row_groups, g0 + chunk)
         _tile_sums_kernel[(g1 - g0, splits, b * hm)](
-            q, k, kp, heads32, pos, v, mx, lx, *q.stride(), *k.stride(), *kp_strides, n, p, m, m0, nb, h // hk, hm,
+            q, k, kp, heads32, v, mx, lx, *q.stride(), *k.stride(), *kp_strides, n, p, m, m0, nb, h // hk, hm,
             splits, row_groups, g0, chunk * ROWS, float(scale) * LOG2E, HEAD_DIM=d, HAS_PADDING=has_padding,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **meta, **launch)
         _tile_mass_kernel[((g1 - g0) * groups, b * hm)](v, mx, lx, est, m, m0, nb, splits, row_groups, g0, chunk * ROWS,
@@ -268,17 +268,25 @@ def tile_mass_triton(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[tor
 
 
 def select_tiles_triton(est: torch.Tensor, recall: torch.Tensor, m0: int, capacity: int,
-                        chunk: int = SELECT_CHUNK) -> tuple:
+                        chunk: int = SELECT_CHUNK, out: Optional[tuple] = None) -> tuple:
     """Same contract and result as ``block_mass.select_tiles`` (up to fp32 summation order at
-    the threshold); ``chunk`` (a power of two) estimates held at a time."""
+    the threshold); ``chunk`` (a power of two) estimates held at a time. ``out``: (tiles, counts)
+    to write into, (B, Hm, M, capacity) SENTINEL-filled and (B, Hm, M) int32 with unit strides
+    in their last dimension (views of the index's blocks and block_count); the counts written
+    are not clamped to the capacity."""
     b, hm, m_rows, nb = est.shape
     dev = est.device
-    tiles = torch.full((b, hm, m_rows, capacity), SENTINEL, dtype=torch.int32, device=dev)
-    counts = torch.zeros(b, hm, m_rows, dtype=torch.int32, device=dev)
+    if out is None:
+        tiles = torch.full((b, hm, m_rows, capacity), SENTINEL, dtype=torch.int32, device=dev)
+        counts = torch.empty(b, hm, m_rows, dtype=torch.int32, device=dev)
+    else:
+        tiles, counts = out
     if b * hm * m_rows:
         est = est.contiguous()
         launch = {} if _interpreting() else dict(num_warps=NUM_WARPS)
         _select_kernel[(m_rows, b * hm)](est, recall.float().contiguous(), tiles, counts, m_rows, m0, nb, hm, capacity,
-                                         LOCAL=LOCAL_TILES, CHUNK=chunk, STEPS=BISECTION_STEPS, **launch)
+                                         tiles.stride(0), tiles.stride(1), tiles.stride(2), counts.stride(0),
+                                         counts.stride(1), LOCAL=LOCAL_TILES, CHUNK=chunk, STEPS=BISECTION_STEPS,
+                                         **launch)
     dense = (counts > capacity).any(-1)
-    return tiles, counts.clamp(max=capacity), dense
+    return tiles, counts if out is not None else counts.clamp(max=capacity), dense

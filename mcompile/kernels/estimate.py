@@ -222,6 +222,8 @@ def assemble_index(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch
     r_cap, c_cap, kb_cap = capacity if capacity is not None else index_capacity(n, kinds, p0, p1)
     nb = num_blocks(n)
     kinds_l = [int(x) for x in kinds]
+    if all(x == PatternKind.BLOCK_MASS for x in kinds_l):
+        return block_mass_index(q, k, key_padding, p0, p1, scale, (r_cap, c_cap, kb_cap), mass_scores, mass_select)
     heads_of = {kd: [i for i, x in enumerate(kinds_l) if x == kd] for kd in PatternKind}
 
     # Dense: one run over every diagonal. A-shape: ``sink`` columns and one run of ``local`` diagonals.
@@ -282,6 +284,33 @@ def assemble_index(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch
 
     return SparseIndex(runs, run_count, runs_to_diag_prefix(runs, run_count, n), columns,
                        column_counts(columns, n), blocks, block_count)
+
+
+def block_mass_index(q, k, key_padding, p0, p1, scale: float, capacity: tuple, mass_scores: Callable = tile_mass,
+                     mass_select: Callable = select_tiles) -> SparseIndex:
+    """``assemble_index`` of a layer whose heads are all block-mass (the default), with the
+    selection written straight into the index and none of the other patterns' tables: a
+    handful of launches (at 32K on an H100 the general assembly's small ops cost about as much
+    as the estimate itself)."""
+    b, h = q.shape[:2]
+    n = k.shape[2]
+    dev = q.device
+    r_cap, c_cap, kb_cap = capacity
+    nb = num_blocks(n)
+    m0 = (n - q.shape[2]) // BLOCK
+    i32 = dict(dtype=torch.int32, device=dev)
+    recall = torch.tensor([x / RECALL_SCALE for x in p0], dtype=torch.float32, device=dev)
+    est = mass_scores(q, k, key_padding, scale, torch.arange(h, device=dev), max(p1))
+    blocks = torch.full((b, h, index_rows(n), kb_cap), SENTINEL, **i32)
+    block_count = torch.zeros(b, h, index_rows(n), **i32)
+    _, counts, dense = mass_select(est, recall, m0, kb_cap, out=(blocks[:, :, m0:nb], block_count[:, :, m0:nb]))
+    counts.clamp_(max=kb_cap).masked_fill_(dense[..., None], 0)  # (a view of block_count)
+    runs = torch.full((b, h, r_cap, 2), SENTINEL, **i32)  # a diffuse head: one run of all diagonals
+    runs[:, :, 0, 0] = torch.where(dense, 0, SENTINEL)
+    runs[:, :, 0, 1] = torch.where(dense, n - 1, SENTINEL)
+    diag_prefix = torch.where(dense[..., None], torch.arange(n + 1, **i32), 0).to(torch.int32)
+    return SparseIndex(runs, dense.to(torch.int32), diag_prefix, torch.full((b, h, c_cap), SENTINEL, **i32),
+                       torch.zeros(b, h, index_rows(n), **i32), blocks, block_count)
 
 
 def estimate_index_ref(q, k, key_padding, kinds, p0, p1, scale: float,
