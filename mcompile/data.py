@@ -79,25 +79,36 @@ def calibration_docs() -> str:
 PYTHON_SOURCE_CHARS = 4_000_000  # about 1M tokens of code: enough for two 128K prompts and more
 
 
+SKIPPED_SOURCE_DIRS = ("site-packages", "test", "tests", "idlelib", "tkinter")
+
+
+def python_source_files() -> list[str]:
+    """The standard library's ``.py`` files (paths relative to it, sorted), test suites and
+    installed packages left out."""
+    import sysconfig
+    from pathlib import Path
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    rels = sorted(path.relative_to(root).parts for path in root.rglob("*.py"))  # by path components
+    return ["/".join(rel) for rel in rels if not any(part in SKIPPED_SOURCE_DIRS for part in rel)]
+
+
 @functools.lru_cache(maxsize=1)
 def python_source() -> str:
-    """The standard library's own Python source (``.py`` files in sorted path order, tests left
-    out), up to ``PYTHON_SOURCE_CHARS``: long real code, for perplexity at 32K-128K where the
-    documentation (about 111K tokens) would repeat inside one prompt."""
+    """The standard library's own Python source (``python_source_files``, each after a
+    ``# path`` line), up to ``PYTHON_SOURCE_CHARS``: long real code, for perplexity at 32K-128K
+    where the documentation (about 111K tokens) would repeat inside one prompt."""
     import sysconfig
     from pathlib import Path
 
     root = Path(sysconfig.get_paths()["stdlib"])
     parts, size = [], 0
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root).parts
-        if rel[0] == "site-packages" or any(part in ("test", "tests", "idlelib", "tkinter") for part in rel):
-            continue
+    for rel in python_source_files():
         try:
-            text = path.read_text(encoding="utf-8")
+            text = (root / rel).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
             continue
-        parts.append(f"# {'/'.join(rel)}\n{text}")
+        parts.append(f"# {rel}\n{text}")
         size += len(parts[-1])
         if size >= PYTHON_SOURCE_CHARS:
             break

@@ -202,6 +202,18 @@ def test_calibration_text_is_not_the_evaluation_text():
         haystack(None, 10, source="wiki")
 
 
+def test_python_source_text_is_long_code_without_tests():
+    """The long-prompt perplexity text (benchmarks/long_perplexity.py): the standard library's
+    source, long enough for 128K prompts without repeating, test suites left out."""
+    from mcompile.data import PYTHON_SOURCE_CHARS, python_source, python_source_files, stdlib_docs
+
+    files = python_source_files()
+    assert files == sorted(files, key=lambda f: f.split("/")) and not any(set(f.split("/")) & {"test", "tests", "site-packages"} for f in files)
+    text = python_source()
+    assert len(text) == PYTHON_SOURCE_CHARS and text.startswith(f"# {files[0]}\n") and "\ndef " in text
+    assert text[:2000] not in stdlib_docs()
+
+
 def test_targets_at_unmeasured_lengths_are_an_error():
     table = [[_entry(0.1, 0.2), _entry(0.0, 1.0)]]
     with pytest.raises(ValueError, match="6144"):

@@ -3,11 +3,12 @@
 For every 64-query block ``m`` that holds queries, ``samples`` of its rows (spread over the
 block, its last row first) attend exactly: softmax over their causal keys, in fp32. The mean,
 over those rows, of the mass each 64-key tile receives estimates the block's tile masses
-``e[m, t]``. The block keeps tile 0 (the sink) and its diagonal tile ``m``, then tiles in
-decreasing ``e`` until the kept estimate reaches ``recall`` of the block's estimated total::
+``e[m, t]``. The block keeps tile 0 (the sink), its diagonal tile ``m`` and the ``LOCAL_TILES``
+before it (a row early in the block has its nearest keys there), then tiles in decreasing ``e``
+until the kept estimate reaches ``recall`` of the block's estimated total::
 
     e[m] = mean_{sampled rows r of block m} (sum_{keys j in tile t} softmax(q_r . K / sqrt(d))_j)
-    keep(m) = {0, m} + the fewest largest t with sum_{t kept} e[m, t] >= recall * sum_t e[m, t]
+    keep(m) = {0, m - 1, m} + the fewest largest t with sum_{t kept} e[m, t] >= recall * sum_t e[m, t]
 
 The index is the block-sparse part of index.py (``blocks`` / ``block_count``): the kernel
 computes exactly the kept tiles, so the computed share equals the kept share. A head that needs
@@ -22,14 +23,14 @@ sink, a slash) is under-weighted (recall 0.76-0.86 on layers whose mass lies on 
 rows keep the peaks, and sampling every block keeps what each block looks at.
 
 Cost: ``samples / 64`` of dense attention's query-key products (no value products), plus a
-sort of the tile estimates per block. This is the pure-PyTorch implementation (the CPU path and
+selection per block (a sort here; a bisection on the GPU, block_mass_triton.py). This is the pure-PyTorch implementation (the CPU path and
 the reference of a fused kernel); it walks chunks of query blocks so that the fp32 score tensor
 stays under ``SCORE_BYTES``.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -123,13 +124,3 @@ def select_tiles(est: torch.Tensor, recall: torch.Tensor, m0: int, capacity: int
         out[1].copy_(counts)
         return out[0], out[1], dense
     return tiles, counts.clamp(max=capacity), dense
-
-
-def block_mass_ref(q, k, key_padding, scale: float, heads: torch.Tensor, recall: torch.Tensor, samples: int,
-                   capacity: int, estimate: Callable = tile_mass, select: Callable = select_tiles) -> tuple:
-    """Tiles, counts and dense flags (``select_tiles``) of the block-mass heads ``heads`` for
-    the query blocks that hold queries; ``estimate`` computes the tile masses and ``select``
-    chooses from them (``tile_mass`` and ``select_tiles``, or block_mass_triton's kernels on
-    the GPU)."""
-    est = estimate(q, k, key_padding, scale, heads, samples)
-    return select(est, recall, (k.shape[2] - q.shape[2]) // BLOCK, capacity)

@@ -199,8 +199,9 @@ def _select_kernel(Est, Recall, Tiles, Counts, M, M0, NB, HM, CAP, stride_tb, st
         lo = tl.where(reached, mid, lo)
         hi = tl.where(reached, hi, mid - 1)
     lo = tl.where(rest > 0.0, lo, 0x7F800001)  # nothing left to reach: the forced tiles alone (above +inf)
-    every = recall >= 1.0  # recall 1: every causal tile, also those the samples gave no mass
-    lo = tl.where(every, 0, lo)
+    # recall 1: every causal tile, also those the samples gave no mass; otherwise positive ones
+    lo = tl.where(recall >= 1.0, 0, lo)
+    floor = tl.where(recall >= 1.0, -1.0, 0.0)
 
     kept = 0
     out = Tiles + (bh // HM).to(tl.int64) * stride_tb + (bh % HM) * stride_th + row.to(tl.int64) * stride_tm
@@ -209,7 +210,7 @@ def _select_kernel(Est, Recall, Tiles, Counts, M, M0, NB, HM, CAP, stride_tb, st
         inside = t < ncausal
         e = tl.load(est + t, mask=inside, other=0.0)
         forced = (t == 0) | ((t >= blk - LOCAL) & (t <= blk))
-        chosen = (e.to(tl.int32, bitcast=True) >= lo) & ((e > 0.0) | (tl.zeros_like(e) + recall >= 1.0))
+        chosen = (e.to(tl.int32, bitcast=True) >= lo) & (e > floor)
         keep = inside & (forced | chosen)
         slot = kept + tl.cumsum(keep.to(tl.int32), 0) - 1
         tl.store(out + slot, t, mask=keep & (slot < CAP))

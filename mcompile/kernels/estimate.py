@@ -30,7 +30,7 @@ import torch
 
 from ..index import BLOCK, SENTINEL, SparseIndex, column_counts, index_rows, num_blocks, runs_to_diag_prefix
 from ..patterns import LAST_Q, LOCAL_DIAGONALS, RECALL_SCALE, SINK_COLUMNS, PatternKind
-from .block_mass import block_mass_ref, select_tiles, tile_mass
+from .block_mass import select_tiles, tile_mass
 
 SCORE_BYTES = 1 << 30  # cap on one chunk's fp32 score tensor during estimation
 
@@ -271,45 +271,55 @@ def assemble_index(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch
 
     bm = heads_of[PatternKind.BLOCK_MASS]
     if bm:
-        sel = _device_ints(bm, dev).long()
-        recall = torch.tensor([p0[i] / RECALL_SCALE for i in bm], dtype=torch.float32, device=dev)
-        m0 = (n - q.shape[2]) // BLOCK
-        tiles, counts, dense = block_mass_ref(q, k, key_padding, scale, sel, recall, max(p1[i] for i in bm), kb_cap,
-                                              mass_scores, mass_select)
-        blocks[:, sel, m0:nb] = tiles
-        block_count[:, sel, m0:nb] = torch.where(dense[..., None], 0, counts)
-        runs[:, sel, 0, 0] = torch.where(dense, 0, SENTINEL).to(torch.int32)  # a diffuse head: one run of all diagonals
-        runs[:, sel, 0, 1] = torch.where(dense, n - 1, SENTINEL).to(torch.int32)
-        run_count[:, sel] = dense.to(torch.int32)
+        _block_mass_into(q, k, key_padding, scale, bm, p0, p1, (runs, run_count, blocks, block_count), mass_scores,
+                         mass_select)
 
     return SparseIndex(runs, run_count, runs_to_diag_prefix(runs, run_count, n), columns,
                        column_counts(columns, n), blocks, block_count)
 
 
+def _block_mass_into(q, k, key_padding, scale: float, heads: Sequence[int], p0, p1, index: tuple,
+                     mass_scores: Callable, mass_select: Callable) -> torch.Tensor:
+    """Block-mass heads ``heads`` of a layer written into (runs, run_count, blocks, block_count):
+    their tiles for the query blocks that hold queries, and for a diffuse head (more tiles in some
+    block than the index holds) one run of every diagonal instead. Returns the (B, Hm) dense flags.
+    When ``heads`` is every head the selection writes straight into the index."""
+    runs, run_count, blocks, block_count = index
+    h, n, dev = q.shape[1], k.shape[2], q.device
+    nb, kb_cap = num_blocks(n), blocks.shape[-1]
+    m0 = (n - q.shape[2]) // BLOCK
+    every = len(heads) == h
+    sel = slice(None) if every else _device_ints(heads, dev).long()
+    recall = _device_ints([p0[i] for i in heads], dev).float() / RECALL_SCALE
+    est = mass_scores(q, k, key_padding, scale, torch.arange(h, device=dev) if every else sel,
+                      max(p1[i] for i in heads))
+    out = (blocks[:, :, m0:nb], block_count[:, :, m0:nb]) if every else None
+    tiles, counts, dense = mass_select(est, recall, m0, kb_cap, out=out)
+    if not every:
+        blocks[:, sel, m0:nb] = tiles
+    block_count[:, sel, m0:nb] = torch.where(dense[..., None], 0, counts.clamp(max=kb_cap))
+    runs[:, sel, 0, 0] = torch.where(dense, 0, SENTINEL).to(torch.int32)
+    runs[:, sel, 0, 1] = torch.where(dense, n - 1, SENTINEL).to(torch.int32)
+    run_count[:, sel] = dense.to(torch.int32)
+    return dense
+
+
 def block_mass_index(q, k, key_padding, p0, p1, scale: float, capacity: tuple, mass_scores: Callable = tile_mass,
                      mass_select: Callable = select_tiles) -> SparseIndex:
-    """``assemble_index`` of a layer whose heads are all block-mass (the default), with the
-    selection written straight into the index and none of the other patterns' tables: a
-    handful of launches (at 32K on an H100 the general assembly's small ops cost about as much
-    as the estimate itself)."""
+    """``assemble_index`` of a layer whose heads are all block-mass (the default): no columns,
+    no static runs, and the diagonal prefix of its only possible run (every diagonal, for a
+    diffuse head) without the general scans: a handful of launches (at 32K on an H100 the
+    general assembly's small ops cost about as much as the estimate itself)."""
     b, h = q.shape[:2]
     n = k.shape[2]
-    dev = q.device
     r_cap, c_cap, kb_cap = capacity
-    nb = num_blocks(n)
-    m0 = (n - q.shape[2]) // BLOCK
-    i32 = dict(dtype=torch.int32, device=dev)
-    recall = torch.tensor([x / RECALL_SCALE for x in p0], dtype=torch.float32, device=dev)
-    est = mass_scores(q, k, key_padding, scale, torch.arange(h, device=dev), max(p1))
-    blocks = torch.full((b, h, index_rows(n), kb_cap), SENTINEL, **i32)
-    block_count = torch.zeros(b, h, index_rows(n), **i32)
-    _, counts, dense = mass_select(est, recall, m0, kb_cap, out=(blocks[:, :, m0:nb], block_count[:, :, m0:nb]))
-    counts.clamp_(max=kb_cap).masked_fill_(dense[..., None], 0)  # (a view of block_count)
-    runs = torch.full((b, h, r_cap, 2), SENTINEL, **i32)  # a diffuse head: one run of all diagonals
-    runs[:, :, 0, 0] = torch.where(dense, 0, SENTINEL)
-    runs[:, :, 0, 1] = torch.where(dense, n - 1, SENTINEL)
-    diag_prefix = torch.where(dense[..., None], torch.arange(n + 1, **i32), 0).to(torch.int32)
-    return SparseIndex(runs, dense.to(torch.int32), diag_prefix, torch.full((b, h, c_cap), SENTINEL, **i32),
+    i32 = dict(dtype=torch.int32, device=q.device)
+    index = (torch.full((b, h, r_cap, 2), SENTINEL, **i32), torch.zeros(b, h, **i32),
+             torch.full((b, h, index_rows(n), kb_cap), SENTINEL, **i32), torch.zeros(b, h, index_rows(n), **i32))
+    dense = _block_mass_into(q, k, key_padding, scale, range(h), p0, p1, index, mass_scores, mass_select)
+    runs, run_count, blocks, block_count = index
+    diag_prefix = torch.where(dense[..., None], torch.arange(n + 1, **i32), 0).to(torch.int32)  # = runs_to_diag_prefix
+    return SparseIndex(runs, run_count, diag_prefix, torch.full((b, h, c_cap), SENTINEL, **i32),
                        torch.zeros(b, h, index_rows(n), **i32), blocks, block_count)
 
 

@@ -46,7 +46,7 @@ from ..config import Logits, MInferenceConfig
 from ..memory_ops import Activation
 from .mask_proof import _same
 from .match import _module_info
-from .nodes import example, target_name
+from .nodes import example, module_path, target_name
 from .rewrite import erase_dead
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ def _mlp_groups(graph: fx.Graph) -> dict[str, list[fx.Node]]:
     for node in graph.nodes:
         if node.op not in ("call_function", "call_method"):
             continue
-        paths = [str(p) for p, _ in (node.meta.get("nn_module_stack") or {}).values()]
+        paths = [module_path(p) for p, _ in (node.meta.get("nn_module_stack") or {}).values()]
         mlp = [p for p in paths if p.rsplit(".", 1)[-1] == MLP_MODULE]
         if mlp:
             groups.setdefault(mlp[-1], []).append(node)
