@@ -550,14 +550,16 @@ def test_block_mass_index_drives_the_kernel(nq):
     check(q, k, v, index, d ** -0.5)
 
 
-@pytest.mark.parametrize("samples,split,chunked", [(1, 32, False), (4, 1, True), (8, 2, False), (32, 3, True)])
+@pytest.mark.parametrize("samples,split,chunked,rows", [(1, 32, False, 64), (4, 1, True, 128), (8, 2, False, 64),
+                                                       (32, 3, True, 64), (64, 2, False, 128)])
 @pytest.mark.parametrize("b,h,hk,n,nq,d,pad", [(1, 2, 2, 200, 200, 16, False), (2, 4, 2, 161, 100, 32, True),
                                                (1, 3, 1, 330, 330, 8, False)])
-def test_tile_mass_kernel_equals_reference(b, h, hk, n, nq, d, pad, samples, split, chunked, monkeypatch):
+def test_tile_mass_kernel_equals_reference(b, h, hk, n, nq, d, pad, samples, split, chunked, rows, monkeypatch):
     """The fused block-mass estimate equals block_mass.tile_mass: odd lengths, a chunk after a
     cached prefix, GQA, batch > 1, padding, a head dim padded to 16, the keys of a row group
     split over programs (1, 2 and 3 tiles each) or not, the row groups in chunks of one (the
-    bound on the kept tile sums) or all at once."""
+    bound on the kept tile sums) or all at once, 64 or 128 sampled rows per program, row groups
+    after the first (their leading tiles need no mask)."""
     from mcompile.kernels import block_mass_triton
     from mcompile.kernels.block_mass import tile_mass
     from mcompile.kernels.block_mass_triton import tile_mass_triton
@@ -569,7 +571,7 @@ def test_tile_mass_kernel_equals_reference(b, h, hk, n, nq, d, pad, samples, spl
     q = q[:, :, n - nq:]
     kp = padding(b, n, seed=n) if pad else None
     heads = torch.tensor([h - 1, 0])
-    est = tile_mass_triton(q, k, kp, d ** -0.5, heads, samples, split)
+    est = tile_mass_triton(q, k, kp, d ** -0.5, heads, samples, split, rows=rows)
     ref = tile_mass(q, k, kp, d ** -0.5, heads, samples)
     torch.testing.assert_close(est, ref, atol=2e-5, rtol=1e-4)
 

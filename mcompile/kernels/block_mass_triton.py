@@ -46,6 +46,9 @@ from .estimate_triton import HEAD_DIMS, LOG2E, NEG_INIT, NUM_STAGES, NUM_WARPS, 
 from .sparse_attention_triton import MAX_HEAD_DIM, pad_head_dim, padded_head_dim
 
 ROWS = 64  # sampled rows per program: one 64-row tile
+FAST_EXP = False  # packed half-precision exponentials in the estimate on CUDA
+TILE_SUM_WARPS = NUM_WARPS  # launch of the tile-sums kernel at ROWS rows
+TILE_SUM_STAGES = NUM_STAGES
 SPLIT = 32  # key tiles per program (2048 keys); see benchmarks/block_mass_kernel.py
 SELECT_CHUNK = 1024  # estimates the selection holds at a time
 MASS_CHUNK = 256  # key tiles the averaging kernel holds at a time
@@ -92,7 +95,7 @@ def _tile_sums_kernel(Q, K, KP, Heads, V, Mx, Lx,
                       stride_kb, stride_kh, stride_kn, stride_kd, stride_kpb, stride_kpn,
                       N, P, M, M0, NB, GROUP, HM, SPLITS, RG, G0, RC, qk_scale,
                       HEAD_DIM: tl.constexpr, SAMPLES: tl.constexpr, GROUPS: tl.constexpr, SPLIT_TILES: tl.constexpr,
-                      HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                      HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_EXP: tl.constexpr):
     ROWS_: tl.constexpr = GROUPS * SAMPLES
     local = tl.program_id(0)  # row group within the launch's chunk
     pid = G0 + local
@@ -108,15 +111,31 @@ def _tile_sums_kernel(Q, K, KP, Heads, V, Mx, Lx,
         k_base = K + b64 * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
         kp_base = KP + b64 * stride_kpb
         c = tl.arange(0, 64)
+        offs_d = tl.arange(0, HEAD_DIM)
         r = tl.arange(0, ROWS_)
         v_base = V + bh.to(tl.int64) * NB * RC + local * ROWS_ + r
         m_i = tl.full([ROWS_], NEG_INIT, dtype=tl.float32)
         l_i = tl.zeros([ROWS_], dtype=tl.float32)
+        # tiles every valid row may see whole: no mask to build (rows past M hold zeros, never read)
+        full_end = tl.minimum((tl.maximum((M0 + pid * GROUPS) * 64, P) + 1) // 64, N // 64)
+        if HAS_PADDING:
+            full_end = full_end * 0
         for t in range(t0, tl.minimum(t0 + SPLIT_TILES, last_tile)):
-            s = _logits(q, k_base, kp_base, t * 64 + c, pos, row_ok, N, stride_kn, stride_kd, stride_kpn, qk_scale,
-                        HEAD_DIM, HAS_PADDING, DOT_PRECISION)
+            if t >= full_end:
+                s = _logits(q, k_base, kp_base, t * 64 + c, pos, row_ok, N, stride_kn, stride_kd, stride_kpn,
+                            qk_scale, HEAD_DIM, HAS_PADDING, DOT_PRECISION)
+            else:  # t * 64 + 63 below every valid row's position, the tile inside the sequence
+                k = tl.load(k_base + (t * 64 + c).to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd)
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            tile_sum = tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
+            if FAST_EXP:
+                # packed half-precision exponentials: twice the rate of fp32 ones; the estimate needs
+                # about 3 significant digits and nothing below 2^-24 of the row's running max
+                e = tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [(s - m_new[:, None]).to(tl.float16)],
+                                              dtype=tl.float16, is_pure=True, pack=2)
+                tile_sum = tl.sum(e.to(tl.float32), 1)
+            else:
+                tile_sum = tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
             l_i = l_i * tl.math.exp2(m_i - m_new) + tile_sum
             m_i = m_new
             # log2 of the tile's unnormalised mass: exact whatever the row max turns out to be
@@ -219,18 +238,26 @@ def _select_kernel(Est, Recall, Tiles, Counts, M, M0, NB, HM, CAP, stride_tb, st
 
 
 def tile_mass_triton(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch.Tensor], scale: float,
-                     heads: torch.Tensor, samples: int, split: int = SPLIT) -> torch.Tensor:
-    """Same contract and result as ``block_mass.tile_mass`` (up to fp32 rounding); ``samples`` a
-    power of two up to 64; ``split`` key tiles per program."""
+                     heads: torch.Tensor, samples: int, split: int = SPLIT, *, rows: Optional[int] = None,
+                     fast_exp: Optional[bool] = None, num_warps: Optional[int] = None,
+                     num_stages: Optional[int] = None) -> torch.Tensor:
+    """Same contract and result as ``block_mass.tile_mass`` (up to fp32 rounding, or half-precision
+    exponentials with ``fast_exp``); ``samples`` a power of two up to ``rows``; ``split`` key
+    tiles per program; ``rows`` sampled rows per program (64 or 128); ``fast_exp`` None: FAST_EXP
+    where the packed instruction exists (CUDA, not the interpreter). None: the module's settings."""
+    rows = rows or ROWS
     b, h, nq, d = q.shape
     hk, n = k.shape[1], k.shape[2]
-    if samples < 1 or samples > ROWS or samples & (samples - 1):
-        raise ValueError(f"samples must be a power of two in [1, {ROWS}], got {samples}")
+    if rows not in (64, 128):
+        raise ValueError(f"rows must be 64 or 128, got {rows}")
+    if samples < 1 or samples > rows or samples & (samples - 1):
+        raise ValueError(f"samples must be a power of two in [1, {rows}], got {samples}")
     if d > MAX_HEAD_DIM or k.shape[-1] != d:
         raise ValueError(f"block-mass kernels support head dims up to {MAX_HEAD_DIM}, got q {d}, k {k.shape[-1]}")
     if d not in HEAD_DIMS:
         dp = padded_head_dim(d)
-        return tile_mass_triton(pad_head_dim(q, dp), pad_head_dim(k, dp), key_padding, scale, heads, samples, split)
+        return tile_mass_triton(pad_head_dim(q, dp), pad_head_dim(k, dp), key_padding, scale, heads, samples, split,
+                                rows=rows, fast_exp=fast_exp, num_warps=num_warps, num_stages=num_stages)
     nb = num_blocks(n)
     p = n - nq
     m0 = p // BLOCK
@@ -245,26 +272,30 @@ def tile_mass_triton(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[tor
     else:
         kp = (key_padding if key_padding.dtype == torch.bool else key_padding != 0).view(torch.uint8)
         kp_strides, has_padding = kp.stride(), True
-    groups = ROWS // samples
+    groups = rows // samples
     row_groups = triton.cdiv(m, groups)
     splits = triton.cdiv(nb, split)
-    mx = torch.empty(b * hm, splits, row_groups, ROWS, dtype=torch.float32, device=dev)
+    mx = torch.empty(b * hm, splits, row_groups, rows, dtype=torch.float32, device=dev)
     lx = torch.empty_like(mx)
     # log2 tile sums of the sampled rows, (B * Hm, NB, rows of a chunk of row groups): bounded by
     # TILE_SUM_BYTES, the row groups go in chunks
-    chunk = max(1, min(row_groups, TILE_SUM_BYTES // (b * hm * nb * ROWS * 4)))
-    v = torch.empty(b * hm, nb, chunk * ROWS, dtype=torch.float32, device=dev)
+    chunk = max(1, min(row_groups, TILE_SUM_BYTES // (b * hm * nb * rows * 4)))
+    v = torch.empty(b * hm, nb, chunk * rows, dtype=torch.float32, device=dev)
     heads32 = heads.to(torch.int32).contiguous()
     meta = dict(SAMPLES=samples, GROUPS=groups, SPLIT_TILES=split)
-    launch = {} if _interpreting() else dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    packed = not _interpreting() and q.is_cuda and torch.version.hip is None
+    fast_exp = packed and (FAST_EXP if fast_exp is None else fast_exp)
+    warps = num_warps or (TILE_SUM_WARPS if rows == ROWS else 2 * NUM_WARPS if rows == 128 else NUM_WARPS)
+    launch = {} if _interpreting() else dict(num_warps=warps, num_stages=num_stages or TILE_SUM_STAGES)
     for g0 in range(0, row_groups, chunk):
         g1 = min(row_groups, g0 + chunk)
         _tile_sums_kernel[(g1 - g0, splits, b * hm)](
             q, k, kp, heads32, v, mx, lx, *q.stride(), *k.stride(), *kp_strides, n, p, m, m0, nb, h // hk, hm,
-            splits, row_groups, g0, chunk * ROWS, float(scale) * LOG2E, HEAD_DIM=d, HAS_PADDING=has_padding,
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **meta, **launch)
-        _tile_mass_kernel[((g1 - g0) * groups, b * hm)](v, mx, lx, est, m, m0, nb, splits, row_groups, g0, chunk * ROWS,
-                                                        CHUNK=MASS_CHUNK, **meta, **launch)
+            splits, row_groups, g0, chunk * rows, float(scale) * LOG2E, HEAD_DIM=d, HAS_PADDING=has_padding,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FAST_EXP=fast_exp, **meta, **launch)
+        _tile_mass_kernel[((g1 - g0) * groups, b * hm)](v, mx, lx, est, m, m0, nb, splits, row_groups, g0, chunk * rows,
+                                                        CHUNK=MASS_CHUNK, **meta,
+                                                        **({} if _interpreting() else dict(num_warps=NUM_WARPS)))
     return est
 
 
