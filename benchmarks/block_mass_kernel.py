@@ -3,12 +3,14 @@ estimate, the selection and the whole index against cuDNN's dense causal attenti
 
     python -m benchmarks.block_mass_kernel                 # from the repository root, on CUDA
     python -m benchmarks.block_mass_kernel --lengths 32768 65536 131072 --splits 8 16 32 64 0
+    python -m benchmarks.block_mass_kernel --lengths 32768 65536 131072 --rows 64 128 --warps 4 8 --stages 2 3
 
 Correctness on random bf16 / fp16 inputs (head dims 64, 128 and 80, a chunk after a cached
 prefix, GQA, batch 2, keys split over programs or not): the largest absolute difference of the
 estimates, and whether the selection kernel keeps what the reference keeps. Timing: SmolLM2's
 layer shape (9 query heads, 3 KV heads, head dim 64, bf16), median of ``triton.testing.do_bench``;
-``--splits`` are key tiles per program (0: one program walks every key tile of its rows).
+``--splits`` are key tiles per program (0: one program walks every key tile of its rows);
+``--rows``, ``--warps``, ``--stages``: sampled rows per program and the tile-sums launch.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ def check() -> float:
             q = torch.randn(b, h, nq, d, device="cuda", dtype=dtype)
             k = torch.randn(b, hk, n, d, device="cuda", dtype=dtype)
             heads = torch.arange(h, device="cuda")
-            for samples, split in ((4, 4), (8, SPLIT), (8, 1000)):
-                est = tile_mass_triton(q, k, None, d ** -0.5, heads, samples, split)
+            for samples, split, r in ((4, 4, 64), (8, SPLIT, 128), (8, 1000, 64), (16, SPLIT, 128)):
+                est = tile_mass_triton(q, k, None, d ** -0.5, heads, samples, split, rows=r)
                 ref = tile_mass(q, k, None, d ** -0.5, heads, samples)
                 err = (est - ref).abs().max().item()
                 worst = max(worst, err)
@@ -47,7 +49,7 @@ def check() -> float:
     return worst
 
 
-def timing(lengths, splits) -> list[dict]:
+def timing(lengths, splits, configs=((None, None, None),)) -> list[dict]:
     from triton.testing import do_bench
 
     from mcompile.patterns import Pattern, encode
@@ -63,11 +65,14 @@ def timing(lengths, splits) -> list[dict]:
                          return_mode="median")
         for samples in (4, 8):
             for split in splits:
-                sp = split or n // BLOCK + 1
-                ms = do_bench(lambda: tile_mass_triton(q, k, None, 0.125, heads, samples, sp), return_mode="median")
-                rows.append({"n": n, "samples": samples, "split": split, "estimate_ms": ms, "cudnn_ms": dense})
-                print(f"N={n:>6} samples {samples} split {split:>4}: estimate {ms:7.3f} ms, cuDNN causal "
-                      f"{dense:7.2f} ms ({ms / dense:.3f} of dense)", flush=True)
+                for r, w, st in configs:
+                    sp = split or n // BLOCK + 1
+                    ms = do_bench(lambda: tile_mass_triton(q, k, None, 0.125, heads, samples, sp, rows=r, num_warps=w,
+                                                           num_stages=st), return_mode="median")
+                    rows.append({"n": n, "samples": samples, "split": split, "rows": r, "warps": w, "stages": st,
+                                 "estimate_ms": ms, "cudnn_ms": dense})
+                    print(f"N={n:>6} samples {samples} split {split:>4} rows/warps/stages {r}/{w}/{st}: estimate "
+                          f"{ms:7.3f} ms, cuDNN causal {dense:7.2f} ms ({ms / dense:.3f} of dense)", flush=True)
             est = tile_mass_triton(q, k, None, 0.125, heads, samples)
             recall = torch.full((9,), 0.98, device="cuda")
             sel = do_bench(lambda: select_tiles_triton(est, recall, 0, 2048), return_mode="median")
@@ -87,11 +92,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[32768])
     p.add_argument("--splits", type=int, nargs="+", default=[SPLIT])
+    p.add_argument("--rows", type=int, nargs="+", default=[None])
+    p.add_argument("--warps", type=int, nargs="+", default=[None])
+    p.add_argument("--stages", type=int, nargs="+", default=[None])
     p.add_argument("--out", default="")
     args = p.parse_args()
     worst = check()
     print(f"largest difference from the reference: {worst:.2e}")
-    rows = timing(args.lengths, args.splits)
+    configs = [(r, w, s) for r in args.rows for w in args.warps for s in args.stages]
+    rows = timing(args.lengths, args.splits, configs)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"check_max_err": worst, "rows": rows}, f, indent=1)

@@ -10,15 +10,17 @@ rows r at positions ``pos[m, s]``, a key j allowed for row r iff ``j <= pos`` an
 
 Three kernels:
 
-1. ``_tile_sums_kernel``, grid ``(row groups, key splits, B * Hm)``: a row group is 64 sampled
-   rows (``64 / S`` query blocks of S rows: one tensor-core tile), a key split ``SPLIT``
-   consecutive key tiles. One pass over its tiles with a running row max ``m`` and sum of exp
-   ``l`` (base 2, as flash attention keeps them); for every tile it stores
-   ``log2(sum_j exp2(s_j - m)) + m``, the log of the tile's unnormalised mass, which does not
-   depend on the max at the time; at the end the split's ``m`` and ``l``. One exponential per
-   logit: the estimate is bound by the exponentials (head dim 64), and a first pass for the
-   row statistics would double them. Splitting the keys keeps the GPU busy: one program per
-   row group walking every key tile leaves the latest groups (the longest walks) running alone.
+1. ``_tile_sums_kernel``, grid ``(row groups, key splits, B * Hm)``: a row group is ROWS sampled
+   rows (``ROWS / S`` query blocks of S rows), a key split ``SPLIT`` consecutive key tiles. One
+   pass over its tiles with a running row max ``m`` and sum of exp ``l`` (base 2, as flash
+   attention keeps them); for every tile it stores ``log2(sum_j exp2(s_j - m)) + m``, the log of
+   the tile's unnormalised mass, which does not depend on the max at the time; at the end the
+   split's ``m`` and ``l``. One exponential per logit (a first pass for the row statistics would
+   double them), and no mask on the tiles that lie wholly before the group's first sampled row:
+   the per-logit mask arithmetic, not the exponentials, bounds this loop (packed half-precision
+   exponentials did not speed it up; dropping the mask took 27% off at 128K). Splitting the keys
+   keeps the GPU busy: one program per row group walking every key tile leaves the latest groups
+   (the longest walks) running alone.
 2. ``_tile_mass_kernel``, grid ``(query blocks, B * Hm)``: combines each sampled row's split
    statistics into its log-normaliser, then ``e[m, t]`` = the mean over the block's S rows of
    ``exp2(log tile sum - log normaliser)``. The (B, H, N / 64 * S, N) probabilities never
@@ -45,9 +47,10 @@ from .block_mass import LOCAL_TILES
 from .estimate_triton import HEAD_DIMS, LOG2E, NEG_INIT, NUM_STAGES, NUM_WARPS, _interpreting
 from .sparse_attention_triton import MAX_HEAD_DIM, pad_head_dim, padded_head_dim
 
-ROWS = 64  # sampled rows per program: one 64-row tile
-FAST_EXP = False  # packed half-precision exponentials in the estimate on CUDA
-TILE_SUM_WARPS = NUM_WARPS  # launch of the tile-sums kernel at ROWS rows
+# Sampled rows per program and the tile-sums launch: 128 rows on 4 warps edge out 64 rows by
+# 2-3% at 64K-128K, 8 warps lose (docs/BENCHMARKS.md, "The estimate's kernels")
+ROWS = 128
+TILE_SUM_WARPS = NUM_WARPS
 TILE_SUM_STAGES = NUM_STAGES
 SPLIT = 32  # key tiles per program (2048 keys); see benchmarks/block_mass_kernel.py
 SELECT_CHUNK = 1024  # estimates the selection holds at a time
@@ -59,7 +62,7 @@ BISECTION_STEPS = 31  # enough to pin any non-negative fp32 bit pattern
 @triton.jit
 def _rows(Q, b64, h, pid, M, M0, N, P, stride_qb, stride_qh, stride_qn, stride_qd,
           HEAD_DIM: tl.constexpr, SAMPLES: tl.constexpr, GROUPS: tl.constexpr):
-    """The program's 64 sampled query rows: (q, absolute positions, valid). Block m's rows sit
+    """The program's GROUPS * SAMPLES sampled query rows: (q, absolute positions, valid). Block m's rows sit
     at offsets 63, 63 - 64 / S, ... (block_mass.sample_offsets), clamped to the block's queries."""
     r = tl.arange(0, GROUPS * SAMPLES)
     blk = pid * GROUPS + r // SAMPLES  # estimate row of each sampled row
@@ -95,7 +98,7 @@ def _tile_sums_kernel(Q, K, KP, Heads, V, Mx, Lx,
                       stride_kb, stride_kh, stride_kn, stride_kd, stride_kpb, stride_kpn,
                       N, P, M, M0, NB, GROUP, HM, SPLITS, RG, G0, RC, qk_scale,
                       HEAD_DIM: tl.constexpr, SAMPLES: tl.constexpr, GROUPS: tl.constexpr, SPLIT_TILES: tl.constexpr,
-                      HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_EXP: tl.constexpr):
+                      HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr):
     ROWS_: tl.constexpr = GROUPS * SAMPLES
     local = tl.program_id(0)  # row group within the launch's chunk
     pid = G0 + local
@@ -128,14 +131,7 @@ def _tile_sums_kernel(Q, K, KP, Heads, V, Mx, Lx,
                 k = tl.load(k_base + (t * 64 + c).to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd)
                 s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            if FAST_EXP:
-                # packed half-precision exponentials: twice the rate of fp32 ones; the estimate needs
-                # about 3 significant digits and nothing below 2^-24 of the row's running max
-                e = tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [(s - m_new[:, None]).to(tl.float16)],
-                                              dtype=tl.float16, is_pure=True, pack=2)
-                tile_sum = tl.sum(e.to(tl.float32), 1)
-            else:
-                tile_sum = tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
+            tile_sum = tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
             l_i = l_i * tl.math.exp2(m_i - m_new) + tile_sum
             m_i = m_new
             # log2 of the tile's unnormalised mass: exact whatever the row max turns out to be
@@ -239,12 +235,11 @@ def _select_kernel(Est, Recall, Tiles, Counts, M, M0, NB, HM, CAP, stride_tb, st
 
 def tile_mass_triton(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch.Tensor], scale: float,
                      heads: torch.Tensor, samples: int, split: int = SPLIT, *, rows: Optional[int] = None,
-                     fast_exp: Optional[bool] = None, num_warps: Optional[int] = None,
-                     num_stages: Optional[int] = None) -> torch.Tensor:
-    """Same contract and result as ``block_mass.tile_mass`` (up to fp32 rounding, or half-precision
-    exponentials with ``fast_exp``); ``samples`` a power of two up to ``rows``; ``split`` key
-    tiles per program; ``rows`` sampled rows per program (64 or 128); ``fast_exp`` None: FAST_EXP
-    where the packed instruction exists (CUDA, not the interpreter). None: the module's settings."""
+                     num_warps: Optional[int] = None, num_stages: Optional[int] = None) -> torch.Tensor:
+    """Same contract and result as ``block_mass.tile_mass`` (up to fp32 rounding); ``samples`` a
+    power of two up to ``rows``; ``split`` key tiles per program; ``rows`` sampled rows per
+    program (64 or 128), ``num_warps`` and ``num_stages`` the tile-sums launch (None: ROWS,
+    TILE_SUM_WARPS, TILE_SUM_STAGES)."""
     rows = rows or ROWS
     b, h, nq, d = q.shape
     hk, n = k.shape[1], k.shape[2]
@@ -257,7 +252,7 @@ def tile_mass_triton(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[tor
     if d not in HEAD_DIMS:
         dp = padded_head_dim(d)
         return tile_mass_triton(pad_head_dim(q, dp), pad_head_dim(k, dp), key_padding, scale, heads, samples, split,
-                                rows=rows, fast_exp=fast_exp, num_warps=num_warps, num_stages=num_stages)
+                                rows=rows, num_warps=num_warps, num_stages=num_stages)
     nb = num_blocks(n)
     p = n - nq
     m0 = p // BLOCK
@@ -283,16 +278,14 @@ def tile_mass_triton(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[tor
     v = torch.empty(b * hm, nb, chunk * rows, dtype=torch.float32, device=dev)
     heads32 = heads.to(torch.int32).contiguous()
     meta = dict(SAMPLES=samples, GROUPS=groups, SPLIT_TILES=split)
-    packed = not _interpreting() and q.is_cuda and torch.version.hip is None
-    fast_exp = packed and (FAST_EXP if fast_exp is None else fast_exp)
-    warps = num_warps or (TILE_SUM_WARPS if rows == ROWS else 2 * NUM_WARPS if rows == 128 else NUM_WARPS)
+    warps = num_warps or TILE_SUM_WARPS
     launch = {} if _interpreting() else dict(num_warps=warps, num_stages=num_stages or TILE_SUM_STAGES)
     for g0 in range(0, row_groups, chunk):
         g1 = min(row_groups, g0 + chunk)
         _tile_sums_kernel[(g1 - g0, splits, b * hm)](
             q, k, kp, heads32, v, mx, lx, *q.stride(), *k.stride(), *kp_strides, n, p, m, m0, nb, h // hk, hm,
             splits, row_groups, g0, chunk * rows, float(scale) * LOG2E, HEAD_DIM=d, HAS_PADDING=has_padding,
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FAST_EXP=fast_exp, **meta, **launch)
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **meta, **launch)
         _tile_mass_kernel[((g1 - g0) * groups, b * hm)](v, mx, lx, est, m, m0, nb, splits, row_groups, g0, chunk * rows,
                                                         CHUNK=MASS_CHUNK, **meta,
                                                         **({} if _interpreting() else dict(num_warps=NUM_WARPS)))

@@ -72,7 +72,6 @@ from .sparse_attention import sparse_attention_ref  # noqa: F401  (the reference
 
 log = logging.getLogger(__name__)
 
-FAST_EXP = False  # packed half-precision exponentials (CUDA, 16-bit inputs): docs/BENCHMARKS.md
 LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E): the kernel's softmax works in base 2
 # Start of the running row max: finite, so a row whose keys are all masked computes
 # exp2(-inf - NEG_INIT) = 0 and exp2(NEG_INIT - NEG_INIT) = 1, never NaN; real scores are far above it.
@@ -153,17 +152,12 @@ def _prune_configs(configs, named_args, **kwargs):
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _online_update(acc, l_i, m_i, qk, v, qk_scale, DOT_PRECISION: tl.constexpr, FAST_EXP: tl.constexpr):
+def _online_update(acc, l_i, m_i, qk, v, qk_scale, DOT_PRECISION: tl.constexpr):
     """Fold one tile of raw scores (-inf where masked) into the running max, sum and output.
     The base-2 scale (> 0) is applied inside the exp2 argument, where it fuses into one FMA."""
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     alpha = tl.math.exp2(m_i - m_new)
-    if FAST_EXP:
-        # packed half-precision exponentials, twice the rate: p goes to the 16-bit PV product anyway
-        p = tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [(qk * qk_scale - m_new[:, None]).to(tl.float16)],
-                                      dtype=tl.float16, is_pure=True, pack=2).to(tl.float32)
-    else:
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
@@ -173,7 +167,7 @@ def _online_update(acc, l_i, m_i, qk, v, qk_scale, DOT_PRECISION: tl.constexpr, 
 def _contiguous_tile(acc, l_i, m_i, q, k_base, v_base, kp_base, start, end, rows,
                      stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
                      HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr, TILE: tl.constexpr,
-                     MASKED: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_EXP: tl.constexpr,
+                     MASKED: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
                      crosses=True):
     """Keys [start, start + TILE). MASKED: loads stop at ``end``, and when the tile ``crosses``
     the interval end or the diagonal (a run-time flag; True where the caller knows it does),
@@ -203,7 +197,7 @@ def _contiguous_tile(acc, l_i, m_i, q, k_base, v_base, kp_base, start, end, rows
     elif HAS_PADDING:
         pad = tl.load(kp_base + keys64 * stride_kpn)
         qk = tl.where((pad != 0)[None, :], qk, float("-inf"))
-    return _online_update(acc, l_i, m_i, qk, v, qk_scale, DOT_PRECISION, FAST_EXP)
+    return _online_update(acc, l_i, m_i, qk, v, qk_scale, DOT_PRECISION)
 
 
 @triton.jit
@@ -211,7 +205,7 @@ def _column_tile(acc, l_i, m_i, q, k_base, v_base, kp_base, col_base, pre_base, 
                  row0, rows, N, stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
                  BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr,
                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, COVER: tl.constexpr,
-                 HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_EXP: tl.constexpr):
+                 HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Columns[c0 : min(c0 + BLOCK_N, c_end)], K/V rows gathered by index. A column inside a
     run tile of this block is dropped (the run tile computed it). CAUSAL: the chunk may hold
     columns >= the block's first row. The gather is masked by the list's length alone, and run
@@ -254,7 +248,7 @@ def _column_tile(acc, l_i, m_i, q, k_base, v_base, kp_base, col_base, pre_base, 
         if HAS_PADDING:
             pad = tl.load(kp_base + j64 * stride_kpn)
             qk = tl.where((pad != 0)[None, :], qk, float("-inf"))
-    return _online_update(acc, l_i, m_i, qk, v, qk_scale, DOT_PRECISION, FAST_EXP)
+    return _online_update(acc, l_i, m_i, qk, v, qk_scale, DOT_PRECISION)
 
 
 @triton.jit
@@ -276,7 +270,7 @@ def _run_tile_count(run_base, run_count, row0, N, BLOCK_M: tl.constexpr, BLOCK_N
 def _flat_run_tiles(acc, l_i, m_i, q, k_base, v_base, kp_base, run_base, n_tiles, row0, rows, N,
                     stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
                     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr,
-                    BLOCK_N: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_EXP: tl.constexpr):
+                    BLOCK_N: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """The ``n_tiles`` run tiles of a block in one loop: run ``r`` and tile ``i`` within it are
     carried, and a tile is masked only when it crosses its interval's end or the diagonal.
     Runs are sorted by diagonal: those that reach the block (``d_lo < row0 + BLOCK_M``) come
@@ -293,7 +287,7 @@ def _flat_run_tiles(acc, l_i, m_i, q, k_base, v_base, kp_base, run_base, n_tiles
         acc, l_i, m_i = _contiguous_tile(
             acc, l_i, m_i, q, k_base, v_base, kp_base, start, hi, rows,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
-            HEAD_DIM, HEAD_DV, BLOCK_N, True, HAS_PADDING, DOT_PRECISION, FAST_EXP, crosses)
+            HEAD_DIM, HEAD_DV, BLOCK_N, True, HAS_PADDING, DOT_PRECISION, crosses)
         last = start + BLOCK_N >= hi
         r = tl.where(last, r + 1, r)
         i = tl.where(last, 0, i + 1)
@@ -312,7 +306,7 @@ def _sparse_attention_kernel(
         N, Q_START, H, GROUP, NB, ROWS, R, C, KB, qk_scale, N_BUCKET,
         HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, KB_POW2: tl.constexpr, HAS_PADDING: tl.constexpr,
-        HAS_COLUMNS: tl.constexpr, HAS_BLOCKS: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_EXP: tl.constexpr):
+        HAS_COLUMNS: tl.constexpr, HAS_BLOCKS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor's launcher passes Python floats as fp64
     m = NB - 1 - tl.program_id(0)  # heaviest query blocks first
     bh = tl.program_id(1)
@@ -352,13 +346,13 @@ def _sparse_attention_kernel(
             acc, l_i, m_i = _contiguous_tile(
                 acc, l_i, m_i, q, k_base, v_base, kp_base, start, N, rows,
                 stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
-                HEAD_DIM, HEAD_DV, BLOCK_M, False, HAS_PADDING, DOT_PRECISION, FAST_EXP)
+                HEAD_DIM, HEAD_DV, BLOCK_M, False, HAS_PADDING, DOT_PRECISION)
         for i in range(n_below, cnt):
             start = tl.load(blk_base + i) * BLOCK_M
             acc, l_i, m_i = _contiguous_tile(
                 acc, l_i, m_i, q, k_base, v_base, kp_base, start, tl.minimum(start + BLOCK_M, N),
                 rows, stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
-                HEAD_DIM, HEAD_DV, BLOCK_M, True, HAS_PADDING, DOT_PRECISION, FAST_EXP)
+                HEAD_DIM, HEAD_DV, BLOCK_M, True, HAS_PADDING, DOT_PRECISION)
 
     # (b) Runs: one contiguous key interval each; full tiles ending at or before the block's
     # first query (and the interval end) go unmasked, the last one or two tiles are masked.
@@ -373,7 +367,7 @@ def _sparse_attention_kernel(
     acc, l_i, m_i = _flat_run_tiles(
         acc, l_i, m_i, q, k_base, v_base, kp_base, run_base, n_flat, row0, rows, N,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
-        BLOCK_M, HEAD_DIM, HEAD_DV, BLOCK_N, HAS_PADDING, DOT_PRECISION, FAST_EXP)
+        BLOCK_M, HEAD_DIM, HEAD_DV, BLOCK_N, HAS_PADDING, DOT_PRECISION)
     for r in range(0, n_runs):
         d_lo = tl.load(run_base + 2 * r)
         d_hi = tl.load(run_base + 2 * r + 1)
@@ -384,12 +378,12 @@ def _sparse_attention_kernel(
             acc, l_i, m_i = _contiguous_tile(
                 acc, l_i, m_i, q, k_base, v_base, kp_base, lo + t * BLOCK_N, hi, rows,
                 stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
-                HEAD_DIM, HEAD_DV, BLOCK_N, False, HAS_PADDING, DOT_PRECISION, FAST_EXP)
+                HEAD_DIM, HEAD_DV, BLOCK_N, False, HAS_PADDING, DOT_PRECISION)
         for start in range(lo + n_free * BLOCK_N, hi, BLOCK_N):
             acc, l_i, m_i = _contiguous_tile(
                 acc, l_i, m_i, q, k_base, v_base, kp_base, start, hi, rows,
                 stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
-                HEAD_DIM, HEAD_DV, BLOCK_N, True, HAS_PADDING, DOT_PRECISION, FAST_EXP)
+                HEAD_DIM, HEAD_DV, BLOCK_N, True, HAS_PADDING, DOT_PRECISION)
 
     # (c) Columns below (m+1)*64; those below m*64 (column_count[m-1] of them) need no
     # causal mask, so chunks wholly among them skip it. Columns left of every run tile of the
@@ -410,17 +404,17 @@ def _sparse_attention_kernel(
             acc, l_i, m_i = _column_tile(
                 acc, l_i, m_i, q, k_base, v_base, kp_base, col_base, pre_base, t * BLOCK_N, c_end,
                 row0, rows, N, stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
-                BLOCK_M, HEAD_DIM, HEAD_DV, BLOCK_N, False, False, HAS_PADDING, DOT_PRECISION, FAST_EXP)
+                BLOCK_M, HEAD_DIM, HEAD_DV, BLOCK_N, False, False, HAS_PADDING, DOT_PRECISION)
         for t in range(n_plain, n_free):
             acc, l_i, m_i = _column_tile(
                 acc, l_i, m_i, q, k_base, v_base, kp_base, col_base, pre_base, t * BLOCK_N, c_end,
                 row0, rows, N, stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
-                BLOCK_M, HEAD_DIM, HEAD_DV, BLOCK_N, False, True, HAS_PADDING, DOT_PRECISION, FAST_EXP)
+                BLOCK_M, HEAD_DIM, HEAD_DV, BLOCK_N, False, True, HAS_PADDING, DOT_PRECISION)
         for c0 in range(n_free * BLOCK_N, c_end, BLOCK_N):
             acc, l_i, m_i = _column_tile(
                 acc, l_i, m_i, q, k_base, v_base, kp_base, col_base, pre_base, c0, c_end,
                 row0, rows, N, stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
-                BLOCK_M, HEAD_DIM, HEAD_DV, BLOCK_N, True, True, HAS_PADDING, DOT_PRECISION, FAST_EXP)
+                BLOCK_M, HEAD_DIM, HEAD_DV, BLOCK_N, True, True, HAS_PADDING, DOT_PRECISION)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # no kept key: acc is 0, output 0
     out = acc / l_safe[:, None]
@@ -575,9 +569,7 @@ def launch_args(q, k, v, out, index: SparseIndex, scale: float, key_padding, n_b
             n, q_start, h, h // hk, nb, rows, r, c, kb, float(scale) * LOG2E, n_bucket)
     meta = dict(HEAD_DIM=d, HEAD_DV=dv, BLOCK_M=BLOCK, KB_POW2=triton.next_power_of_2(max(kb, 1)),
                 HAS_PADDING=has_padding, HAS_COLUMNS=c > 0, HAS_BLOCKS=kb > 0,
-                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                FAST_EXP=FAST_EXP and q.dtype != torch.float32 and q.is_cuda and torch.version.hip is None
-                and not _interpreting())
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     grid = (nb - q_start // BLOCK, b * h)  # the blocks that hold a query: the last ones
     return grid, args, meta
 
