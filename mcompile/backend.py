@@ -1,6 +1,6 @@
 """The ``minference`` torch.compile backend: rewrite attention, then hand the graph to Inductor.
 
-    model = torch.compile(model, backend="minference", options={"dense_below": 40960})
+    model = torch.compile(model, backend="minference", options={"dense_below": 24576})
 
 Registered through the ``torch_dynamo_backends`` entry point, so the name works after
 ``pip install`` without importing mcompile. Dynamo calls ``minference_backend(gm, example_inputs)``

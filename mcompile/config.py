@@ -9,10 +9,10 @@ from typing import Any, Mapping, Optional
 
 from .patterns import DEFAULT_BLOCK_MASS, DEFAULT_BUDGET_EXPONENT, DEFAULT_BUDGET_LENGTH, DEFAULT_VERTICAL_SLASH, Pattern
 
-# Prompts shorter than this stay dense. Measured on an H100 (docs/BENCHMARKS.md, 2026-12-06) on
-# real SmolLM2 + YaRN heads with the default pattern (block-mass 0.98, 8 rows), estimation +
-# sparse attention against cuDNN SDPA per layer: 0.99x at 32K, 1.23x at 40K, 1.45x at 48K.
-DEFAULT_DENSE_BELOW = 40960
+# Prompts shorter than this stay dense: the shortest measured length at which the default
+# pattern's layer (estimation + sparse attention) beats cuDNN on real heads (docs/BENCHMARKS.md,
+# "Crossover").
+DEFAULT_DENSE_BELOW = 24576
 # Tokens per chunk of the chunked MLP. MInference ran the MLP in 96K-token chunks on an A100 at
 # 1M tokens; 64K keeps Llama-3-8B's chunk intermediates (gate, up: 64K x 14336 bf16) at 1.75 GiB
 # each, while each chunk's matmuls (about 23 TFLOP) stay long enough that per-chunk launch and
