@@ -42,7 +42,7 @@ from mcompile.models import load_smollm2
 from mcompile.patterns import DEFAULT_BUDGET_EXPONENT, DEFAULT_BUDGET_LENGTH, DEFAULT_VERTICAL_SLASH, Pattern, encode, \
     scaled_budgets
 
-TARGETS = (0.9, 0.95)  # recall targets of the oracles
+TARGETS = (0.9, 0.95, 0.97, 0.98, 0.99)  # recall targets of the oracles
 TEXT_OFFSET = 20000  # tokens into the standard library's documentation (not the search's calibration text)
 
 
@@ -161,7 +161,20 @@ def measure_policy(q, k, v, spec: str, blocks, scale, timed: bool):
     row = {"recall": recall.tolist(), "kept": (kept / causal).tolist()}
     if timed:
         row["layer_ms"] = layer_ms(q, k, v, pattern, scale)
+        row.update(kernel_only(q, k, v, index, scale))
     return row
+
+
+def kernel_only(q, k, v, index: SparseIndex, scale) -> dict:
+    """The sparse kernel alone on the layer's index, and the share of the layer's causal pairs it
+    computes (every row, not only the sampled ones): the kernel's rate against cuDNN's."""
+    from triton.testing import do_bench
+
+    from mcompile.index import computed_fraction
+
+    ms = do_bench(lambda: torch.ops.mcompile.sparse_attention(q, k, v, *index, None, scale, 0), warmup=50, rep=200,
+                  return_mode="median")
+    return {"kernel_ms": ms, "layer_computed": computed_fraction(index, k.shape[2]).float().mean().item()}
 
 
 def run(args) -> list[dict]:
@@ -212,6 +225,16 @@ def merge(paths: list[str]) -> list[dict]:
     return [merged[key] for key in sorted(merged)]
 
 
+def tile_oracle_at(oracle: dict, recall: float) -> Optional[float]:
+    """The tile oracle's share at ``recall``, linear between the targets it was computed at (None
+    outside them or when the run lacks them)."""
+    pts = sorted((t, oracle[f"tile@{t}"]) for t in TARGETS if f"tile@{t}" in oracle)
+    for (t0, s0), (t1, s1) in zip(pts, pts[1:]):
+        if t0 <= recall <= t1:
+            return s0 + (s1 - s0) * (recall - t0) / (t1 - t0)
+    return None
+
+
 def summary(results: list[dict]) -> list[dict]:
     """Per length and policy: mean recall, worst head, mean kept; the oracles' mean kept."""
     rows = []
@@ -228,8 +251,15 @@ def summary(results: list[dict]) -> list[dict]:
             if "cudnn_ms" in at[0] and all("layer_ms" in r["policies"][spec] for r in at):
                 ms = mean([r["policies"][spec]["layer_ms"] for r in at])
                 timing = {"layer_ms": ms, "speedup_vs_cudnn": mean([r["cudnn_ms"] for r in at]) / ms}
+            if "cudnn_ms" in at[0] and all("kernel_ms" in r["policies"][spec] for r in at):
+                # the kernel's rate on its computed pairs against cuDNN's on all of them
+                timing["kernel_ms"] = mean([r["policies"][spec]["kernel_ms"] for r in at])
+                timing["kernel_rate_vs_cudnn"] = mean([r["cudnn_ms"] * r["policies"][spec]["layer_computed"]
+                                                       / r["policies"][spec]["kernel_ms"] for r in at])
+            same = tile_oracle_at(oracle, mean(recall))
             rows.append({"length": n, "policy": spec, "recall": mean(recall), "worst": min(recall), "kept": kept,
-                         "kept_over_tile_oracle@0.95": kept / oracle["tile@0.95"], **oracle, **timing})
+                         "kept_over_tile_oracle@0.95": kept / oracle["tile@0.95"],
+                         **({"kept_over_tile_oracle@same_recall": kept / same} if same else {}), **oracle, **timing})
     return rows
 
 
@@ -281,11 +311,15 @@ def main() -> None:
     if args.plot:
         plot(results, args.plot)
     print(f"{'N':>7} {'policy':<14} {'recall':>7} {'worst':>6} {'kept':>7} {'kept/tile@.95':>13} {'tile@.95':>8} "
-          f"{'key@.95':>8}")
+          f"{'key@.95':>8} {'kept/tile@same':>14}")
     for r in summary(results):
         speed = f" {r['layer_ms']:8.2f} ms {r['speedup_vs_cudnn']:5.2f}x" if "layer_ms" in r else ""
+        if "kernel_ms" in r:
+            speed += f" kernel {r['kernel_ms']:7.2f} ms at {r['kernel_rate_vs_cudnn']:.2f} of cuDNN's rate"
+        same = r.get("kept_over_tile_oracle@same_recall")
         print(f"{r['length']:>7} {r['policy']:<14} {r['recall']:7.3f} {r['worst']:6.2f} {100 * r['kept']:6.1f}% "
-              f"{r['kept_over_tile_oracle@0.95']:13.2f} {100 * r['tile@0.95']:7.1f}% {100 * r['key@0.95']:7.1f}%{speed}")
+              f"{r['kept_over_tile_oracle@0.95']:13.2f} {100 * r['tile@0.95']:7.1f}% {100 * r['key@0.95']:7.1f}% "
+              f"{'-' if same is None else format(same, '.2f'):>14}{speed}")
 
 
 if __name__ == "__main__":
