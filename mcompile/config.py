@@ -183,9 +183,3 @@ class MInferenceConfig:
             patches.update(torch._inductor.list_mode_options(self.mode))
         patches.update(dict(self.inductor_config))
         return patches
-
-    def cache_key(self) -> str:
-        """Everything that changes the rewritten graph (part of the compile cache key)."""
-        return repr((self.pattern_db, self.default_pattern, self.dense_below, self.budget_length,
-                     self.budget_exponent, self.logits.value, self.chunk_mlp, self.mlp_chunk, self.rope_once,
-                     self.store_residual, self.inline_kernels))

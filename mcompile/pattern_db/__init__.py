@@ -128,9 +128,6 @@ class PatternDB:
                        for i, heads in enumerate(self.layers)],
         }
 
-    def cache_key(self) -> str:
-        return json.dumps(self.to_json(), sort_keys=True)
-
 
 def _require(obj: Any, key: str, kind, where: str):
     if not isinstance(obj, dict) or key not in obj:
