@@ -49,9 +49,9 @@ def one(name: str, args) -> dict:
     model = LlamaForCausalLM(cfg).eval()
     options = CONFIGS[name]
     if options is not None and options.get("_dense_check"):
-        from mcompile.kernels import inline
+        from mcompile.passes import lowering
 
-        inline._DENSE_CHECK_EVERYWHERE = True
+        lowering._DENSE_CHECK_EVERYWHERE = True
         options = {k: v for k, v in options.items() if k != "_dense_check"}
     if options is None:
         compiled = torch.compile(model, backend="inductor", dynamic=True)

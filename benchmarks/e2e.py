@@ -7,7 +7,7 @@ minference backend, in one process, with compile time, graph count and peak memo
 
 Models: ``llama8b``: transformers' LlamaConfig with Llama-3-8B's shape (32 layers, 32 query / 8 KV
 heads, head dim 128, intermediate 14336, vocab 128256), random bf16 weights; ``smollm2``:
-SmolLM2-135M with real weights, RoPE extended by YaRN, real text (mcompile.data.haystack).
+SmolLM2-135M with real weights, RoPE extended by YaRN, real text (mcompile.tools.data.haystack).
 
 Every forward is a prefill without a KV cache (``use_cache=False``: the 1M-token cache of
 Llama-3-8B is 128 GiB in bf16, more than the GPU and, at 128 GiB, as much as the host's memory)
@@ -135,7 +135,7 @@ def build_model(args, layers=None):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     if args.model == "smollm2":
-        from mcompile.models import load_smollm2
+        from mcompile.tools.models import load_smollm2
 
         factor = args.yarn_factor or max(16, math.ceil(max(args.lengths) / SMOLLM2_CONTEXT))
         model, tok = load_smollm2(dtype=args.dtype, attn_implementation=ATTN_IMPL, yarn_factor=factor,
@@ -443,7 +443,7 @@ def main():
     model, tok, factor = build_model(args, layers=1 if args.fit else None)
     n_max = max(args.lengths + [args.check_length])
     if tok is not None:
-        from mcompile.data import haystack
+        from mcompile.tools.data import haystack
 
         tokens = torch.tensor([haystack(tok, n_max)], device=args.device)
     else:

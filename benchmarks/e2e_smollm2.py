@@ -26,11 +26,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, os.path.dirname(__file__))
 from gpu_check_kernels import index_stats  # noqa: E402
 
-from mcompile.data import haystack  # noqa: E402
+from mcompile.tools.data import haystack  # noqa: E402
 from mcompile.index import block_mask_rows  # noqa: E402
 from mcompile.kernels.estimate_triton import estimate_index_triton  # noqa: E402
 from mcompile.kernels.sparse_attention_triton import sparse_attention_triton  # noqa: E402
-from mcompile.models import load_smollm2  # noqa: E402
+from mcompile.tools.models import load_smollm2  # noqa: E402
 from mcompile.backend import minference_backend  # noqa: E402  (works without the entry point)
 
 PATTERN = {"kind": "vertical_slash", "vertical": 1000, "slash": 6096}  # MInference's default budgets

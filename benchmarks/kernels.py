@@ -113,9 +113,9 @@ def gaussian_qk(n, h, hk, d, seed=0, device="cuda"):
 
 def real_qkv(lengths, layers):
     """{n: {layer: (q, k, v)}} from SmolLM2 + YaRN x16 on real text (bf16, CUDA)."""
-    from mcompile.capture import capture_qkv
-    from mcompile.data import haystack
-    from mcompile.models import load_smollm2
+    from mcompile.tools.capture import capture_qkv
+    from mcompile.tools.data import haystack
+    from mcompile.tools.models import load_smollm2
 
     model, tok = load_smollm2(dtype=torch.bfloat16, device="cuda", yarn_factor=16)
     out = {}
@@ -156,7 +156,7 @@ def head_slice(index: SparseIndex, h: int) -> SparseIndex:
 
 def sampled_recall(q, k, index, scale):
     """Mean attention mass on kept keys over every head and RECALL_FRACTIONS' query blocks."""
-    from mcompile.capture import attention_recall
+    from mcompile.tools.capture import attention_recall
 
     n = q.shape[2]
     group = q.shape[1] // k.shape[1]

@@ -22,9 +22,9 @@ import time
 
 import torch
 
-from mcompile.data import haystack
-from mcompile.eval.perplexity import window_nll
-from mcompile.models import load_smollm2
+from mcompile.tools.data import haystack
+from mcompile.tools.eval.perplexity import window_nll
+from mcompile.tools.models import load_smollm2
 
 from .recall_frontier import policy
 

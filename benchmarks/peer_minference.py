@@ -429,7 +429,7 @@ def minference_kept(q: torch.Tensor, k: torch.Tensor, vertical: int, slash: int,
 def recall_on_blocks(q: torch.Tensor, k: torch.Tensor, covered: torch.Tensor, rows: Iterable[int],
                      scale: float) -> torch.Tensor:
     """Mean (over the rows of the blocks) causal softmax mass (fp32) on covered keys, per (batch,
-    head): (B, H) fp32. The quantity of ``mcompile.capture.attention_recall`` (which takes a
+    head): (B, H) fp32. The quantity of ``mcompile.tools.capture.attention_recall`` (which takes a
     SparseIndex: MInference's tiles sit at per-block offsets no SparseIndex holds). ``covered``
     (B, H, R, 64, N) as ``minference_kept`` returns it for the same ``rows``."""
     b, h, n, d = q.shape
@@ -808,7 +808,7 @@ def measure(label, q, k, v, vertical, slash, scale, args, check=False) -> dict:
 
     if not args.skip_ours:
         import mcompile  # noqa: F401  (registers torch.ops.mcompile)
-        from mcompile.capture import attention_recall
+        from mcompile.tools.capture import attention_recall
         from mcompile.index import SparseIndex, block_mask_rows
         from mcompile.patterns import PatternKind
 

@@ -1,7 +1,7 @@
 """Recall against computed share on real heads, with the oracles: how far an index is from the best possible.
 
 SmolLM2-135M-Instruct (real weights, RoPE stretched by YaRN x16) reads real text; for each of a
-set of layers its Q/K are captured (``mcompile.capture``) and, on 64-row query blocks sampled in
+set of layers its Q/K are captured (``mcompile.tools.capture``) and, on 64-row query blocks sampled in
 the second half of the prompt, the exact attention is compared with:
 
 - the tile oracle: per query block, the fewest 64x64 tiles whose true mass reaches the target;
@@ -33,12 +33,12 @@ from typing import Optional
 
 import torch
 
-from mcompile.capture import attention_recall, capture_qkv
+from mcompile.tools.capture import attention_recall, capture_qkv
 from mcompile.config import MInferenceConfig
-from mcompile.data import haystack
+from mcompile.tools.data import haystack
 from mcompile.index import BLOCK, SparseIndex, block_mask_rows
 from mcompile.kernels.estimate import estimate_index_ref
-from mcompile.models import load_smollm2
+from mcompile.tools.models import load_smollm2
 from mcompile.patterns import DEFAULT_BUDGET_EXPONENT, DEFAULT_BUDGET_LENGTH, DEFAULT_VERTICAL_SLASH, Pattern, encode, \
     scaled_budgets
 
@@ -294,7 +294,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, nargs="+", default=list(range(0, 30, 3)))
     p.add_argument("--blocks", type=int, default=12, help="64-row query blocks sampled per layer")
     p.add_argument("--policies", nargs="+", default=["vs-default", "mass:0.95", "default", "mass:0.98,4"])
-    p.add_argument("--source", default="stdlib", help="text (mcompile.data.SOURCES): stdlib docs or python source")
+    p.add_argument("--source", default="stdlib", help="text (mcompile.tools.data.SOURCES): stdlib docs or python source")
     p.add_argument("--offset", type=int, default=TEXT_OFFSET, help="tokens into the text")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")

@@ -17,18 +17,18 @@ from typing import Callable, Optional
 import torch
 from torch._dynamo.utils import counters
 
-from . import memory_ops
 from .conditional import shared_regions
 from .config import Compiler, MInferenceConfig
-from .kernels import inline
-from .passes.memory import MemoryReport, apply_memory_passes
+from .passes import lowering
+from .passes.memory import apply_memory_passes
+from .passes.memory_report import MemoryReport
 from .passes.rewrite import RewriteReport, rewrite_attention
 
 log = logging.getLogger(__name__)
 
 # The parts of a rewritten graph a failed compile may come from, as the fallback warning names them.
 INLINED_ATTENTION = "the inlined sparse attention"
-CHUNKED_MLP = "the chunked MLP's conditional (memory_ops.gated_mlp)"
+CHUNKED_MLP = "the chunked MLP's conditional (passes/lowering.py: gated_mlp)"
 ERROR_CHARS = 200  # of the error's first line, quoted in the fallback warning
 
 
@@ -48,7 +48,7 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs, config: MInferenceCo
 def _conditional_parts(gm: torch.fx.GraphModule) -> dict[str, str]:
     """Node name -> what the node is, for the nodes the passes inserted that lean on torch.cond's
     and invoke_subgraph's lowering: what a failed compile may come from."""
-    parts = {inline.sparse_attention: INLINED_ATTENTION, memory_ops.gated_mlp: CHUNKED_MLP}
+    parts = {lowering.sparse_attention: INLINED_ATTENTION, lowering.gated_mlp: CHUNKED_MLP}
     return {n.name: parts[n.target] for n in gm.graph.nodes if n.op == "call_function" and n.target in parts}
 
 
@@ -106,7 +106,7 @@ def minference_backend(gm: torch.fx.GraphModule, example_inputs, options: Option
     logits, chunked MLP; passes/memory.py), Inductor for everything."""
     config = MInferenceConfig.from_options(options, mode)
     grad = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
-    # Inlined attention (kernels/inline.py) and the MLP pass lean on torch.cond's and
+    # Inlined attention (passes/lowering.py) and the MLP pass lean on torch.cond's and
     # invoke_subgraph's lowering, which change between torch releases: when inlining was chosen
     # automatically and the compile fails, compile again without what failed (_fall_back; same
     # results), saying what it was, rather than failing the user's model.

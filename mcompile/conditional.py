@@ -1,8 +1,7 @@
 """A run-time branch on a symbolic size that Inductor lowers into its own code.
 
 ``flat_cond(pred, true_fn, false_fn, tensors, extra)`` is ``torch.cond`` with the workarounds the
-rewrites need (torch 2.11 and 2.13), shared by the inlined attention (kernels/inline.py) and the
-MLP pass (memory_ops.gated_mlp):
+rewrites need (torch 2.11 and 2.13), shared by the inlined attention and the MLP pass (passes/lowering.py):
 
 - ``pred`` a Python bool or a SymBool (``N >= dense_below``): no guard, one graph for every
   length; known at trace time (static shapes), only the branch taken is traced. Or a 0-dim bool
@@ -144,8 +143,8 @@ def shared_region(name: str, fn: Callable, operands: tuple, key: tuple) -> torch
     """``fn(*operands)`` (one tensor) as an ``invoke_subgraph`` region: AOTAutograd traces it once
     per distinct ``key`` and operand layout, and Inductor lowers and generates its code once, for
     every layer that calls it with the same key. Without it every layer's conditionals are traced
-    (several times each) and lowered on their own: a 32-layer model compiled 1.4-1.7x slower than
-    plain Inductor (benchmarks/compile_time.py). ``fn`` may use only ``operands`` and the values in
+    (several times each) and lowered on their own: compile time grew with the layer count well
+    past plain Inductor's (benchmarks/compile_time.py, docs/BENCHMARKS.md). ``fn`` may use only ``operands`` and the values in
     ``key`` (it is called for the first call of a key, standing in for the rest). Outside a
     compile (eager), or within ``shared_regions(False)``, it is ``fn(*operands)``."""
     from torch._guards import TracingContext

@@ -84,7 +84,7 @@ class MInferenceConfig:
     inline_kernels: None (auto: where the Triton kernel runs on the graph's device, i.e. CUDA),
         True (wherever the rewrite allows, any device: tests) or False:
         whether sparse attention enters the graph as a ``torch.cond`` over a ``triton_op`` that
-        Inductor lowers into its own code (kernels/inline.py), rather than as the opaque op.
+        Inductor lowers into its own code (passes/lowering.py), rather than as the opaque op.
         Either way the result is the same; inlining needs a whole prompt without key padding.
     compiler: "inductor", "aot_eager" or "eager".
     mode: an Inductor mode ("default", "reduce-overhead", "max-autotune", ...), as for

@@ -116,7 +116,7 @@ class Explanation:
         return "\n".join(lines)
 
     def inline_lines(self) -> list[str]:
-        """How the rewritten attentions reach Inductor (kernels/inline.py), one line per outcome:
+        """How the rewritten attentions reach Inductor (passes/lowering.py), one line per outcome:
         inlined, or not with the reason."""
         groups: dict = {}
         for s in self.sites:

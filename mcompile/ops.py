@@ -1,19 +1,36 @@
-"""The two graph ops the rewrite inserts, registered in the ``mcompile`` library namespace.
+"""Every op mcompile registers, in the ``mcompile`` library namespace (their fake implementations
+use symbolic arithmetic only, so one compiled graph serves every length):
 
-``mcompile::estimate_index`` builds a layer's SparseIndex (all heads at once) and
-``mcompile::sparse_attention`` consumes it. Both are opaque to the compiler: their fake
-implementations use symbolic arithmetic only, so one compiled graph serves every length, and
-the choice between the dense path and the sparse path (``runs_dense``) is a free branch at run
-time rather than a guard. On CUDA the bodies run the Triton kernels where
-``kernels.capability`` allows, and the pure-PyTorch implementations otherwise.
+- ``mcompile::estimate_index`` builds a layer's SparseIndex (all heads at once) and
+  ``mcompile::sparse_attention`` consumes it: opaque to the compiler, the choice between the
+  dense path and the sparse path (``runs_dense``) a free branch at run time rather than a guard.
+  On CUDA the bodies run the Triton kernels where ``kernels.capability`` allows, and the
+  pure-PyTorch implementations otherwise.
+- ``mcompile::sparse_attention_kernel`` (a ``torch.library.triton_op``: Inductor copies the
+  kernel into its own code) and ``mcompile::dense_check`` (the run-time density check): what the
+  inlined lowering (passes/lowering.py) puts in its conditionals.
+- ``mcompile::chunked_mlp``: a gated MLP run over the tokens a chunk at a time (below).
 
 Queries may be a chunk after a cached prefix: q (B, H, Nq, D) over k/v (B, Hk, N, D) with
 Nq <= N; query row i is at position ``N - Nq + i`` and sees keys up to it (bottom-right
 causal alignment, index.py). The index is built over N.
+
+The chunked MLP::
+
+    out = down(act(gate(x)) * up(x))        x: (..., hidden) -> out: (..., hidden_out)
+
+Inductor compiles a gated MLP into gate and up matmuls whose outputs are N x intermediate_size
+each (Llama-3-8B at 1M tokens: 28 GiB apiece in bf16). This op computes the same function
+``chunk`` tokens at a time (tokens of all batch rows flattened), writing each chunk's result into
+its rows of the output, so the largest temporaries are chunk x intermediate_size; the loop over
+chunks is a run-time loop, not a guard. Each chunk's activation-multiply is one fused kernel
+(kernels/act_mul_triton.py on CUDA, the same one Inductor would generate). Inference only: the
+op has no backward.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Optional
 
@@ -23,6 +40,7 @@ from torch._dynamo.utils import counters
 
 from .index import BLOCK, SparseIndex, computed_fraction, index_rows
 from .kernels import dispatch
+from .kernels.act_mul import ACTIVATIONS, act_mul_ref
 from .kernels.estimate import estimate_index_ref, index_capacity
 from .kernels.sparse_attention import sparse_attention_ref
 from .patterns import DEFAULT_BUDGET_EXPONENT, LAST_Q, decode, scale_lists
@@ -37,10 +55,9 @@ MIN_SPARSE_CHUNK = LAST_Q
 DENSE_MASK_ENTRIES = 1 << 26
 
 
-# Past this share of computed pairs the sparse kernel is slower than cuDNN's dense attention:
-# on an H100 the kernel runs at 57-77% of cuDNN's throughput per computed pair, and estimation
-# costs a few ms (docs/BENCHMARKS.md, benchmarks/kernels.py); Gaussian-like heads whose slashes
-# scatter reach 77-100% and ran 0.55-0.58x of dense there.
+# Past this share of computed pairs the sparse kernel is slower than cuDNN's dense attention: it
+# runs below cuDNN's throughput per computed pair and estimation costs extra (docs/BENCHMARKS.md,
+# benchmarks/kernels.py).
 DENSE_ABOVE_FRACTION = 0.5
 # The check costs one device-to-host copy per layer; below this key length it is not worth it
 # (and such prompts normally run dense anyway, see ``dense_below``).
@@ -210,3 +227,120 @@ def _(q, k, v, runs, run_count, diag_prefix, columns, column_count, blocks, bloc
 
 __all__ = ["estimate_index", "sparse_attention", "dense_attention", "runs_dense", "estimate_index_ref",
            "sparse_attention_ref"]
+
+
+# ----------------------------------------------------------------------------------------------
+# What the inlined attention (passes/lowering.py) puts in its conditionals
+# ----------------------------------------------------------------------------------------------
+
+def _triton():
+    from .kernels import sparse_attention_triton
+
+    return sparse_attention_triton
+
+
+@torch.library.triton_op("mcompile::sparse_attention_kernel", mutates_args=())
+def sparse_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: torch.Tensor,
+                            run_count: torch.Tensor, diag_prefix: torch.Tensor, columns: torch.Tensor,
+                            column_count: torch.Tensor, blocks: torch.Tensor, block_count: torch.Tensor,
+                            scale: float) -> torch.Tensor:
+    """Sparse causal attention of a whole prompt (q (B, H, N, D), k/v (B, Hk, N, D), any strides)
+    over the index: the Triton kernel on CUDA, launched through ``wrap_triton``; elsewhere the
+    PyTorch reference (through the opaque op, with ``dense_below`` 0 so it never turns dense).
+    On CUDA the output (B, H, N, Dv) is a view of (B, N, H, Dv) storage: the layout in which
+    the model reshapes it next, so that no transpose copy follows."""
+    index = (runs, run_count, diag_prefix, columns, column_count, blocks, block_count)
+    if q.device.type != "cuda":
+        return torch.ops.mcompile.sparse_attention(q, k, v, *index, None, scale, 0)
+    tri = _triton()
+    d, dv = q.shape[-1], v.shape[-1]
+    dp, dvp = tri.padded_head_dim(d), tri.padded_head_dim(dv)
+    qp, kp, vp = tri.pad_head_dim(q, dp), tri.pad_head_dim(k, dp), tri.pad_head_dim(v, dvp)
+    b, h, n = q.shape[:3]
+    out = torch.empty(b, n, h, dvp, dtype=q.dtype, device=q.device).transpose(1, 2)
+    grid, args, meta = tri.launch_args(qp, kp, vp, out, SparseIndex(*index), scale, None, 0)
+    config = tri.fixed_config(dp, dvp, q.dtype)
+    torch.library.wrap_triton(tri._sparse_attention_kernel)[grid](*args, **meta, **config)
+    return out if dvp == dv else out[..., :dv].transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@torch.library.custom_op("mcompile::dense_check", mutates_args=())
+def dense_check(runs: torch.Tensor, run_count: torch.Tensor, column_count: torch.Tensor,
+                block_count: torch.Tensor, n: int) -> torch.Tensor:
+    """0-dim bool tensor: True when the index covers so many pairs that dense attention is faster
+    (``dense_by_fraction``, the opaque op's check, logged and counted the same way)."""
+    empty = runs.new_empty(0)
+    index = SparseIndex(runs, run_count, empty, empty, column_count, empty, block_count)
+    return torch.tensor(dense_by_fraction(index, n, runs.is_cuda), device=runs.device)
+
+
+@dense_check.register_fake
+def _(runs, run_count, column_count, block_count, n):
+    return runs.new_empty((), dtype=torch.bool)
+
+
+# ----------------------------------------------------------------------------------------------
+# The chunked MLP
+# ----------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def _triton_act_mul():
+    try:
+        from .kernels.act_mul_triton import act_mul_triton
+
+        return act_mul_triton
+    except ImportError as exc:  # Triton missing: the PyTorch path serves
+        log.info("mcompile: Triton unavailable for the chunked MLP (%s); using PyTorch", exc)
+        return None
+
+
+def act_mul(g: torch.Tensor, u: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(g) * u: in place into ``g`` by a Triton kernel on CUDA, the reference elsewhere."""
+    if g.is_cuda:
+        kernel = _triton_act_mul()
+        if kernel is not None:
+            return kernel(g, u, activation)
+    return act_mul_ref(g, u, activation)
+
+
+def _check_mlp(x, w_gate, w_up, w_down, activation: str, chunk: int) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"chunked_mlp: activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+    if chunk < 1:
+        raise ValueError(f"chunked_mlp: chunk must be >= 1 token, got {chunk}")
+    if w_gate.shape != w_up.shape or w_gate.shape[1] != x.shape[-1] or w_down.shape[1] != w_gate.shape[0]:
+        raise ValueError(f"chunked_mlp: weights gate {tuple(w_gate.shape)}, up {tuple(w_up.shape)}, down "
+                         f"{tuple(w_down.shape)} do not fit x (..., {x.shape[-1]})")
+
+
+@torch.library.custom_op("mcompile::chunked_mlp", mutates_args=())
+def chunked_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                b_gate: Optional[torch.Tensor], b_up: Optional[torch.Tensor], b_down: Optional[torch.Tensor],
+                activation: str, chunk: int) -> torch.Tensor:
+    """down(act(gate(x)) * up(x)) over ``chunk`` tokens at a time; x (..., hidden)."""
+    _check_mlp(x, w_gate, w_up, w_down, activation, chunk)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])  # (T, hidden): tokens of every batch row
+    tokens = x2.shape[0]
+    out = x2.new_empty(tokens, w_down.shape[0])  # (T, hidden_out)
+    w_down_t = w_down.t()
+    for start in range(0, tokens, chunk):
+        xs = x2[start:start + chunk]
+        h = act_mul(F.linear(xs, w_gate, b_gate), F.linear(xs, w_up, b_up), activation)  # (chunk, inter)
+        rows = out[start:start + chunk]  # contiguous: whole rows of a contiguous tensor
+        if b_down is None:
+            torch.mm(h, w_down_t, out=rows)
+        else:
+            torch.addmm(b_down, h, w_down_t, out=rows)
+        del h
+    return out.view(*lead, w_down.shape[0])
+
+
+@chunked_mlp.register_fake
+def _(x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation, chunk):
+    return x.new_empty(*x.shape[:-1], w_down.shape[0])
+
+
+def mlp_ref(x, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None, activation: str = "silu"):
+    """The unchunked MLP, for tests."""
+    return F.linear(act_mul_ref(F.linear(x, w_gate, b_gate), F.linear(x, w_up, b_up), activation), w_down, b_down)

@@ -81,6 +81,16 @@ class Pattern:
         """Block-mass's target share of the estimated attention mass (0, 1]."""
         return self.p0 / RECALL_SCALE
 
+    def __getattr__(self, name: str):
+        """The budgets by name (``pattern.vertical``, ``.slash``, ``.sink``, ``.local``, ``.blocks``,
+        ``.samples``), for the kind that has them; ``p0``/``p1`` are only their encoding in the
+        graph ops' int lists (``encode``)."""
+        params = _PARAMS.get(self.__dict__.get("kind"), ())
+        if name in params:
+            return self._values()[params.index(name)]
+        raise AttributeError(f"{type(self).__name__} of kind {getattr(self.__dict__.get('kind'), 'label', '?')} "
+                             f"has no {name!r} (its budgets: {list(params)})")
+
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any]) -> "Pattern":
         """Parse ``{"kind": "vertical_slash", "vertical": 1000, "slash": 6096}`` and friends."""

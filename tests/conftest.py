@@ -25,6 +25,6 @@ def _fresh_dynamo():
 @pytest.fixture(scope="session")
 def smollm2():
     """SmolLM2-135M-Instruct with real weights (fp32, CPU), loaded once."""
-    from mcompile.models import load_smollm2
+    from mcompile.tools.models import load_smollm2
 
     return load_smollm2()

@@ -8,9 +8,9 @@ import itertools
 import pytest
 import torch
 
-from mcompile.models import tiny_llama
+from mcompile.tools.models import tiny_llama
 from mcompile.pattern_db import ModelFingerprint, load, save
-from mcompile.pattern_db.allocate import (
+from mcompile.tools.allocate import (
     Calibration,
     Entry,
     Session,
@@ -21,7 +21,7 @@ from mcompile.pattern_db.allocate import (
     model_means,
     sensitivity,
 )
-from mcompile.pattern_db.commands import _kept_targets
+from mcompile.tools.db_commands import _kept_targets
 from mcompile.patterns import DENSE, Pattern, PatternKind
 
 VS = PatternKind.VERTICAL_SLASH
@@ -195,7 +195,7 @@ def test_sensitivity_resumes_an_interrupted_table(model):
 
 
 def test_calibration_text_is_not_the_evaluation_text():
-    from mcompile.data import calibration_docs, haystack, stdlib_docs
+    from mcompile.tools.data import calibration_docs, haystack, stdlib_docs
 
     assert len(calibration_docs()) > 100_000 and calibration_docs()[:2000] not in stdlib_docs()
     with pytest.raises(ValueError, match="unknown text source"):
@@ -205,7 +205,7 @@ def test_calibration_text_is_not_the_evaluation_text():
 def test_python_source_text_is_long_code_without_tests():
     """The long-prompt perplexity text (benchmarks/long_perplexity.py): the standard library's
     source, long enough for 128K prompts without repeating, test suites left out."""
-    from mcompile.data import PYTHON_SOURCE_CHARS, python_source, python_source_files, stdlib_docs
+    from mcompile.tools.data import PYTHON_SOURCE_CHARS, python_source, python_source_files, stdlib_docs
 
     files = python_source_files()
     assert files == sorted(files, key=lambda f: f.split("/")) and not any(set(f.split("/")) & {"test", "tests", "site-packages"} for f in files)
@@ -227,7 +227,7 @@ def test_allocate_command_stops_at_its_time_limit_and_resumes(tmp_path, capsys):
     (same first row, one more layer) instead of measuring again."""
     import json
 
-    from mcompile.cli import main
+    from mcompile.tools.cli import main
 
     path = tmp_path / "allocation.json"
 

@@ -9,7 +9,7 @@ from torch._dynamo.utils import counters
 
 import mcompile
 from mcompile.kernels import dispatch
-from mcompile.models import tiny_llama
+from mcompile.tools.models import tiny_llama
 
 from .helpers import masked_dense
 

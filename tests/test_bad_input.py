@@ -8,7 +8,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import mcompile
-from mcompile.models import tiny_llama
+from mcompile.tools.models import tiny_llama
 from mcompile.pattern_db import ModelFingerprint, save, uniform
 from mcompile.patterns import DEFAULT_VERTICAL_SLASH
 

@@ -32,7 +32,7 @@ def _structured(b, h, hk, n, d, seed=0):
 
 def test_pattern_parses_validates_and_describes():
     p = _mass(0.98)
-    assert p.kind == PatternKind.BLOCK_MASS and p.recall == 0.98 and p.p1 == 8
+    assert p.kind == PatternKind.BLOCK_MASS and p.recall == 0.98 and p.samples == 8
     assert Pattern.from_dict(p.to_dict()) == p and p.describe() == "block_mass(recall=0.98, samples=8)"
     assert Pattern.from_dict({"kind": "block_mass", "recall": 1}).recall == 1.0
     for bad, message in [({"recall": 0.0}, r"recall must be a number in \(0, 1\]"),
@@ -161,7 +161,7 @@ def test_compiled_model_with_block_mass_equals_masked_dense(monkeypatch):
     """Through the backend: a tiny Llama with block-mass as the default pattern equals the same
     model whose attention is dense with the index's mask materialised."""
     from mcompile.kernels import dispatch
-    from mcompile.models import tiny_llama
+    from mcompile.tools.models import tiny_llama
 
     options = {"dense_below": 0, "compiler": "aot_eager", "default_pattern": {"kind": "block_mass", "recall": 0.8}}
     model = tiny_llama("sdpa")
@@ -200,3 +200,19 @@ def test_block_mass_layer_index_equals_the_general_assembly(nq, padded, kb):
                        kp)[:, :, n - nq:]
     live = slice(7, None) if padded else slice(None)
     torch.testing.assert_close(out[:, :, live], ref[:, :, live].to(out.dtype), atol=1e-5, rtol=1e-5)
+
+
+def test_pattern_budgets_by_name():
+    """A pattern's budgets read by name for its kind; another kind's name is an error naming the
+    budgets it has; the int lists the ops take are only their encoding."""
+    from mcompile.patterns import Pattern, encode
+
+    vs = Pattern.from_dict({"kind": "vertical_slash", "vertical": 1000, "slash": 6096})
+    assert (vs.vertical, vs.slash) == (1000, 6096) and encode([vs]) == ([2], [1000], [6096])
+    a = Pattern.from_dict({"kind": "a_shape", "sink": 64, "local": 1024})
+    assert (a.sink, a.local) == (64, 1024)
+    bm = Pattern.from_dict({"kind": "block_mass", "recall": 0.95, "samples": 16})
+    assert (bm.recall, bm.samples) == (0.95, 16) and encode([bm]) == ([4], [950], [16])
+    assert Pattern.from_dict({"kind": "block_sparse", "blocks": 8}).blocks == 8
+    with pytest.raises(AttributeError, match=r"has no 'slash' \(its budgets: \['sink', 'local'\]\)"):
+        a.slash

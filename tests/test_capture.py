@@ -2,10 +2,10 @@
 
 import torch
 
-from mcompile.capture import attention_recall, capture_qkv
+from mcompile.tools.capture import attention_recall, capture_qkv
 from mcompile.index import index_to_mask
 from mcompile.kernels.estimate import estimate_index_ref
-from mcompile.models import tiny_llama
+from mcompile.tools.models import tiny_llama
 
 
 def test_capture_shapes_and_restores_attention():

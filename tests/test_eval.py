@@ -1,4 +1,4 @@
-"""The accuracy harness (mcompile.eval): metrics against their definitions on small inputs, the
+"""The accuracy harness (mcompile.tools.eval): metrics against their definitions on small inputs, the
 CLI, the reports, and a fast real-weights subset of ``mcompile eval`` (marked slow)."""
 
 import argparse
@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mcompile.capture import attention_recall
-from mcompile.eval import (
+from mcompile.tools.capture import attention_recall
+from mcompile.tools.eval import (
     EvalSpec,
     Variant,
     add_commands,
@@ -21,11 +21,11 @@ from mcompile.eval import (
     report,
     run_eval,
 )
-from mcompile.eval.cli import spec_from_args
+from mcompile.tools.eval.cli import spec_from_args
 from mcompile.index import BLOCK
 from mcompile.kernels.estimate import estimate_index_ref
 from mcompile.kernels.sparse_attention import sparse_attention_ref
-from mcompile.models import tiny_llama
+from mcompile.tools.models import tiny_llama
 
 from .helpers import dense_causal, qkv
 

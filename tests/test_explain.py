@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import mcompile
-from mcompile.models import tiny_llama
+from mcompile.tools.models import tiny_llama
 
 COVER = {"dense_below": 0, "default_pattern": {"kind": "vertical_slash", "vertical": 4096, "slash": 4096}}
 

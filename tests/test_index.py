@@ -109,11 +109,11 @@ def test_budgets_scale_below_their_reference_length_only():
 
     assert scaled_budgets(VS, 131072, 131072) == VS == scaled_budgets(VS, 1 << 20, 131072) == scaled_budgets(VS, 512, 0)
     half = scaled_budgets(VS, 65536, 131072, 0.7)
-    assert (half.p0, half.p1) == (round(1000 * 0.5 ** 0.7), round(6096 * 0.5 ** 0.7))
+    assert (half.vertical, half.slash) == (round(1000 * 0.5 ** 0.7), round(6096 * 0.5 ** 0.7))
     tiny = scaled_budgets(VS, 64, 131072)
-    assert (tiny.p0, tiny.p1) == (64, 128)  # the floors
+    assert (tiny.vertical, tiny.slash) == (64, 128)  # the floors
     a = scaled_budgets(Pattern(PatternKind.A_SHAPE, 4, 4096), 1024, 131072)
-    assert a.p0 == 4 and 128 <= a.p1 < 4096  # the sink is never scaled
+    assert a.sink == 4 and 128 <= a.local < 4096  # the sink is never scaled
 
 
 @pytest.mark.parametrize("n", [1, 5, 7, 8, 9, 40])

@@ -1,4 +1,4 @@
-"""Sparse attention inlined into Inductor's code (kernels/inline.py): a torch.cond over the dense
+"""Sparse attention inlined into Inductor's code (passes/lowering.py): a torch.cond over the dense
 branch and a triton_op, one graph for every length, same results as the opaque op.
 
 On the CPU the triton_op's body runs the PyTorch reference; the Triton launch through
@@ -12,9 +12,9 @@ from torch._inductor.utils import run_and_get_code
 import mcompile
 from mcompile.conditional import flat_cond, memory_order
 from mcompile.index import SparseIndex
-from mcompile.kernels import inline
+from mcompile.passes import lowering
 from mcompile.kernels.sparse_attention import sparse_attention_ref
-from mcompile.models import tiny_llama
+from mcompile.tools.models import tiny_llama
 
 from .helpers import qkv
 
@@ -89,7 +89,7 @@ def test_explain_reports_inlining_and_why_not():
     assert all(s.inlined for s in e.sites) and "+inlined" in e.table()
     # A short prompt calls no opaque op: estimation lives inside the conditional.
     code = e.graph_code()
-    assert "mcompile_kernels_inline_sparse_attention(" in code and "estimate_index" not in code
+    assert "mcompile_passes_lowering_sparse_attention(" in code and "estimate_index" not in code
     assert "inlined into Inductor's code" in e.summary()
     auto = mcompile.explain(tiny_llama("sdpa"), ids, options=OPTS)  # auto inlines on CUDA only
     assert not any(s.inlined for s in auto.sites)
@@ -136,7 +136,7 @@ def test_inlined_attention_returns_the_models_layout():
     ``transpose(1, 2).reshape`` after attention copies nothing; values are the reference's."""
     q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in qkv(2, 4, 2, 230, 16))
     for n in (100, 230):  # dense, then sparse (dense_below 200)
-        out = inline.sparse_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], [2] * 4, [30] * 4, [100] * 4,
+        out = lowering.sparse_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], [2] * 4, [30] * 4, [100] * 4,
                                       0.25, 200)
         assert out.shape == (2, 4, n, 16) and out.transpose(1, 2).is_contiguous()
         index = torch.ops.mcompile.estimate_index(q[:, :, :n], k[:, :, :n], None, [2] * 4, [30] * 4, [100] * 4,
@@ -160,9 +160,9 @@ def test_bad_option_is_a_clear_error():
 
 def test_inline_reason_needs_whole_prompt_and_constant_scale():
     q, k, v = qkv(1, 4, 2, 100, 16)
-    assert inline.inline_reason(q, k, v, None, 0.25) is None
-    assert "prefix" in inline.inline_reason(q[:, :, -70:], k, v, None, 0.25)
-    assert "scale" in inline.inline_reason(q, k, v, None, -1.0)
+    assert lowering.inline_reason(q, k, v, None, 0.25) is None
+    assert "prefix" in lowering.inline_reason(q[:, :, -70:], k, v, None, 0.25)
+    assert "scale" in lowering.inline_reason(q, k, v, None, -1.0)
 
 
 def test_failed_inlined_compile_falls_back_to_the_opaque_ops(monkeypatch):
@@ -178,7 +178,7 @@ def test_failed_inlined_compile_falls_back_to_the_opaque_ops(monkeypatch):
 
     # Inline on the CPU as auto would on CUDA; the inlined attention fails to trace.
     monkeypatch.setattr(rewrite, "inline_decision", lambda site, config: (config.inline_kernels is not False, ""))
-    monkeypatch.setattr(inline, "sparse_attention", fail)
+    monkeypatch.setattr(lowering, "sparse_attention", fail)
     reports = []
     model = tiny_llama("sdpa")
     backend = functools.partial(minference_backend, options=OPTS, report_sink=reports.append)

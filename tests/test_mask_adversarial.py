@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import mcompile
-from mcompile.models import tiny_llama
+from mcompile.tools.models import tiny_llama
 
 OPTIONS = {"dense_below": 0, "compiler": "aot_eager"}
 N = 80  # whole prompt; every case also runs as a 50-query chunk after a 30-token prefix

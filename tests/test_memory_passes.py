@@ -13,8 +13,9 @@ import torch
 from torch._dynamo.utils import counters
 
 from mcompile.backend import minference_backend
-from mcompile.memory_ops import ACTIVATIONS, chunked_mlp, mlp_ref
-from mcompile.models import tiny_llama
+from mcompile.kernels.act_mul import ACTIVATIONS
+from mcompile.ops import chunked_mlp, mlp_ref
+from mcompile.tools.models import tiny_llama
 
 COVER = {"dense_below": 0, "default_pattern": {"kind": "vertical_slash", "vertical": 4096, "slash": 4096}}
 CHUNK = 64  # tokens per MLP chunk in these tests: several chunks per prompt, and a ragged last one
@@ -160,8 +161,8 @@ def test_act_mul_triton_kernel_under_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     code = textwrap.dedent("""
         import torch
-        from mcompile.act_mul_triton import act_mul_triton
-        from mcompile.memory_ops import ACTIVATIONS, act_mul_ref
+        from mcompile.kernels.act_mul_triton import act_mul_triton
+        from mcompile.kernels.act_mul import ACTIVATIONS, act_mul_ref
         g, u = torch.randn(3, 1000) * 3, torch.randn(3, 1000)
         for act in ACTIVATIONS:
             err = (act_mul_triton(g.clone(), u, act) - act_mul_ref(g, u, act)).abs().max().item()

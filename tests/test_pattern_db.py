@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from mcompile.models import tiny_llama
+from mcompile.tools.models import tiny_llama
 from mcompile.pattern_db import ModelFingerprint, PatternDBError, load, save, uniform
 from mcompile.patterns import DEFAULT_VERTICAL_SLASH, Pattern, PatternKind
 

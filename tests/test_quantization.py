@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from mcompile import memory_ops
+from mcompile.passes import lowering
 from mcompile.backend import minference_backend
 from mcompile.explain import explain
-from mcompile.models import tiny_llama
+from mcompile.tools.models import tiny_llama
 
 torchao_quant = pytest.importorskip("torchao.quantization")
 
@@ -123,7 +123,7 @@ def test_failed_mlp_compile_is_named_and_falls_back(monkeypatch, caplog):
     def fail(*args, **kwargs):
         raise RuntimeError("simulated conditional failure")
 
-    monkeypatch.setattr(memory_ops, "gated_mlp", fail)
+    monkeypatch.setattr(lowering, "gated_mlp", fail)
     model = tiny_llama("sdpa", layers=LAYERS).eval()
     memory = []
     ids = _ids(LENGTHS[0])

@@ -51,7 +51,7 @@ from mcompile.index import SparseIndex, index_to_mask
 from mcompile.kernels import dispatch
 from mcompile.kernels.estimate import estimate_index_ref
 from mcompile.kernels.sparse_attention import sparse_attention_ref
-from mcompile.models import tiny_llama
+from mcompile.tools.models import tiny_llama
 from mcompile.patterns import PatternKind
 
 from .helpers import qkv

@@ -25,7 +25,7 @@ from mcompile.pattern_db.cost import (
     pattern_pairs,
     solve_budget,
 )
-from mcompile.pattern_db.search import (
+from mcompile.tools.search import (
     CANDIDATES,
     FIT_TOLERANCE,
     Candidate,
@@ -200,7 +200,7 @@ def test_search_layer_rejects_bad_input():
 # Command line on the tiny model
 # ---------------------------------------------------------------------------------------------
 def _run(argv):
-    from mcompile.pattern_db.commands import add_commands
+    from mcompile.tools.db_commands import add_commands
 
     parser = argparse.ArgumentParser(prog="mcompile")
     add_commands(parser.add_subparsers(dest="command", required=True))
@@ -210,7 +210,7 @@ def _run(argv):
 
 def test_cli_search_evaluate_plot(tmp_path, capsys):
     import mcompile
-    from mcompile.models import tiny_llama
+    from mcompile.tools.models import tiny_llama
 
     db_path, vs_path = tmp_path / "db.json", tmp_path / "vs.json"
     assert _run(["search", "--model", "tiny", "--length", "1024", "--target-density", "0.3", "--blocks", "8",
@@ -258,8 +258,8 @@ def test_cli_rejects_bad_options(tmp_path):
 def test_shipped_database_on_smollm2_below_its_budget_length(smollm2):
     """The shipped database at 2K tokens (budgets scaled down from 8K) on real text: most of the
     attention mass kept, outputs close to dense, not everything computed."""
-    from mcompile.data import haystack
-    from mcompile.pattern_db.evaluate import evaluate_policies
+    from mcompile.tools.data import haystack
+    from mcompile.tools.compare import evaluate_policies
 
     model, tok = smollm2
     ids = torch.tensor([haystack(tok, 2048, offset=50000)])  # not the calibration text

@@ -10,7 +10,7 @@ from torch._dynamo.utils import counters
 
 import mcompile
 from mcompile.kernels import dispatch
-from mcompile.needle import answer, needle_prompt
+from mcompile.tools.needle import answer, needle_prompt
 
 from .helpers import masked_dense
 
@@ -91,7 +91,7 @@ def test_needle_found_with_sparse_attention(smollm2):
 
 def test_explain_smollm2_layers():
     """The CLI's explain on the real model lists every layer."""
-    from mcompile.cli import main
+    from mcompile.tools.cli import main
 
     assert main(["explain", "--model", "smollm2", "--length", "128", "--at", "131072"]) == 0
 
@@ -100,7 +100,7 @@ def test_demo_cli_runs(capsys):
     """`mcompile demo` end to end at a short length, default pattern: both answers found, the
     summary printed. (At 600 tokens vertical-slash 30/100 misses the needle: all 30 verticals
     are the forced sink columns, so no budget is left for the needle's tokens.)"""
-    from mcompile.cli import main
+    from mcompile.tools.cli import main
 
     assert main(["demo", "--length", "1000"]) == 0
     out = capsys.readouterr().out

@@ -44,14 +44,13 @@ import triton.language as tl
 
 from ..index import BLOCK, SENTINEL, num_blocks
 from .block_mass import LOCAL_TILES
-from .estimate_triton import HEAD_DIMS, LOG2E, NEG_INIT, NUM_STAGES, NUM_WARPS, _interpreting
-from .sparse_attention_triton import MAX_HEAD_DIM, pad_head_dim, padded_head_dim
+from .triton_common import HEAD_DIMS, LOG2E, MAX_HEAD_DIM, NEG_INIT, interpreting, pad_head_dim, padded_head_dim
 
 # Sampled rows per program and the tile-sums launch: 128 rows on 4 warps edge out 64 rows by
 # 2-3% at 64K-128K, 8 warps lose (docs/BENCHMARKS.md, "The estimate's kernels")
 ROWS = 128
-TILE_SUM_WARPS = NUM_WARPS
-TILE_SUM_STAGES = NUM_STAGES
+TILE_SUM_WARPS = 4  # one warpgroup
+TILE_SUM_STAGES = 2
 SPLIT = 32  # key tiles per program (2048 keys); see benchmarks/block_mass_kernel.py
 SELECT_CHUNK = 1024  # estimates the selection holds at a time
 MASS_CHUNK = 256  # key tiles the averaging kernel holds at a time
@@ -279,7 +278,7 @@ def tile_mass_triton(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[tor
     heads32 = heads.to(torch.int32).contiguous()
     meta = dict(SAMPLES=samples, GROUPS=groups, SPLIT_TILES=split)
     warps = num_warps or TILE_SUM_WARPS
-    launch = {} if _interpreting() else dict(num_warps=warps, num_stages=num_stages or TILE_SUM_STAGES)
+    launch = {} if interpreting() else dict(num_warps=warps, num_stages=num_stages or TILE_SUM_STAGES)
     for g0 in range(0, row_groups, chunk):
         g1 = min(row_groups, g0 + chunk)
         _tile_sums_kernel[(g1 - g0, splits, b * hm)](
@@ -288,7 +287,7 @@ def tile_mass_triton(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[tor
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **meta, **launch)
         _tile_mass_kernel[((g1 - g0) * groups, b * hm)](v, mx, lx, est, m, m0, nb, splits, row_groups, g0, chunk * rows,
                                                         CHUNK=MASS_CHUNK, **meta,
-                                                        **({} if _interpreting() else dict(num_warps=NUM_WARPS)))
+                                                        **({} if interpreting() else dict(num_warps=4)))
     return est
 
 
@@ -308,7 +307,7 @@ def select_tiles_triton(est: torch.Tensor, recall: torch.Tensor, m0: int, capaci
         tiles, counts = out
     if b * hm * m_rows:
         est = est.contiguous()
-        launch = {} if _interpreting() else dict(num_warps=NUM_WARPS)
+        launch = {} if interpreting() else dict(num_warps=4)
         _select_kernel[(m_rows, b * hm)](est, recall.float().contiguous(), tiles, counts, m_rows, m0, nb, hm, capacity,
                                          tiles.stride(0), tiles.stride(1), tiles.stride(2), counts.stride(0),
                                          counts.stride(1), LOCAL=LOCAL_TILES, CHUNK=chunk, STEPS=BISECTION_STEPS,

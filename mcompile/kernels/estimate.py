@@ -308,8 +308,8 @@ def block_mass_index(q, k, key_padding, p0, p1, scale: float, capacity: tuple, m
                      mass_select: Callable = select_tiles) -> SparseIndex:
     """``assemble_index`` of a layer whose heads are all block-mass (the default): no columns,
     no static runs, and the diagonal prefix of its only possible run (every diagonal, for a
-    diffuse head) without the general scans: a handful of launches (at 32K on an H100 the
-    general assembly's small ops cost about as much as the estimate itself)."""
+    diffuse head) without the general scans: a handful of launches (the general assembly's small
+    ops cost about as much as the estimate itself at 32K: docs/BENCHMARKS.md)."""
     b, h = q.shape[:2]
     n = k.shape[2]
     r_cap, c_cap, kb_cap = capacity

@@ -23,7 +23,7 @@ tile t holds the keys ``[P - 64 t, P - 64 t + 64)``:
    next iteration), the others complete tile t - 1's, which is then stored. A program owning
    tiles ``[t0, t1)`` also reads key tile t1, whose upper part completes diagonal tile
    t1 - 1. No atomics, no scratch. (A 128-key window per diagonal tile, which needs no carry,
-   ran 1.6x slower on an H100: twice the logits and exponentials per tile.)
+   computes twice the logits and exponentials per tile: slower, docs/BENCHMARKS.md.)
 
 Interior tiles (all keys before the first estimation query, no padding, 64 real rows) skip
 the mask.
@@ -37,7 +37,6 @@ vectorised over heads and without host syncs.
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 import torch
@@ -46,13 +45,11 @@ import triton.language as tl
 
 from ..index import SparseIndex
 from ..patterns import LAST_Q
+from .block_mass_triton import select_tiles_triton, tile_mass_triton
 from .estimate import assemble_index
-from .sparse_attention_triton import MAX_HEAD_DIM, pad_head_dim, padded_head_dim
+from .triton_common import HEAD_DIMS, LOG2E, MAX_HEAD_DIM, NEG_INIT, interpreting, pad_head_dim, padded_head_dim
 from .estimate import estimate_index_ref  # noqa: F401  (the reference this module matches)
 
-LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E): scores are kept in base 2
-NEG_INIT = tl.constexpr(-1.0e30)  # finite running-max start: all-masked rows stay 0, never NaN
-HEAD_DIMS = (16, 32, 64, 128)  # pow2 head dims the kernels are built for
 TILE = 64  # keys per tile (and diagonals per diagonal tile); equals LAST_Q rows
 # Programs to aim for per launch (several waves on a 132-SM H100); each takes a contiguous
 # range of tiles of one head, so partials stay (B * Hs, SPLITS, 64).
@@ -185,10 +182,6 @@ def _vs_scores_kernel(Q, K, KP, Heads, RowMax, RowInv, Vertical, Slash,
         carry = tl.sum(tl.where(lower, g, 0.0), 0)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _num_splits(num_tiles: int, rows_of_programs: int) -> int:
     return max(1, min(num_tiles, triton.cdiv(TARGET_PROGRAMS, max(1, rows_of_programs))))
 
@@ -230,7 +223,7 @@ def vertical_slash_scores_triton(q: torch.Tensor, k: torch.Tensor, key_padding: 
     common = (*q.stride(), *k.stride(), *kp_strides)
     meta = dict(HEAD_DIM=d, ROWS=TILE, HAS_PADDING=has_padding,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-    launch = {} if _interpreting() else dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    launch = {} if interpreting() else dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     qk_scale = float(scale) * LOG2E
     heads = heads.to(torch.int32).contiguous()
 
@@ -266,8 +259,6 @@ def estimate_index_triton(q: torch.Tensor, k: torch.Tensor, key_padding: Optiona
                           scale: float, capacity: Optional[tuple] = None) -> SparseIndex:
     """Same contract and result as ``estimate_index_ref``; vertical-slash scores come from the
     fused kernels above, the index assembly is the shared one."""
-    from .block_mass_triton import select_tiles_triton, tile_mass_triton  # (imports this module's constants)
-
     _check(q, k, key_padding, kinds, p0, p1)
     return assemble_index(q, k, key_padding, kinds, p0, p1, scale, vertical_slash_scores_triton, capacity,
                           tile_mass_triton, select_tiles_triton)

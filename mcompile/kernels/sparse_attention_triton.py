@@ -57,10 +57,7 @@ dispatcher runs the PyTorch reference, with the reason logged.
 
 from __future__ import annotations
 
-import functools
-import logging
 import math
-import os
 from typing import Optional
 
 import torch
@@ -69,15 +66,10 @@ import triton.language as tl
 
 from ..index import BLOCK, SparseIndex, index_rows, num_blocks
 from .sparse_attention import sparse_attention_ref  # noqa: F401  (the reference this kernel matches)
+from .triton_common import (HEAD_DIMS, LOG2E, MAX_HEAD_DIM, NEG_INIT, interpreting,  # noqa: F401  (re-exported)
+                            pad_head_dim, padded_head_dim)
 
-log = logging.getLogger(__name__)
 
-LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E): the kernel's softmax works in base 2
-# Start of the running row max: finite, so a row whose keys are all masked computes
-# exp2(-inf - NEG_INIT) = 0 and exp2(NEG_INIT - NEG_INIT) = 1, never NaN; real scores are far above it.
-NEG_INIT = tl.constexpr(-1.0e30)
-HEAD_DIMS = (16, 32, 64, 128)  # head dims the kernel is built for (16/32 mainly for tests)
-MAX_HEAD_DIM = HEAD_DIMS[-1]  # larger head dims do not fit the tiles: the reference runs them
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_CAPABILITY = (8, 0)  # tensor-core tl.dot on fp16/bf16 needs Ampere or newer
 # Bytes of pipelined K/V tiles a config may keep in shared memory (H100/H200 have 227 KiB per
@@ -102,10 +94,6 @@ def _length_bucket(n: int) -> int:
     return min(max(triton.next_power_of_2(n), MIN_BUCKET), MAX_BUCKET)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 # ----------------------------------------------------------------------------------------------
 # Autotune configs
 # ----------------------------------------------------------------------------------------------
@@ -118,8 +106,8 @@ def _configs():
 def fixed_config(d: int, dv: int, dtype: torch.dtype, block_n: int = 64) -> dict:
     """Launch options of an untuned launch (the inlined one, a pinned ``block_n``): 4 warps and
     the most pipeline stages, up to 3, whose K/V tiles fit ``SMEM_BUDGET`` (3 for bf16/fp16 at
-    head dim 128). On an H100 at 128K, 3 stages beat 2 by 1-4% on A-shape and few-run
-    indexes, and with the one-loop walk of many short runs by 10% there (docs/BENCHMARKS.md)."""
+    head dim 128): 3 stages beat 2 on every index measured, most with the one-loop walk of many
+    short runs (docs/BENCHMARKS.md, "Launch configurations")."""
     elem = 4 if dtype == torch.float32 else 2
     stages = next((s for s in (3, 2) if _kv_fits(s, block_n, d, dv, elem)), 1)
     return {"BLOCK_N": block_n, "num_warps": 4, "num_stages": stages}
@@ -435,7 +423,7 @@ _sparse_attention_tuned = triton.autotune(
 
 def capability(q: torch.Tensor) -> Optional[str]:
     """None when the kernel can run on q (B, H, N, D); otherwise a short reason."""
-    if q.device.type != "cuda" and not (q.device.type == "cpu" and _interpreting()):
+    if q.device.type != "cuda" and not (q.device.type == "cpu" and interpreting()):
         return f"device {q.device.type} (the Triton kernel runs on CUDA)"
     if q.dtype not in DTYPES:
         return f"dtype {q.dtype} (supported: fp16, bf16, fp32)"
@@ -488,25 +476,6 @@ def _check_contract(q, k, v, index: SparseIndex, key_padding):
                          f"{tuple(key_padding.shape)} on {key_padding.device}")
 
 
-def padded_head_dim(d: int) -> int:
-    """The kernel head dim that serves head dim ``d`` (<= MAX_HEAD_DIM): the smallest in HEAD_DIMS >= d."""
-    return next(x for x in HEAD_DIMS if x >= d)
-
-
-@functools.lru_cache(maxsize=None)
-def _log_padding(d: int, dp: int) -> None:
-    log.info("mcompile: head dim %d runs the Triton kernels zero-padded to %d (q/k/v copied once per call)", d, dp)
-
-
-def pad_head_dim(x: torch.Tensor, dp: int) -> torch.Tensor:
-    """x (..., D) zero-padded to (..., dp); x itself when D == dp. Zero columns leave q . k unchanged."""
-    d = x.shape[-1]
-    if d == dp:
-        return x
-    _log_padding(d, dp)
-    return torch.nn.functional.pad(x, (0, dp - d))
-
-
 def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SparseIndex,
                             scale: float, key_padding: Optional[torch.Tensor] = None,
                             block_n: Optional[int] = None) -> torch.Tensor:
@@ -534,7 +503,7 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     if nq == 0 or b * h == 0:
         return out
     grid, args, meta = launch_args(q, k, v, out, index, scale, key_padding, _length_bucket(n))
-    if block_n is None and _interpreting():
+    if block_n is None and interpreting():
         block_n = INTERPRET_BLOCK_N
     if block_n is None:
         _sparse_attention_tuned[grid](*args, **meta)
@@ -546,7 +515,7 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
 def launch_args(q, k, v, out, index: SparseIndex, scale: float, key_padding, n_bucket) -> tuple:
     """(grid, positional args, constexpr meta) of ``_sparse_attention_kernel`` for contiguous
     ``out``; ``n_bucket`` is the autotuning key (any int for an untuned launch). Only symbolic
-    arithmetic on sizes, so a traced launch (kernels/inline.py) adds no guards."""
+    arithmetic on sizes, so a traced launch (passes/lowering.py) adds no guards."""
     b, h, nq, d = q.shape
     hk, n, dv = k.shape[1], k.shape[2], v.shape[-1]
     q_start = n - nq  # position of query row 0

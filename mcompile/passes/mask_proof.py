@@ -45,7 +45,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .mutation import built_from, changed_in_place
-from .nodes import example, target_name
+from .nodes import example, same_size, target_name
 
 Q_DIM, K_DIM, B_DIM, MASK_DIMS = 2, 3, 0, 4
 MASKED_BELOW = -1e4  # an additive value at or below this is a masked entry (exp underflows to 0)
@@ -147,11 +147,6 @@ def describe(v) -> str:
 def _dims(node: fx.Node) -> Optional[int]:
     ex = example(node)
     return ex.dim() if isinstance(ex, torch.Tensor) else None
-
-
-def _same(a, b) -> bool:
-    """a == b for ints and SymInts, without adding a guard."""
-    return bool(statically_known_true(a == b))
 
 
 class _Interpreter:
@@ -284,7 +279,7 @@ class _Interpreter:
         step = self.value(bound.get("step") if bound.get("step") is not None else 1)
         if not (_is_int(start) and _is_int(end)):
             raise _Unproven("arange with a non-integer start or end")
-        if not (_is_int(step) and _same(step, 1)):
+        if not (_is_int(step) and same_size(step, 1)):
             raise _Unproven(f"arange with step {step} (positions must be consecutive)")
         return Positions(None, start, end - start)
 
@@ -324,7 +319,7 @@ class _Interpreter:
         # Normalise to "key - query <= c" (upper) or "key - query >= c" (lower).
         key_first = va.dim == K_DIM
         key, query = (va, vb) if key_first else (vb, va)
-        if not (_same(query.length, self.nq) and _same(key.length, self.n)):
+        if not (same_size(query.length, self.nq) and same_size(key.length, self.n)):
             raise _Unproven(f"it compares {query.length} query positions with {key.length} key positions; the "
                             f"attention has {self.nq} queries and {self.n} keys (a broadcast range repeats positions)")
         base = query.offset - key.offset
@@ -339,7 +334,7 @@ class _Interpreter:
         if not (isinstance(base, Predicate) and isinstance(diag, int) and isinstance(ex, torch.Tensor)
                 and ex.dim() >= 2):
             raise _Unproven("tril of something other than a boolean mask, or with a non-constant diagonal")
-        if not (_same(ex.shape[-2], self.nq) and _same(ex.shape[-1], self.n)):
+        if not (same_size(ex.shape[-2], self.nq) and same_size(ex.shape[-1], self.n)):
             raise _Unproven(f"tril over a {tuple(ex.shape[-2:])} square; the attention is {self.nq} x {self.n}")
         return base & Predicate(upper=(diag,))
 
@@ -373,7 +368,7 @@ class _Interpreter:
                 and all(isinstance(i, slice) and i.start in (None, 0) and i.step in (None, 1) for i in index):
             before, after = example(base), example(node)
             if isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) and before.dim() == after.dim() \
-                    and all(_same(x, y) for x, y in zip(before.shape, after.shape)):
+                    and all(same_size(x, y) for x, y in zip(before.shape, after.shape)):
                 return v  # the transformers idiom mask[:, :, :, :key_len] keeps the whole mask
             raise _Unproven(f"the mask is sliced ({node.name}) to a part of it")
         raise _Unproven(f"{describe(v)} is indexed ({node.name}) in a way the proof does not interpret")
@@ -389,12 +384,12 @@ class _Interpreter:
                             "are not provably causal; leave position_ids out to let the model number the tokens")
         bi, ki = self.value(index[0]), self.value(index[1])
         if not (isinstance(bi, Positions) and isinstance(ki, Positions) and bi.dim == B_DIM and ki.dim == K_DIM
-                and _same(bi.offset, 0) and _same(ki.offset, 0)):
+                and same_size(bi.offset, 0) and same_size(ki.offset, 0)):
             raise _Unproven(f"the 2-D mask {v.node.name!r} is indexed by {describe(bi)} and {describe(ki)}, not by "
                             "batch and key positions")
         if ex.dtype != torch.bool:
             raise _Unproven(f"the 2-D mask {v.node.name!r} is {ex.dtype}, not boolean (only 0/1 is a padding mask)")
-        if not (_same(bi.length, self.batch) and _same(ki.length, self.n)):
+        if not (same_size(bi.length, self.batch) and same_size(ki.length, self.n)):
             raise _Unproven(f"the 2-D mask is read for {bi.length} batch rows and {ki.length} keys; the attention "
                             f"has {self.batch} and {self.n}")
         return Predicate(padding=v.node)
@@ -415,7 +410,7 @@ def _shape_reason(mask: fx.Node, nq, n) -> Optional[str]:
     ex = example(mask)
     if not isinstance(ex, torch.Tensor) or ex.dim() < 2 or ex.dim() > MASK_DIMS:
         return "the mask's shape is unknown or not (B, H, Nq, N)"
-    if not (_same(ex.shape[-2], nq) and _same(ex.shape[-1], n)):
+    if not (same_size(ex.shape[-2], nq) and same_size(ex.shape[-1], n)):
         return f"the mask is {tuple(ex.shape)}, broadcast over {nq} queries and {n} keys"
     return None
 
@@ -453,9 +448,9 @@ def prove_mask(mask: fx.Node, additive: bool, offset=0, lengths: Optional[tuple]
                                        "the query)")
     if not v.upper:
         return MaskProof(False, reason="non-causal mask (bidirectional attention)")
-    if not all(_same(c, offset) for c in v.upper):
+    if not all(same_size(c, offset) for c in v.upper):
         shown = ", ".join(str(c) for c in v.upper)
-        if _same(offset, 0):
+        if same_size(offset, 0):
             return MaskProof(False, reason=f"mask shifted from causal (key - query <= {shown})")
         return MaskProof(False, reason=f"mask shifted from causal (key - query <= {shown}; a chunk after a "
                                        f"cached prefix needs {offset}, the key length minus the query length)")

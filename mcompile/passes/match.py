@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -42,7 +41,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from ..ops import MIN_SPARSE_CHUNK
 from .amp import Autocast, autocast_at, autocast_regions, cast_dtype
 from .mask_proof import prove_mask
-from .nodes import example, module_path
+from .nodes import example, module_info
 from .nodes import target_name as _fn
 from .unmatched import (chain_text, cross_attention, describe_scores, from_weights, product_operands, root,
                         score_product, value_product)
@@ -53,7 +52,6 @@ _SDPA_SIG = inspect.signature(lambda query, key, value, attn_mask=None, dropout_
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SCALE_REASON = "the softmax scale is a tensor, not a number: the sparse ops take a constant or a symbolic float"
 # The layer index in a module path: model.layers.3., encoder.block.3., transformer.h.3.
-_LAYER_RE = re.compile(r"(?:layers?|(?<![A-Za-z0-9_])(?:blocks?|h))[._](\d+)[._]")
 
 
 @dataclass(frozen=True)
@@ -74,21 +72,6 @@ class AttentionSite:
     reason: Optional[str] = None  # None: rewritable
     dead: tuple = field(default=(), compare=False)  # nodes of the eager chain the rewrite frees
     dtype: Optional[torch.dtype] = None  # autocast's dtype, which q, k and v are cast to; None: as they are
-
-
-def _module_info(node: fx.Node) -> tuple[Optional[int], str, str]:
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return None, "", ""
-    qualname, cls = list(stack.values())[-1]
-    cls_name = getattr(cls, "__name__", str(cls).rsplit(".", 1)[-1].strip("'>"))
-    layer = None
-    for path, _ in stack.values():
-        m = _LAYER_RE.search(str(path).replace("[", ".").replace("]", ".") + ".")
-        if m:
-            layer = int(m.group(1))
-            break
-    return layer, module_path(qualname), cls_name
 
 
 def strip_repeat_kv(node: fx.Node) -> fx.Node:
@@ -211,7 +194,7 @@ def _mask_origin_reason(mask, k, v) -> Optional[str]:
 
 
 def _site(node, kind, q, k, v, scale, mask, additive, dead=(), amp: Autocast = Autocast()) -> AttentionSite:
-    layer, module, module_type = _module_info(node)
+    layer, module, module_type = module_info(node)
     k, v = strip_repeat_kv(k), strip_repeat_kv(v)
     reason, h, hk, d = _shape_reason(q, k, v, amp)
     reason = _mask_origin_reason(mask, k, v) or reason
@@ -248,7 +231,7 @@ def _output_dtype_reason(node, q, amp: Autocast) -> Optional[str]:
 
 def _unmatched(node: fx.Node, kind: str, reason: str, q=None, v=None) -> AttentionSite:
     """A site that stays dense, with heads and head dim when q and v are (B, H, N, D)."""
-    layer, module, module_type = _module_info(node)
+    layer, module, module_type = module_info(node)
     eq, ev = example(q), example(strip_repeat_kv(v)) if isinstance(v, fx.Node) else None
     h = hk = d = 0
     if isinstance(eq, torch.Tensor) and isinstance(ev, torch.Tensor) and eq.dim() == ev.dim() == 4 \
@@ -276,10 +259,10 @@ def _match_sdpa(node: fx.Node, regions: Optional[dict]) -> AttentionSite:
     try:
         bound = _SDPA_SIG.bind(*node.args, **node.kwargs)
     except TypeError:
-        return AttentionSite(node, "sdpa", *_module_info(node), reason="unrecognised SDPA arguments")
+        return AttentionSite(node, "sdpa", *module_info(node), reason="unrecognised SDPA arguments")
     bound.apply_defaults()
     a = bound.arguments
-    layer, module, module_type = _module_info(node)
+    layer, module, module_type = module_info(node)
     if a["dropout_p"] != 0.0:
         return AttentionSite(node, "sdpa", layer, module, module_type, reason=f"dropout_p={a['dropout_p']}")
     mask = a["attn_mask"]
@@ -357,7 +340,7 @@ def match_eager(softmax: fx.Node, regions: Optional[dict] = None) -> Optional[At
 
 def _match_eager(softmax: fx.Node, product: fx.Node, value: fx.Node, value_operand: Optional[fx.Node],
                  regions: Optional[dict]) -> AttentionSite:
-    layer, module, module_type = _module_info(softmax)
+    layer, module, module_type = module_info(softmax)
     q_operand = product.args[0] if _fn(product) == "matmul" else None
     if not _last_dim(softmax):
         dim = softmax.args[1] if len(softmax.args) > 1 else softmax.kwargs.get("dim")

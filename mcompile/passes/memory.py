@@ -14,9 +14,9 @@
                                                   down(act(gate(x)) * up(x)))
 
   so no N x intermediate_size tensor exists, and a prompt of at most ``chunk`` tokens runs the MLP
-  as Inductor compiles it, with no opaque op (memory_ops.gated_mlp). An MLP whose weights are
+  as Inductor compiles it, with no opaque op (lowering.gated_mlp). An MLP whose weights are
   tensor subclasses (torchao's quantized weights) is kept, with the reason
-  (``memory_ops.operand_reason``). Norms need no pass: Inductor fuses an RMSNorm into one kernel
+  (``lowering.operand_reason``). Norms need no pass: Inductor fuses an RMSNorm into one kernel
   per row, whose only N-sized tensor is the normalised output the next matmul reads anyway.
 - ``rope_once``, ``store_residual`` (options of the same names; passes/realize.py): not memory
   passes but of the same kind: RoPE's shared cos / sin tables and the residual stream are stored
@@ -41,12 +41,12 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .. import memory_ops  # noqa: F401  (registers torch.ops.mcompile.chunked_mlp)
 from ..config import Logits, MInferenceConfig
-from ..memory_ops import Activation
-from .mask_proof import _same
-from .match import _module_info
-from .nodes import example, module_path, target_name
+from ..kernels.act_mul import Activation
+from . import lowering
+from .memory_report import MemoryReport, MemorySite
+from .nodes import example, module_path, node_module, same_size, target_name
+from .realize import rope_once, store_residual
 from .rewrite import erase_dead
 
 log = logging.getLogger(__name__)
@@ -58,31 +58,6 @@ MLP_MODULE = "mlp"  # transformers' attribute name of a decoder layer's MLP
 # casts and the elementwise logit soft-capping of Gemma-2 (divide, tanh, multiply by a scalar).
 LOGIT_PASSTHROUGH = {"to", "float", "contiguous", "tanh", "truediv", "div", "mul", "__truediv__", "__mul__"}
 GRAD_REASON = "gradients are enabled: the chunked MLP is inference-only"
-
-
-@dataclass(frozen=True)
-class MemorySite:
-    """What one memory pass did at one place of the graph."""
-
-    pass_name: str  # "last_logits", "chunked_mlp", "rope_once", "store_residual" or "quadratic"
-    module: str
-    applied: bool
-    reason: str = ""
-
-
-@dataclass(frozen=True)
-class MemoryReport:
-    sites: tuple
-
-    def applied(self, pass_name: str) -> int:
-        return sum(s.applied for s in self.sites if s.pass_name == pass_name)
-
-    def reasons(self, pass_name: str) -> list[str]:
-        return [s.reason for s in self.sites if s.pass_name == pass_name and not s.applied]
-
-
-def _module_path(node: fx.Node) -> str:
-    return str(_module_info(node)[1])
 
 
 def _is_linear(node: fx.Node) -> bool:
@@ -117,9 +92,9 @@ def _logits_reason(lm_head: fx.Node) -> Optional[str]:
 
 def slice_last_logits(gm: fx.GraphModule, config: MInferenceConfig) -> list[MemorySite]:
     """Feed the lm_head only the last position when ``config.logits == "last"``."""
-    heads = [n for n in gm.graph.nodes if _is_linear(n) and _module_path(n).rsplit(".", 1)[-1] == LM_HEAD]
+    heads = [n for n in gm.graph.nodes if _is_linear(n) and node_module(n).rsplit(".", 1)[-1] == LM_HEAD]
     if config.logits != Logits.LAST:
-        return [MemorySite("last_logits", _module_path(n), False, "switched off (logits='all')") for n in heads]
+        return [MemorySite("last_logits", node_module(n), False, "switched off (logits='all')") for n in heads]
     if not heads:
         return [MemorySite("last_logits", "", False, f"no Linear named {LM_HEAD!r} in the graph")]
     sites = []
@@ -139,7 +114,7 @@ def slice_last_logits(gm: fx.GraphModule, config: MInferenceConfig) -> list[Memo
             last.meta.update({k: head.meta[k] for k in ("nn_module_stack", "stack_trace") if k in head.meta})
             head.replace_input_with(hidden, last)
             counters["mcompile"]["last_logits"] += 1
-        sites.append(MemorySite("last_logits", _module_path(head), reason is None, reason or ""))
+        sites.append(MemorySite("last_logits", node_module(head), reason is None, reason or ""))
     return sites
 
 
@@ -211,15 +186,15 @@ def match_mlp(nodes: list[fx.Node]) -> tuple[Optional[MLPMatch], str]:
 
 
 def _operand_reason(m: MLPMatch) -> Optional[str]:
-    """Why ``memory_ops.gated_mlp`` cannot take the MLP's tensors as Dynamo recorded them (tensor
+    """Why ``lowering.gated_mlp`` cannot take the MLP's tensors as Dynamo recorded them (tensor
     subclasses: torchao's quantized weights), or None."""
     operands = {"the MLP input": example(m.x)}
     for lin in (m.gate, m.up, m.down):
         _, w, b = _linear_parts(lin)
-        proj = _module_path(lin).rsplit(".", 1)[-1] or lin.name
+        proj = node_module(lin).rsplit(".", 1)[-1] or lin.name
         operands[f"the weight of {proj}"] = example(w)
         operands[f"the bias of {proj}"] = example(b)
-    return memory_ops.operand_reason(operands)
+    return lowering.operand_reason(operands)
 
 
 def _shape_reason(m: MLPMatch) -> Optional[str]:
@@ -234,7 +209,7 @@ def _shape_reason(m: MLPMatch) -> Optional[str]:
 
 
 def chunk_mlps(gm: fx.GraphModule, config: MInferenceConfig, grad_enabled: bool = False) -> list[MemorySite]:
-    """Replace every gated MLP by ``memory_ops.gated_mlp``: ``mcompile::chunked_mlp`` above
+    """Replace every gated MLP by ``lowering.gated_mlp``: ``mcompile::chunked_mlp`` above
     ``config.mlp_chunk`` tokens, the MLP as written below (``config.chunk_mlp``)."""
     sites = []
     for module, nodes in _mlp_groups(gm.graph).items():
@@ -252,7 +227,7 @@ def chunk_mlps(gm: fx.GraphModule, config: MInferenceConfig, grad_enabled: bool 
         _, wu, bu = _linear_parts(match.up)
         _, wd, bd = _linear_parts(match.down)
         with gm.graph.inserting_before(match.down):
-            new = gm.graph.call_function(memory_ops.gated_mlp,
+            new = gm.graph.call_function(lowering.gated_mlp,
                                          (match.x, wg, wu, wd, bg, bu, bd, match.activation.value, config.mlp_chunk))
         new.meta.update({k: match.prod.meta[k] for k in ("nn_module_stack", "stack_trace") if k in match.prod.meta})
         if example(match.down) is not None:
@@ -292,10 +267,10 @@ def find_quadratic(gm: fx.GraphModule) -> list[MemorySite]:
         if not isinstance(ex, torch.Tensor) or node.op == "placeholder":
             continue
         for n in lengths:
-            if sum(_same(d, n) for d in ex.shape) >= 2:
+            if sum(same_size(d, n) for d in ex.shape) >= 2:
                 shape = tuple(str(d) for d in ex.shape)
                 counters["mcompile"]["quadratic_tensors"] += 1
-                sites.append(MemorySite("quadratic", _module_path(node), False,
+                sites.append(MemorySite("quadratic", node_module(node), False,
                                         f"{node.name} has shape ({', '.join(shape)}): O(N^2) in the sequence length"))
                 break
     return sites
@@ -303,7 +278,6 @@ def find_quadratic(gm: fx.GraphModule) -> list[MemorySite]:
 
 def apply_memory_passes(gm: fx.GraphModule, config: MInferenceConfig, grad_enabled: bool = False) -> MemoryReport:
     """Run the memory passes in place (after the attention rewrite) and report what they did."""
-    from .realize import rope_once, store_residual
 
     sites = slice_last_logits(gm, config) + chunk_mlps(gm, config, grad_enabled)
     sites += rope_once(gm, config, grad_enabled) + store_residual(gm, config, grad_enabled)

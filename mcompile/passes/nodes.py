@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 
 def target_name(node) -> str:
@@ -35,3 +36,31 @@ def module_path(source: str) -> str:
     path = re.sub(r"\['([^']*)'\]", r".\1", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     return path.strip(".")
+
+
+def same_size(a, b) -> bool:
+    """a == b for ints and SymInts, without adding a guard."""
+    return bool(statically_known_true(a == b))
+
+
+LAYER_RE = re.compile(r"(?:layers?|(?<![A-Za-z0-9_])(?:blocks?|h))[._](\d+)[._]")
+
+
+def module_info(node: fx.Node) -> tuple[Optional[int], str, str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None, "", ""
+    qualname, cls = list(stack.values())[-1]
+    cls_name = getattr(cls, "__name__", str(cls).rsplit(".", 1)[-1].strip("'>"))
+    layer = None
+    for path, _ in stack.values():
+        m = LAYER_RE.search(str(path).replace("[", ".").replace("]", ".") + ".")
+        if m:
+            layer = int(m.group(1))
+            break
+    return layer, module_path(qualname), cls_name
+
+
+def node_module(node: fx.Node) -> str:
+    """The path of the module a node was traced in (``model.layers.0.mlp``), "" if unknown."""
+    return str(module_info(node)[1])

@@ -1,13 +1,13 @@
 """Values Inductor should store once rather than recompute in every reader.
 
 Inductor inlines a cheap pointwise value into each kernel that reads it instead of storing it.
-Two such values cost a long prefill time (Llama-3-8B's shape at 128K tokens, H100, profiled by
-``benchmarks/e2e.py --profile``):
+Two such values cost long prefills much time (profiles by ``benchmarks/e2e.py --profile`` in
+docs/BENCHMARKS.md):
 
 - ``rope_once`` (option ``rope_once``): a transformers model computes RoPE's cos / sin tables once
   per forward (``model.rotary_emb``) and hands them to every layer; inlined, every layer's RoPE
   kernel recomputes ``cos(position * inv_freq)`` and ``sin(...)`` for each element of q and k
-  (84.5 + 21.5 ms per prefill; stored, 23.1 + 6.4 ms). The pass finds each value computed by
+  (stored, the tables are read instead). The pass finds each value computed by
   ``cos`` or ``sin`` and carried through scalar elementwise ops (the attention scaling, the cast
   to the model's dtype) to a node read by more than one node.
 - ``store_residual`` (option ``store_residual``): the residual stream ``h = h + sublayer(h)``
@@ -31,10 +31,8 @@ import torch.fx as fx
 from torch._dynamo.utils import counters
 
 from ..config import MInferenceConfig
-from .mask_proof import _same
-from .match import _LAYER_RE, _module_info
-from .memory import MemorySite, _module_path  # memory.py imports this module only when it runs
-from .nodes import example, target_name
+from .memory_report import MemorySite
+from .nodes import LAYER_RE, example, module_info, node_module, same_size, target_name
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +120,10 @@ def residual_adds(graph: fx.Graph) -> list[fx.Node]:
         if not all(isinstance(x, torch.Tensor) for x in (ea, eb, out)) or not out.is_floating_point():
             continue
         if out.dim() < 2 or not (ea.dim() == eb.dim() == out.dim()) or not all(
-                _same(x, y) and _same(x, z) for x, y, z in zip(ea.shape, eb.shape, out.shape)):
+                same_size(x, y) and same_size(x, z) for x, y, z in zip(ea.shape, eb.shape, out.shape)):
             continue  # compared without guards: a symbolic length must not specialise the graph
-        path = _module_info(node)[1].replace("[", ".").replace("]", ".") + "."
-        layer = _LAYER_RE.search(path)
+        path = module_info(node)[1].replace("[", ".").replace("]", ".") + "."
+        layer = LAYER_RE.search(path)
         if layer and layer.end() == len(path.rstrip(".")) + 1:  # the layer's own code, not a submodule's
             adds.append(node)
     return adds
@@ -154,7 +152,7 @@ def _store(gm: fx.GraphModule, pass_name: str, nodes: list, switched_on: bool, g
         if why is None:
             realize(gm.graph, node, op)
             counters["mcompile"][pass_name] += 1
-        sites.append(MemorySite(pass_name, _module_path(node), why is None, why or ""))
+        sites.append(MemorySite(pass_name, node_module(node), why is None, why or ""))
     stored = sum(site.applied for site in sites)
     if stored:
         log.info("mcompile: %s: %d value(s) stored once", pass_name, stored)

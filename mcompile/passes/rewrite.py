@@ -5,7 +5,7 @@
     index = mcompile.estimate_index(q, k, padding, kinds, p0, p1, scale, dense_below)
     attn  = mcompile.sparse_attention(q, k, v, *index, padding, scale, dense_below)
 
-On CUDA, a whole prompt without key padding gets ``kernels.inline.sparse_attention`` instead
+On CUDA, a whole prompt without key padding gets ``lowering.sparse_attention`` instead
 (estimation and kernel inside a ``torch.cond`` that Inductor lowers into its own code); the
 report says which sites were inlined and why others were not.
 
@@ -30,10 +30,10 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import ops  # noqa: F401  (registers torch.ops.mcompile.*)
 from ..config import MInferenceConfig
-from ..kernels import inline
 from ..kernels.estimate import STATIC_BLOCK_BUDGET
 from ..pattern_db import ModelFingerprint, PatternDB, PatternDBError, find_shipped, load
 from ..patterns import Pattern, PatternKind, encode
+from . import lowering
 from .frame import model_config
 from .match import AttentionSite, find_attention
 from .mutation import mutates
@@ -59,7 +59,7 @@ class SiteReport:
     pattern_source: str = ""
     key_padding: bool = False
     budget_scaling: tuple = (0, 0.0)  # (reference length, exponent) of the budgets; length 0: absolute
-    inlined: bool = False  # sparse attention lowered by Inductor (kernels/inline.py), not the opaque op
+    inlined: bool = False  # sparse attention lowered by Inductor (passes/lowering.py), not the opaque op
     inline_reason: str = ""  # why not, where it was not
 
 
@@ -160,7 +160,7 @@ def site_patterns(site: AttentionSite, db: Optional[PatternDB], config: MInferen
 
 
 def inline_decision(site: AttentionSite, config: MInferenceConfig) -> tuple[bool, str]:
-    """Whether the site's sparse attention is inlined (kernels/inline.py), and why not."""
+    """Whether the site's sparse attention is inlined (passes/lowering.py), and why not."""
     if config.inline_kernels is False:
         return False, "inline_kernels=False"
     q, k, v = (x.meta.get("example_value") for x in (site.q, site.k, site.v))
@@ -170,7 +170,7 @@ def inline_decision(site: AttentionSite, config: MInferenceConfig) -> tuple[bool
         q, k, v = (x.to(site.dtype) for x in (q, k, v))
     if config.inline_kernels is None and q.device.type != "cuda":
         return False, f"device {q.device.type} (auto inlines the Triton kernel on CUDA)"
-    reason = inline.inline_reason(q, k, v, site.key_padding, site.scale)
+    reason = lowering.inline_reason(q, k, v, site.key_padding, site.scale)
     return reason is None, reason or ""
 
 
@@ -197,8 +197,8 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite, patterns: list[Pattern],
         if site.dtype is not None:
             device = site.q.meta["example_value"].device.type
             region = graph.call_function(torch.amp.autocast_mode._enter_autocast, (device, None, False, None))
-        if inlined:  # estimation happens inside (kernels/inline.py)
-            attn = graph.call_function(inline.sparse_attention, (q, k, v, kinds, p0, p1, site.scale,
+        if inlined:  # estimation happens inside (passes/lowering.py)
+            attn = graph.call_function(lowering.sparse_attention, (q, k, v, kinds, p0, p1, site.scale,
                                                                  config.dense_below, *scaling))
         else:
             est = graph.call_function(torch.ops.mcompile.estimate_index.default,
@@ -263,7 +263,7 @@ def rewrite_attention(gm: fx.GraphModule, config: MInferenceConfig, grad_enabled
             site = fit_padding(gm.graph, site)
             inlined, why_not = inline_decision(site, config)
             if inlined and any(p.kind == PatternKind.BLOCK_MASS or (p.kind == PatternKind.BLOCK_SPARSE
-                                                                   and p.p0 > STATIC_BLOCK_BUDGET) for p in patterns):
+                                                                   and p.blocks > STATIC_BLOCK_BUDGET) for p in patterns):
                 inlined, why_not = False, (f"block-mass or a block budget above {STATIC_BLOCK_BUDGET} blocks: the "
                                            "block list is sized at run time, the inlined kernel sizes it when compiled")
             _rewrite_site(gm.graph, site, patterns, config, scaling, inlined)

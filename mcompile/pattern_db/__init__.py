@@ -28,7 +28,7 @@ On disk a database is JSON::
 ``load`` is the one reader (it validates every field and names the bad one, and with ``model=``
 checks the database against the model being compiled), ``save`` the one writer. Databases
 shipped with the package live beside this file and are found by name (``shipped``,
-``find_shipped``). ``search`` (mcompile.pattern_db.search) writes them.
+``find_shipped``). ``search`` (mcompile.tools.search) writes them.
 """
 
 from __future__ import annotations

@@ -92,8 +92,12 @@ def pattern_pairs(pattern: Pattern, n: int) -> float:
     if pattern.kind == PatternKind.DENSE:
         return causal_pairs(n)
     if pattern.kind == PatternKind.BLOCK_SPARSE:
-        return _compiled(pattern.kind)(n, min(pattern.p0, num_blocks(n)))
-    return _compiled(pattern.kind)(n, min(pattern.p0, n), min(pattern.p1, n))
+        return _compiled(pattern.kind)(n, min(pattern.blocks, num_blocks(n)))
+    if pattern.kind == PatternKind.A_SHAPE:
+        return _compiled(pattern.kind)(n, min(pattern.sink, n), min(pattern.local, n))
+    if pattern.kind == PatternKind.VERTICAL_SLASH:
+        return _compiled(pattern.kind)(n, min(pattern.vertical, n), min(pattern.slash, n))
+    raise ValueError(f"{pattern.kind.label} has no pair count ahead of its input (its tiles depend on the input)")
 
 
 def expected_density(pattern: Pattern, n: int) -> Optional[float]:

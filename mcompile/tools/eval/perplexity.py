@@ -7,7 +7,7 @@ decoder (``model.get_decoder()``) runs compiled: the prefill attention is what m
 rewrites, and the vocabulary projection and cross-entropy are done here in chunks of
 ``LOGIT_ROWS`` positions, so an 8K window never holds an 8K x vocabulary logit tensor.
 
-The text is the standard-library documentation of ``mcompile.data`` (real technical English
+The text is the standard-library documentation of ``mcompile.tools.data`` (real technical English
 that ships with Python; nothing can be downloaded here).
 """
 

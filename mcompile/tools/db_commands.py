@@ -1,6 +1,6 @@
 """Command line: ``mcompile search``, ``mcompile allocate``, ``mcompile evaluate-db`` and ``mcompile plot``.
 
-``add_commands(subparsers)`` registers them (mcompile/cli.py lists this module in
+``add_commands(subparsers)`` registers them (mcompile/tools/cli.py lists this module in
 ``COMMAND_MODULES``); each handler takes the parsed arguments and returns an exit code.
 """
 
@@ -49,7 +49,7 @@ def _target(text: str):
 
 
 def _policy(text: str) -> tuple[str, str]:
-    from .evaluate import parse_policy
+    from .compare import parse_policy
 
     try:
         return parse_policy(text)
@@ -59,7 +59,7 @@ def _policy(text: str) -> tuple[str, str]:
 
 def load_model(name: str, yarn=None):
     """(model, tokenizer or None, database name) for ``--model``."""
-    from ..models import load_smollm2, tiny_llama
+    from .models import load_smollm2, tiny_llama
 
     if name == "smollm2":
         model, tok = load_smollm2(yarn_factor=yarn)
@@ -72,10 +72,10 @@ def calibration_ids(tok, vocab: int, length: int, offset: int) -> tuple[torch.Te
     if tok is None:
         g = torch.Generator().manual_seed(TINY_SEED + offset)
         return torch.randint(0, vocab, (1, length), generator=g), f"random token ids (seed {TINY_SEED + offset})"
-    from ..data import haystack
+    from .data import haystack
 
     return (torch.tensor([haystack(tok, length, offset)]),
-            f"mcompile.data.haystack: stdlib docstrings, tokens {offset}..{offset + length}")
+            f"mcompile.tools.data.haystack: stdlib docstrings, tokens {offset}..{offset + length}")
 
 
 def _command(args) -> str:
@@ -98,7 +98,7 @@ def _command(args) -> str:
 
 
 def search_cmd(args) -> int:
-    from . import save
+    from ..pattern_db import save
     from .search import CANDIDATES, Target, search_model
 
     t0 = time.perf_counter()
@@ -132,7 +132,7 @@ def _kind_counts(db) -> str:
 
 
 def evaluate_cmd(args) -> int:
-    from .evaluate import evaluate_policies, format_table
+    from .compare import evaluate_policies, format_table
 
     model, tok, _ = load_model(args.model, args.yarn)
     policies = dict(args.policy)
@@ -148,8 +148,8 @@ def evaluate_cmd(args) -> int:
 
 
 def plot_cmd(args) -> int:
-    from .. import plot
-    from . import load
+    from . import plot
+    from ..pattern_db import load
 
     db = load(args.db)
     out = Path(args.out)
@@ -207,7 +207,7 @@ def allocate_cmd(args) -> int:
     with all layers sparse; writes ``allocation.json`` and one database per scale into ``--out``."""
     from tqdm.auto import tqdm
 
-    from . import ModelFingerprint, save
+    from ..pattern_db import ModelFingerprint, save
     from .allocate import (
         Entry,
         Losses,
@@ -222,7 +222,7 @@ def allocate_cmd(args) -> int:
 
     t0 = time.perf_counter()
     dtype = getattr(torch, args.dtype)
-    from ..models import load_smollm2
+    from .models import load_smollm2
 
     model, tok = load_smollm2(dtype=dtype, device=args.device, yarn_factor=args.yarn)
     cal = calibration_inputs(tok, args.window, args.texts, args.needle_lengths, args.depths, args.offset)

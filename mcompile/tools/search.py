@@ -33,7 +33,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..capture import capture_qkv
+from .capture import capture_qkv
 from ..index import SENTINEL, SparseIndex, num_blocks
 from ..kernels.estimate import assemble_index, vertical_slash_scores
 from ..patterns import (
@@ -45,8 +45,8 @@ from ..patterns import (
     PatternKind,
     encode,
 )
-from . import HeadEntry, ModelFingerprint, PatternDB
-from .cost import causal_pairs, kernel_pairs, pattern_pairs, solve_budget
+from ..pattern_db import HeadEntry, ModelFingerprint, PatternDB
+from ..pattern_db.cost import causal_pairs, kernel_pairs, pattern_pairs, solve_budget
 from .metrics import attention_recall, dense_rows, output_error, sample_blocks
 
 log = logging.getLogger(__name__)

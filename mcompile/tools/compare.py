@@ -17,10 +17,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..capture import attention_recall, capture_qkv
+from .capture import attention_recall, capture_qkv
 from ..kernels.estimate import estimate_index_ref
 from ..patterns import Pattern, encode, scaled_budgets
-from .cost import kernel_density
+from ..pattern_db.cost import kernel_density
 from .metrics import dense_rows, output_error, sample_blocks
 
 Policy = Callable[[int, int], list]  # (layer, length) -> [Pattern] per query head, budgets scaled
@@ -52,7 +52,7 @@ def parse_policy(spec: str) -> tuple[str, str]:
 
 
 def _resolve(spec: str, model) -> Policy:
-    from . import ModelFingerprint, load
+    from ..pattern_db import ModelFingerprint, load
 
     if spec == "default":
         return default_policy(model.config.num_attention_heads)

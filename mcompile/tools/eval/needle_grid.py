@@ -2,7 +2,7 @@
 
 Every cell hides a different 5-digit password (drawn from a generator seeded by the cell, so
 runs are repeatable and no single lucky number decides a whole grid) in real text
-(``mcompile.data``: standard-library documentation) and asks for it at the end. A cell passes
+(``mcompile.tools.data``: standard-library documentation) and asks for it at the end. A cell passes
 when the generated continuation contains the number.
 """
 

@@ -4,7 +4,7 @@ Two measures per (batch, head), both over the same sampled query rows:
 
 - ``output_error``: relative L2 error of the sparse attention output against dense causal
   attention, ``||O_sparse - O_dense|| / ||O_dense||`` (the paper's search objective);
-- attention recall (``mcompile.capture.attention_recall``): the softmax mass on kept keys.
+- attention recall (``mcompile.tools.capture.attention_recall``): the softmax mass on kept keys.
 
 Rows are sampled as whole query blocks spread evenly over the sequence (``sample_blocks``), so
 a measure costs ``blocks x BLOCK x N`` work and memory per head instead of ``N^2``. The sparse
@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..capture import attention_recall
+from .capture import attention_recall
 from ..index import BLOCK, SparseIndex, block_mask_rows, num_blocks
 
 __all__ = ["sample_blocks", "dense_rows", "sparse_rows", "output_error", "attention_recall"]

@@ -1,5 +1,8 @@
-"""Sparse attention as Inductor sees it on CUDA: a ``triton_op`` inside a ``torch.cond``.
+"""The graph builders the rewrites insert: what Inductor sees of sparse attention and of the chunked
+MLP. Each is a ``torch.cond`` on a symbolic size (``conditional.flat_cond``) inside a shared
+region (``conditional.shared_region``), over the ops of ops.py.
 
+Sparse attention (``sparse_attention``), on CUDA: a ``triton_op`` inside a ``torch.cond``.
 The default rewrite (passes/rewrite.py) calls the opaque custom op ``mcompile::sparse_attention``,
 whose body chooses at run time between dense attention and the Triton kernel. Opaque ops are
 invisible to Inductor: the kernel launch is a call into Python. Where the rewrite can, it calls
@@ -31,78 +34,43 @@ so the graph structure is the same everywhere.
 Layouts: transformers hands attention q/k/v as (B, H, N, D) views of (B, N, H, D) storage and
 reshapes the output back to (B, N, H * D). The operands cross the region and the conditionals
 in that memory order (``conditional.flat_cond``), and every branch returns (B, N, H, D)
-storage (the kernel writes it; cuDNN's SDPA already does), so neither side costs a copy. The
-copies this replaced cost about 2 ms per layer of Llama-3-8B at 128K (docs/BENCHMARKS.md).
+storage (the kernel writes it; cuDNN's SDPA already does), so neither side costs a copy (what
+the copies cost: docs/BENCHMARKS.md).
 
 Launch configuration: a traced launch is not autotuned (Inductor would tune once, at whatever
 length it sees first). It uses ``sparse_attention_triton.fixed_config``: BLOCK_N 64 and 4 warps,
-which the autotuner of the opaque path chose on an H100 for head dims 64 and 128 at 4K-128K, and
+which the autotuner of the opaque path chose for head dims 64 and 128 at every length measured, and
 3 pipeline stages where they fit in shared memory (docs/BENCHMARKS.md, "Launch configurations"
 and "One loop over short runs").
+
+The gated MLP (``gated_mlp``): ``mcompile::chunked_mlp`` when x holds more than ``chunk``
+tokens, else the MLP as written, which Inductor lowers and fuses as it would without the pass,
+so short prompts pay nothing measurable.
+
+Plain tensors only: a weight that is a tensor subclass (torchao's quantized ``Int8Tensor``, a
+DTensor) computes ``linear`` through its own ``__torch_dispatch__``, which has no rule for this op
+nor for the conditional and shared region around ``chunked_mlp`` (``torch.cond`` and ``invoke_subgraph`` reject
+subclass operands). ``operand_reason`` says so before the memory pass inserts anything.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .. import ops
+from .. import ops  # noqa: F401  (registers torch.ops.mcompile.*)
 from ..conditional import flat_cond, shared_region
-from ..index import SparseIndex
+from ..kernels.act_mul import activate
 from ..patterns import DEFAULT_BUDGET_EXPONENT
 
 # Benchmarks only: the run-time density check (the inner conditional) off CUDA too, where it never
 # fires, so that a CPU compile has the graph structure of a CUDA one (benchmarks/compile_time.py).
 _DENSE_CHECK_EVERYWHERE = False
-
-
-def _triton():
-    from . import sparse_attention_triton
-
-    return sparse_attention_triton
-
-
-@torch.library.triton_op("mcompile::sparse_attention_kernel", mutates_args=())
-def sparse_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: torch.Tensor,
-                            run_count: torch.Tensor, diag_prefix: torch.Tensor, columns: torch.Tensor,
-                            column_count: torch.Tensor, blocks: torch.Tensor, block_count: torch.Tensor,
-                            scale: float) -> torch.Tensor:
-    """Sparse causal attention of a whole prompt (q (B, H, N, D), k/v (B, Hk, N, D), any strides)
-    over the index: the Triton kernel on CUDA, launched through ``wrap_triton``; elsewhere the
-    PyTorch reference (through the opaque op, with ``dense_below`` 0 so it never turns dense).
-    On CUDA the output (B, H, N, Dv) is a view of (B, N, H, Dv) storage: the layout in which
-    the model reshapes it next, so that no transpose copy follows."""
-    index = (runs, run_count, diag_prefix, columns, column_count, blocks, block_count)
-    if q.device.type != "cuda":
-        return torch.ops.mcompile.sparse_attention(q, k, v, *index, None, scale, 0)
-    tri = _triton()
-    d, dv = q.shape[-1], v.shape[-1]
-    dp, dvp = tri.padded_head_dim(d), tri.padded_head_dim(dv)
-    qp, kp, vp = tri.pad_head_dim(q, dp), tri.pad_head_dim(k, dp), tri.pad_head_dim(v, dvp)
-    b, h, n = q.shape[:3]
-    out = torch.empty(b, n, h, dvp, dtype=q.dtype, device=q.device).transpose(1, 2)
-    grid, args, meta = tri.launch_args(qp, kp, vp, out, SparseIndex(*index), scale, None, 0)
-    config = tri.fixed_config(dp, dvp, q.dtype)
-    torch.library.wrap_triton(tri._sparse_attention_kernel)[grid](*args, **meta, **config)
-    return out if dvp == dv else out[..., :dv].transpose(1, 2).contiguous().transpose(1, 2)
-
-
-@torch.library.custom_op("mcompile::dense_check", mutates_args=())
-def dense_check(runs: torch.Tensor, run_count: torch.Tensor, column_count: torch.Tensor,
-                block_count: torch.Tensor, n: int) -> torch.Tensor:
-    """0-dim bool tensor: True when the index covers so many pairs that dense attention is faster
-    (``ops.dense_by_fraction``, the opaque op's check, logged and counted the same way)."""
-    empty = runs.new_empty(0)
-    index = SparseIndex(runs, run_count, empty, empty, column_count, empty, block_count)
-    return torch.tensor(ops.dense_by_fraction(index, n, runs.is_cuda), device=runs.device)
-
-
-@dense_check.register_fake
-def _(runs, run_count, column_count, block_count, n):
-    return runs.new_empty((), dtype=torch.bool)
 
 
 def _causal(q, k, v, scale):
@@ -160,7 +128,7 @@ def inline_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding
     if not isinstance(scale, float) or not math.isfinite(scale) or scale <= 0:
         return "the softmax scale is not a positive constant"
     if q.device.type == "cuda":
-        from .dispatch import triton_reason
+        from ..kernels.dispatch import triton_reason
 
         reason = triton_reason(q)
         if reason is not None:
@@ -168,4 +136,48 @@ def inline_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding
     return None
 
 
-__all__ = ["sparse_attention", "sparse_attention_kernel", "dense_check", "inline_reason"]
+# Tensor types the op, torch.cond and invoke_subgraph take as they are (FakeTensor: what Dynamo
+# records for a plain tensor); any other subclass computes through its own __torch_dispatch__.
+PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter, FakeTensor)
+
+
+def operand_reason(operands: dict) -> Optional[str]:
+    """Why ``gated_mlp`` cannot take ``operands`` (name -> tensor or example value, None for an
+    absent bias), or None. A tensor subclass has no rule for the op, torch.cond or
+    invoke_subgraph, and its own arithmetic (a quantized matmul) is not this op's."""
+    for name, t in operands.items():
+        if not isinstance(t, torch.Tensor) or type(t) in PLAIN_TENSORS:
+            continue
+        cls = type(t)
+        return (f"{name} is a {cls.__module__.split('.', 1)[0]} {cls.__name__} (a tensor subclass, e.g. a "
+                "quantized weight): chunked_mlp runs plain tensors only, so this MLP runs as written, unchunked, "
+                "with its N x intermediate_size temporaries; to chunk it, keep the MLP's weights plain (e.g. "
+                "leave its Linear layers out of the quantization)")
+    return None
+
+
+def gated_mlp(x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation: str, chunk: int) -> torch.Tensor:
+    """What the memory pass puts in the graph: ``chunked_mlp`` when x holds more than ``chunk``
+    tokens, else the MLP as written (``down(act(gate(x)) * up(x))``), which Inductor lowers and
+    fuses as it would without the pass, with no opaque op on a short prompt's path. The choice is
+    a conditional on the symbolic token count (``conditional.flat_cond``): no guard, one graph."""
+    has_bias = tuple(t is not None for t in (b_gate, b_up, b_down))
+    biases = tuple(t for t in (b_gate, b_up, b_down) if t is not None)
+
+    def weights(rest):
+        wg, wu, wd, *bs = rest
+        bs = iter(bs)
+        return (wg, wu, wd, *(next(bs) if h else None for h in has_bias))
+
+    def plain(x, *rest):
+        wg, wu, wd, bg, bu, bd = weights(rest)
+        return F.linear(activate(F.linear(x, wg, bg), activation) * F.linear(x, wu, bu), wd, bd)
+
+    def chunked(x, *rest):
+        return torch.ops.mcompile.chunked_mlp(x, *weights(rest), activation, chunk)
+
+    def mlp(x, *rest):
+        tokens = x.numel() // x.shape[-1]
+        return flat_cond(tokens > chunk, chunked, plain, (x,), rest)
+
+    return shared_region("gated_mlp", mlp, (x, w_gate, w_up, w_down, *biases), (activation, chunk, has_bias))

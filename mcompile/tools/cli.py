@@ -4,32 +4,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import sys
 import time
 
 import torch
 
+from .options import pattern_arg
+
 
 # Modules that add subcommands through ``add_commands(subparsers)``.
-COMMAND_MODULES: tuple = ("mcompile.pattern_db.commands", "mcompile.eval")
-
-
-def _pattern(text: str) -> dict:
-    """``vertical_slash:256,512`` / ``a_shape:128,1024`` / ``block_sparse:8`` / ``dense`` or JSON."""
-    text = text.strip()
-    if text.startswith("{"):
-        return json.loads(text)
-    kind, _, params = text.partition(":")
-    names = {"vertical_slash": ("vertical", "slash"), "a_shape": ("sink", "local"), "block_sparse": ("blocks",),
-             "dense": ()}
-    if kind not in names:
-        raise argparse.ArgumentTypeError(f"unknown pattern kind {kind!r}; valid kinds: {sorted(names)}")
-    values = [int(x) for x in params.split(",")] if params else []
-    if len(values) != len(names[kind]):
-        raise argparse.ArgumentTypeError(f"{kind} takes {len(names[kind])} numbers: {', '.join(names[kind])}")
-    return {"kind": kind, **dict(zip(names[kind], values))}
+COMMAND_MODULES: tuple = ("mcompile.tools.db_commands", "mcompile.tools.eval")
 
 
 def _device(name: str) -> str:
@@ -51,7 +36,7 @@ def _timed_prefill(model, ids) -> float:
 
 
 def demo(args) -> int:
-    from . import explain
+    from .. import explain
     from .models import load_smollm2
     from .needle import answer, needle_prompt
 
@@ -71,7 +56,7 @@ def demo(args) -> int:
     if args.pattern is not None:  # one pattern for every head instead of the shipped database
         options.update(default_pattern=args.pattern, pattern_db=None)
     results = {}
-    from .backend import minference_backend  # the callable: works without the installed entry point
+    from ..backend import minference_backend  # the callable: works without the installed entry point
 
     for name, backend, opts in (("dense", "inductor", None), ("minference", minference_backend, options)):
         torch._dynamo.reset()
@@ -102,7 +87,7 @@ def demo(args) -> int:
 
 
 def explain_cmd(args) -> int:
-    from . import explain
+    from .. import explain
     from .models import load_smollm2, tiny_llama
 
     if args.model == "smollm2":
@@ -131,7 +116,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("demo", help="needle retrieval on SmolLM2-135M: dense vs minference")
     p.add_argument("--length", type=int, default=4096, help="prompt tokens (default 4096)")
     p.add_argument("--depth", type=float, default=0.5, help="needle depth in 0..1 (default 0.5)")
-    p.add_argument("--pattern", type=_pattern, default=None,
+    p.add_argument("--pattern", type=pattern_arg, default=None,
                    help="one pattern for every head, e.g. vertical_slash:128,256 (default: the default "
                         "policy, budgets scaled to the length)")
     p.add_argument("--dense-below", type=int, default=0, help="dense below this length (default 0: always sparse)")
@@ -145,7 +130,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"])
     p.add_argument("--length", type=int, default=256, help="example input length")
     p.add_argument("--at", type=int, default=None, help="report densities at this length")
-    p.add_argument("--pattern", type=_pattern, default=None)
+    p.add_argument("--pattern", type=pattern_arg, default=None)
     p.add_argument("--pattern-db", default=None, help="path, shipped name, 'auto' or 'none'")
     p.add_argument("--dense-below", type=int, default=0)
     p.add_argument("--graph", action="store_true", help="print the rewritten graph")

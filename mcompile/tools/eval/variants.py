@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..backend import minference_backend
-from ..config import MInferenceConfig
-from ..passes.rewrite import RewriteReport
+from ...backend import minference_backend
+from ...config import MInferenceConfig
+from ...passes.rewrite import RewriteReport
 
 DENSE = "dense"
 MINFERENCE = "minference"

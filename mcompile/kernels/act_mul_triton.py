@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .memory_ops import ACTIVATIONS, Activation, act_mul_ref
+from .act_mul import ACTIVATIONS, Activation, act_mul_ref
 
 BLOCK = 1024  # elements per program: 4 warps x 32 threads x 8 elements (16-byte bf16 vectors)
 _CODES = {Activation.SILU.value: 0, Activation.GELU_TANH.value: 1, Activation.GELU.value: 2}

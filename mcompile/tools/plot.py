@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .patterns import PatternKind, encode, scaled_budgets
+from ..patterns import PatternKind, encode, scaled_budgets
 
 KIND_COLOURS = {PatternKind.DENSE: "#9e9e9e", PatternKind.A_SHAPE: "#4c72b0",
                 PatternKind.VERTICAL_SLASH: "#dd8452", PatternKind.BLOCK_SPARSE: "#55a868",
@@ -40,7 +40,7 @@ def plot_database(db, n: int, path) -> Path:
     import numpy as np
     from matplotlib.colors import ListedColormap
 
-    from .pattern_db.cost import expected_density
+    from ..pattern_db.cost import expected_density
 
     layers, heads = db.model.num_layers, db.model.num_heads
     kinds = np.zeros((layers, heads))
@@ -83,7 +83,7 @@ def _pooled_rows(n: int, cell: int):
 def attention_images(q, k, index, head: int, scale: float, pixels: int):
     """(max-pooled attention probability, mean-pooled kept fraction), each (P, P) fp32, for one
     head. q (1, H, N, D), k (1, Hk, N, D)."""
-    from .index import block_mask_rows
+    from ..index import block_mask_rows
 
     n = q.shape[2]
     group = q.shape[1] // k.shape[1]
@@ -106,9 +106,9 @@ def attention_images(q, k, index, head: int, scale: float, pixels: int):
 def plot_head(model, input_ids, db, layer: int, head: int, path, pixels: int = 512, title_data: str = "") -> Path:
     """The dense attention map of (layer, head) on ``input_ids`` beside its pattern's mask."""
     from .capture import attention_recall, capture_qkv
-    from .kernels.estimate import estimate_index_ref
-    from .pattern_db.cost import kernel_density
-    from .pattern_db.search import attention_scale
+    from ..kernels.estimate import estimate_index_ref
+    from ..pattern_db.cost import kernel_density
+    from .search import attention_scale
 
     if not 0 <= layer < db.model.num_layers or not 0 <= head < db.model.num_heads:
         raise ValueError(f"layer {layer} / head {head} outside the database's {db.model.num_layers} layers / "

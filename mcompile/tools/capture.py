@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from .index import BLOCK, SparseIndex, block_mask_rows
+from ..index import BLOCK, SparseIndex, block_mask_rows
 
 CAPTURE_IMPL = "mcompile_capture"  # name registered with transformers' AttentionInterface
 RECALL_ROWS = 256  # query rows per step of attention_recall (a multiple of BLOCK)

@@ -1,4 +1,4 @@
-"""``python -m mcompile.eval [options]``: the same as ``mcompile eval [options]``."""
+"""``python -m mcompile.tools.eval [options]``: the same as ``mcompile eval [options]``."""
 
 import argparse
 import sys
@@ -7,7 +7,7 @@ from .cli import add_commands
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mcompile.eval")
+    parser = argparse.ArgumentParser(prog="python -m mcompile.tools.eval")
     sub = parser.add_subparsers(dest="command", required=True)
     add_commands(sub)
     args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])

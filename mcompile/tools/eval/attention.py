@@ -26,11 +26,11 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..capture import attention_recall, capture_qkv
-from ..explain import explain
-from ..index import BLOCK, SparseIndex, kept_fraction
-from ..kernels.estimate import estimate_index_ref
-from ..pattern_db.metrics import output_error
-from ..patterns import encode, scaled_budgets
+from ...explain import explain
+from ...index import BLOCK, SparseIndex, kept_fraction
+from ...kernels.estimate import estimate_index_ref
+from ..metrics import output_error
+from ...patterns import encode, scaled_budgets
 
 DEFAULT_ROW_BLOCKS = 32  # sampled 64-row query blocks per layer (2048 rows: recall to about +-0.01)
 EXPLAIN_TOKENS = 128  # input length of the explain pass that reads the per-layer patterns

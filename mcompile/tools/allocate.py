@@ -42,11 +42,11 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import ops  # noqa: F401  (registers torch.ops.mcompile.*)
-from ..capture import attention_recall
-from ..eval.perplexity import window_nll
+from .capture import attention_recall
+from .eval.perplexity import window_nll
 from ..index import SparseIndex, kept_fraction
 from ..patterns import DEFAULT_BUDGET_EXPONENT, DENSE, Pattern, PatternKind, encode
-from . import HeadEntry, ModelFingerprint, PatternDB
+from ..pattern_db import HeadEntry, ModelFingerprint, PatternDB
 
 ALLOCATE_IMPL = "mcompile_allocate"  # name registered with transformers' AttentionInterface
 # The ladder: vertical-slash budgets at REFERENCE_LENGTH. A vertical costs at most one key per
@@ -83,8 +83,8 @@ def calibration_inputs(tokenizer, window: int, texts: int = 1, needle_lengths: S
     """Calibration inputs from ``data.calibration_docs``: ``texts`` windows of ``window`` tokens
     (scored from ``window // 4`` on) and needle prompts at every length x depth, each with its own
     number."""
-    from ..data import haystack
-    from ..needle import needle_prompt
+    from .data import haystack
+    from .needle import needle_prompt
 
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     windows = [torch.tensor([bos + haystack(tokenizer, window - len(bos), offset + i * window, "calibration")])
@@ -98,7 +98,7 @@ def calibration_inputs(tokenizer, window: int, texts: int = 1, needle_lengths: S
             answer = tokenizer(f" {value}.", add_special_tokens=False)["input_ids"]
             ids = torch.cat([prompt.input_ids, torch.tensor([answer])], 1)
             needles.append((ids, prompt.input_ids.shape[1], n))
-    desc = (f"mcompile.data.calibration_docs (PyTorch documentation): {texts} windows of {window} tokens from "
+    desc = (f"mcompile.tools.data.calibration_docs (PyTorch documentation): {texts} windows of {window} tokens from "
             f"token {offset}; needles at {list(needle_lengths)} x depths {list(depths)}")
     return Calibration(windows, window // 4, needles, desc)
 
@@ -134,7 +134,7 @@ class _Attention:
         out = torch.ops.mcompile.sparse_attention(query, key, value, *parts, None, scale, 0)
         if self.measure:
             index = SparseIndex(*parts)
-            from ..eval.attention import sample_rows
+            from .eval.attention import sample_rows
 
             at = (module.layer_idx, self.length or n)
             self.kept.setdefault(at, []).append(float(kept_fraction(index, n).mean()))

@@ -8,6 +8,7 @@ import logging
 import shlex
 import sys
 
+from ..options import pattern_arg
 from .runner import PARTS, EvalSpec, run_eval
 
 
@@ -42,8 +43,6 @@ def _pattern_db(text: str):
 
 def add_commands(sub) -> None:
     """Register ``eval`` on a subparsers object."""
-    from ..cli import _pattern
-
     p = sub.add_parser("eval", help="accuracy: needle grid, perplexity, attention recall (dense vs minference)")
     p.add_argument("--model", default="smollm2", help="'smollm2' (shipped GGUF), a model folder or a .gguf file")
     p.add_argument("--lengths", type=_ints, default=(2048, 4096, 6144, 8192), help="needle prompt lengths")
@@ -51,7 +50,7 @@ def add_commands(sub) -> None:
     p.add_argument("--parts", type=_parts, default=PARTS, help=f"what to run, of {','.join(PARTS)}")
     p.add_argument("--pattern-db", type=_pattern_db, default=None,
                    help="pattern database: path, shipped name, 'auto' or 'none' (default none: the default pattern)")
-    p.add_argument("--pattern", type=_pattern, default=None,
+    p.add_argument("--pattern", type=pattern_arg, default=None,
                    help="default pattern, e.g. vertical_slash:1000,6096 (default: the built-in policy, scaled by length)")
     p.add_argument("--dense-below", type=int, default=0, help="prompts shorter than this stay dense (default 0)")
     p.add_argument("--budget-length", type=int, default=None, help="reference length of the pattern's budgets")
@@ -92,7 +91,7 @@ def spec_from_args(args) -> EvalSpec:
 
 
 def _command_line() -> str:
-    """The command as typed, in its ``mcompile eval`` form (also for ``python -m mcompile.eval``)."""
+    """The command as typed, in its ``mcompile eval`` form (also for ``python -m mcompile.tools.eval``)."""
     argv = sys.argv[1:]
     if "eval" in argv:
         argv = argv[argv.index("eval") + 1:]
