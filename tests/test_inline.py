@@ -2,7 +2,7 @@
 branch and a triton_op, one graph for every length, same results as the opaque op.
 
 On the CPU the triton_op's body runs the PyTorch reference; the Triton launch through
-``wrap_triton`` is checked on the GPU (benchmarks/gpu_check_inline.py)."""
+``wrap_triton`` is checked on the GPU (tests/test_gpu.py)."""
 
 import pytest
 import torch

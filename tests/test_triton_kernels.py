@@ -8,7 +8,7 @@ key blocks). Tolerance (flash-attention's rule): the kernel's error against a fl
 is at most twice that of PyTorch attention in the same dtype, plus a small absolute floor.
 
 bf16 is not tested here: the interpreter multiplies bf16 tiles as raw uint16 bits
-(benchmarks/gpu_check_kernels.py checks bf16 on the GPU).
+(tests/test_gpu.py checks bf16 on the GPU).
 """
 
 import os
