@@ -65,7 +65,7 @@ def _fall_back(original: torch.fx.GraphModule, example_inputs, config: MInferenc
     """Compile ``original`` again after ``exc``, saying what failed: with the opaque attention ops
     and without shared regions (same results); if that fails too while MLPs are chunked, with the
     MLPs kept as written. Returns (compiled, rewrite report, memory report)."""
-    was_inlined = [s.inlined for s in report.sites]
+    was_inlined = [s.conditional for s in report.sites]  # inlined kernel or not, the conditional failed
     inline_reason = f"the inlined compile failed ({type(exc).__name__}) in {_failed_part(exc, parts)}"
     config = dataclasses.replace(config, inline_kernels=False)
     mlp_reason = ""  # set for the last attempt: the MLPs kept as written

@@ -40,7 +40,14 @@ def _fused_input(b, n):
     return x
 
 
-def test_one_graph_branches_between_dense_and_sparse_at_run_time():
+BLOCK_MASS = {"kind": "block_mass", "recall": 0.9, "samples": 4}
+
+
+@pytest.mark.parametrize("pattern", [VS, BLOCK_MASS], ids=["vertical_slash", "block_mass"])
+def test_one_graph_branches_between_dense_and_sparse_at_run_time(pattern):
+    """Inlined, the length test is in Inductor's code and a short prompt calls no opaque op;
+    block-mass (block lists sized at run time) keeps the kernel in the opaque op but has the
+    length test in the graph too. Same logits as the opaque ops, one graph for every length."""
     model = tiny_llama("sdpa")
     lengths = (100, 301, 150, 450)  # dense, sparse, dense, sparse (dense_below=200)
     outputs = {}
@@ -48,7 +55,7 @@ def test_one_graph_branches_between_dense_and_sparse_at_run_time():
         torch._dynamo.reset()
         counters.clear()
         compiled = torch.compile(model, backend="minference", dynamic=True,
-                                 options={**OPTS, "inline_kernels": inlined})
+                                 options={**OPTS, "default_pattern": pattern, "inline_kernels": inlined})
         with torch.no_grad():
             outputs[inlined], code = [], None
             for n in lengths:
@@ -64,7 +71,7 @@ def test_one_graph_branches_between_dense_and_sparse_at_run_time():
         if inlined:  # the length test is in Inductor's wrapper, not in an op
             assert ">= 200:" in text and "torch.ops.mcompile.estimate_index" in text
         else:
-            assert "torch.ops.mcompile.sparse_attention.default" in text
+            assert "torch.ops.mcompile.sparse_attention.default" in text and ">= 200:" not in text
     for a, b in zip(outputs[False], outputs[True]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -165,9 +172,11 @@ def test_inline_reason_needs_whole_prompt_and_constant_scale():
     assert "scale" in lowering.inline_reason(q, k, v, None, -1.0)
 
 
-def test_failed_inlined_compile_falls_back_to_the_opaque_ops(monkeypatch):
+@pytest.mark.parametrize("pattern", [VS, BLOCK_MASS], ids=["vertical_slash", "block_mass"])
+def test_failed_inlined_compile_falls_back_to_the_opaque_ops(monkeypatch, pattern):
     """Auto-inlining depends on torch.cond's lowering: if compiling it fails, the backend compiles
-    the opaque ops instead, says why in the report and counts it, and the model still runs."""
+    the opaque ops instead, says why in the report and counts it, and the model still runs (also
+    for block-mass, whose conditional holds the opaque kernel op)."""
     import functools
 
     from mcompile.backend import minference_backend
@@ -181,12 +190,13 @@ def test_failed_inlined_compile_falls_back_to_the_opaque_ops(monkeypatch):
     monkeypatch.setattr(lowering, "sparse_attention", fail)
     reports = []
     model = tiny_llama("sdpa")
-    backend = functools.partial(minference_backend, options=OPTS, report_sink=reports.append)
+    backend = functools.partial(minference_backend, options={**OPTS, "default_pattern": pattern},
+                                report_sink=reports.append)
     compiled = torch.compile(model, backend=backend)
     ids = _ids(300)
     with torch.no_grad():
         out = compiled(ids, use_cache=False).logits
-    ref = torch.compile(model, backend="minference", options={**OPTS, "inline_kernels": False})
+    ref = torch.compile(model, backend="minference", options={**OPTS, "default_pattern": pattern, "inline_kernels": False})
     with torch.no_grad():
         torch.testing.assert_close(out, ref(ids, use_cache=False).logits)
     assert counters["mcompile"]["inline_failed"] >= 1
@@ -194,7 +204,7 @@ def test_failed_inlined_compile_falls_back_to_the_opaque_ops(monkeypatch):
     assert site.rewritten and not site.inlined and "inlined compile failed (RuntimeError)" in site.inline_reason
     # Asked for explicitly, the failure is the user's to see.
     torch._dynamo.reset()
-    forced = torch.compile(model, backend="minference", options={**OPTS, "inline_kernels": True})
+    forced = torch.compile(model, backend="minference", options={**OPTS, "default_pattern": pattern, "inline_kernels": True})
     with pytest.raises(Exception, match="simulated lowering failure"), torch.no_grad():
         forced(ids, use_cache=False)
 

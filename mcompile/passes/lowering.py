@@ -86,11 +86,14 @@ def _bnhd(x: torch.Tensor) -> torch.Tensor:
 
 
 def sparse_attention(q, k, v, kinds: list[int], p0: list[int], p1: list[int], scale: float, dense_below: int,
-                     budget_length: int = 0, budget_exponent: float = DEFAULT_BUDGET_EXPONENT) -> torch.Tensor:
+                     budget_length: int = 0, budget_exponent: float = DEFAULT_BUDGET_EXPONENT,
+                     kernel_in_graph: bool = True) -> torch.Tensor:
     """``ops.estimate_index`` + ``ops.sparse_attention`` for a whole prompt without key padding,
     as conditionals the compiler traces (module docstring; ``conditional.flat_cond``). Same
     result as the opaque ops; the estimation runs inside the sparse branch, so a prompt below
-    ``dense_below`` calls no opaque op."""
+    ``dense_below`` calls no opaque op. ``kernel_in_graph`` False (indexes whose block lists
+    are sized at run time: block-mass): the sparse branch calls the opaque ``sparse_attention``
+    op, which makes the density check itself; the length test is in the graph all the same."""
     def attention(q, k, v):
         n = k.shape[2]
 
@@ -103,6 +106,8 @@ def sparse_attention(q, k, v, kinds: list[int], p0: list[int], p1: list[int], sc
         def sparse(q, k, v):
             index = torch.ops.mcompile.estimate_index(q, k, None, kinds, p0, p1, scale, 0, budget_length,
                                                       budget_exponent)
+            if not kernel_in_graph:
+                return _bnhd(torch.ops.mcompile.sparse_attention(q, k, v, *index, None, scale, 0))
             if q.device.type != "cuda" and not _DENSE_CHECK_EVERYWHERE:  # never fires off CUDA (ops.too_dense)
                 return kernel(q, k, v, *index)
             runs, run_count, _, _, column_count, _, block_count = index
@@ -112,7 +117,8 @@ def sparse_attention(q, k, v, kinds: list[int], p0: list[int], p1: list[int], sc
         return flat_cond(n >= dense_below, sparse, dense, (q, k, v))
 
     out = shared_region("sparse_attention", attention, (q, k, v),
-                        (kinds, p0, p1, scale, dense_below, budget_length, budget_exponent, _DENSE_CHECK_EVERYWHERE))
+                        (kinds, p0, p1, scale, dense_below, budget_length, budget_exponent, _DENSE_CHECK_EVERYWHERE,
+                         kernel_in_graph))
     return out.transpose(1, 2)  # (B, H, N, Dv), stored as (B, N, H, Dv)
 
 

@@ -61,6 +61,7 @@ class SiteReport:
     budget_scaling: tuple = (0, 0.0)  # (reference length, exponent) of the budgets; length 0: absolute
     inlined: bool = False  # sparse attention lowered by Inductor (passes/lowering.py), not the opaque op
     inline_reason: str = ""  # why not, where it was not
+    conditional: bool = False  # the length test in the graph (passes/lowering.py), inlined kernel or not
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,7 @@ def _cast(graph: fx.Graph, node: fx.Node, dtype: Optional[torch.dtype]) -> fx.No
 
 
 def _rewrite_site(graph: fx.Graph, site: AttentionSite, patterns: list[Pattern], config: MInferenceConfig,
-                  scaling: tuple[int, float], inlined: bool):
+                  scaling: tuple[int, float], inlined: bool, conditional: bool):
     kinds, p0, p1 = encode(patterns)
     before = set(graph.nodes)
     with graph.inserting_before(site.node):
@@ -197,9 +198,9 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite, patterns: list[Pattern],
         if site.dtype is not None:
             device = site.q.meta["example_value"].device.type
             region = graph.call_function(torch.amp.autocast_mode._enter_autocast, (device, None, False, None))
-        if inlined:  # estimation happens inside (passes/lowering.py)
+        if conditional:  # estimation happens inside (passes/lowering.py)
             attn = graph.call_function(lowering.sparse_attention, (q, k, v, kinds, p0, p1, site.scale,
-                                                                 config.dense_below, *scaling))
+                                                                 config.dense_below, *scaling, inlined))
         else:
             est = graph.call_function(torch.ops.mcompile.estimate_index.default,
                                       (q, k, site.key_padding, kinds, p0, p1, site.scale, config.dense_below, *scaling))
@@ -254,7 +255,7 @@ def rewrite_attention(gm: fx.GraphModule, config: MInferenceConfig, grad_enabled
     for site in sites:
         reason = site.reason or (GRAD_REASON if grad_enabled else None)
         patterns, source, scaling = [], "", (0, 0.0)
-        inlined, why_not = False, ""
+        inlined, why_not, conditional = False, "", False
         if reason is None:
             patterns, source, scaling = site_patterns(site, db, config, explicit)
             if all(p.kind == PatternKind.DENSE for p in patterns):
@@ -262,11 +263,13 @@ def rewrite_attention(gm: fx.GraphModule, config: MInferenceConfig, grad_enabled
         if reason is None:
             site = fit_padding(gm.graph, site)
             inlined, why_not = inline_decision(site, config)
+            conditional = inlined  # the length test in the graph (passes/lowering.py)
             if inlined and any(p.kind == PatternKind.BLOCK_MASS or (p.kind == PatternKind.BLOCK_SPARSE
                                                                    and p.blocks > STATIC_BLOCK_BUDGET) for p in patterns):
                 inlined, why_not = False, (f"block-mass or a block budget above {STATIC_BLOCK_BUDGET} blocks: the "
-                                           "block list is sized at run time, the inlined kernel sizes it when compiled")
-            _rewrite_site(gm.graph, site, patterns, config, scaling, inlined)
+                                           "block list is sized at run time, the inlined kernel sizes it when compiled; "
+                                           "the kernel runs through the opaque op, the length test is in the graph")
+            _rewrite_site(gm.graph, site, patterns, config, scaling, inlined, conditional)
             counters["mcompile"]["rewritten"] += 1
             log.info("mcompile: rewrote %s attention in %s (layer %s) with %s", site.kind, site.module or "?",
                      site.layer, source)
@@ -275,7 +278,7 @@ def rewrite_attention(gm: fx.GraphModule, config: MInferenceConfig, grad_enabled
             log.info("mcompile: kept %s attention in %s dense: %s", site.kind, site.module or "?", reason)
         reports.append(SiteReport(site.layer, site.module, site.kind, reason is None, reason or "", site.heads,
                                   site.kv_heads, site.head_dim, tuple(patterns), source, site.key_padding is not None,
-                                  scaling, inlined, why_not))
+                                  scaling, inlined, why_not, conditional))
     gm.graph.lint()
     gm.recompile()
     code = gm.print_readable(print_output=False)
