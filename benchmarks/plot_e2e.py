@@ -1,6 +1,6 @@
 """Plot time to first token against prompt length from ``benchmarks/e2e.py`` JSON results.
 
-    python benchmarks/plot_e2e.py benchmarks/results/e2e_llama8b_*.json --out docs/images/e2e_llama8b.png
+    python benchmarks/plot_e2e.py docs/results/e2e_llama8b_*.json --out docs/images/e2e_llama8b.png
 
 Left: dense and minference time to first token (log-log); right: the speedup. Rows below the
 first length where minference ran sparse are dense in both. Fitted rows (``--fit`` runs) are
