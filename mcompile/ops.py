@@ -225,10 +225,6 @@ def _(q, k, v, runs, run_count, diag_prefix, columns, column_count, blocks, bloc
     return q.new_empty(*q.shape[:3], v.shape[-1])
 
 
-__all__ = ["estimate_index", "sparse_attention", "dense_attention", "runs_dense", "estimate_index_ref",
-           "sparse_attention_ref"]
-
-
 # ----------------------------------------------------------------------------------------------
 # What the inlined attention (passes/lowering.py) puts in its conditionals
 # ----------------------------------------------------------------------------------------------
@@ -344,3 +340,7 @@ def _(x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation, chunk):
 def mlp_ref(x, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None, activation: str = "silu"):
     """The unchunked MLP, for tests."""
     return F.linear(act_mul_ref(F.linear(x, w_gate, b_gate), F.linear(x, w_up, b_up), activation), w_down, b_down)
+
+
+__all__ = ["estimate_index", "sparse_attention", "sparse_attention_kernel", "dense_check", "chunked_mlp",
+           "dense_attention", "runs_dense", "act_mul", "mlp_ref", "estimate_index_ref", "sparse_attention_ref"]
