@@ -65,7 +65,7 @@ def _fall_back(original: torch.fx.GraphModule, example_inputs, config: MInferenc
     """Compile ``original`` again after ``exc``, saying what failed: with the opaque attention ops
     and without shared regions (same results); if that fails too while MLPs are chunked, with the
     MLPs kept as written. Returns (compiled, rewrite report, memory report)."""
-    was_inlined = [s.conditional for s in report.sites]  # inlined kernel or not, the conditional failed
+    had_conditional = [s.conditional for s in report.sites]  # inlined kernel or not, the conditional failed
     inline_reason = f"the inlined compile failed ({type(exc).__name__}) in {_failed_part(exc, parts)}"
     config = dataclasses.replace(config, inline_kernels=False)
     mlp_reason = ""  # set for the last attempt: the MLPs kept as written
@@ -78,8 +78,8 @@ def _fall_back(original: torch.fx.GraphModule, example_inputs, config: MInferenc
         gm = copy.deepcopy(original) if config.chunk_mlp else original  # a later attempt needs the original
         report = rewrite_attention(gm, config, grad_enabled=grad)
         report = dataclasses.replace(report, sites=tuple(
-            dataclasses.replace(s, inline_reason=inline_reason) if inlined else s
-            for s, inlined in zip(report.sites, was_inlined)))
+            dataclasses.replace(s, inline_reason=inline_reason) if conditional else s
+            for s, conditional in zip(report.sites, had_conditional)))
         with shared_regions(False):
             memory = apply_memory_passes(gm, config, grad_enabled=grad)
             if mlp_reason:

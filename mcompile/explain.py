@@ -104,6 +104,8 @@ class Explanation:
                     detail += " +padding"
                 if s.inlined:
                     detail += " +inlined"
+                elif s.conditional:
+                    detail += " +length test inlined"
                 heads = f"{s.heads}/{s.kv_heads}x{s.head_dim}" if s.heads else "?"
                 layer = "?" if s.layer is None else str(s.layer)
                 lines.append(f"{g:>5} {layer:>5}  {s.kind:<10} {heads:<9} {'sparse' if s.rewritten else 'dense':<9} "
@@ -117,11 +119,17 @@ class Explanation:
 
     def inline_lines(self) -> list[str]:
         """How the rewritten attentions reach Inductor (passes/lowering.py), one line per outcome:
-        inlined, or not with the reason."""
+        inlined; the length test inlined with the kernel in the opaque op; or the opaque ops, with
+        the reason the kernel is not inlined."""
         groups: dict = {}
         for s in self.sites:
             if s.rewritten:
-                what = "inlined into Inductor's code" if s.inlined else f"opaque op, not inlined: {s.inline_reason}"
+                if s.inlined:
+                    what = "inlined into Inductor's code"
+                elif s.conditional:
+                    what = f"length test in Inductor's code, kernel in the opaque op: {s.inline_reason}"
+                else:
+                    what = f"opaque op, not inlined: {s.inline_reason}"
                 groups.setdefault(what, []).append("?" if s.layer is None else str(s.layer))
         return [f"layers {_ranges(layers)}: {what}" for what, layers in groups.items()]
 

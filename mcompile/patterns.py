@@ -42,6 +42,13 @@ _PARAMS = {
     PatternKind.BLOCK_SPARSE: ("blocks",),
     PatternKind.BLOCK_MASS: ("recall", "samples"),
 }
+
+
+def budget_names(kind: PatternKind) -> tuple:
+    """The budgets a kind takes, in order (``{"kind": ..., name: value}``)."""
+    return _PARAMS[kind]
+
+
 _MINIMUM = {"sink": 0, "local": 1, "vertical": MIN_VERTICAL, "slash": MIN_SLASH, "blocks": MIN_BLOCKS,
             "recall": 1, "samples": 1}
 # Block-mass's recall target travels in the op's int lists in thousandths (0.95 -> 950).

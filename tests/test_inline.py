@@ -98,6 +98,12 @@ def test_explain_reports_inlining_and_why_not():
     code = e.graph_code()
     assert "mcompile_passes_lowering_sparse_attention(" in code and "estimate_index" not in code
     assert "inlined into Inductor's code" in e.summary()
+    # block-mass: the length test in the graph, the kernel in the opaque op (block lists sized at run time)
+    bm = mcompile.explain(tiny_llama("sdpa"), ids, options={**OPTS, "default_pattern": BLOCK_MASS,
+                                                            "inline_kernels": True})
+    assert all(s.conditional and not s.inlined for s in bm.sites) and "+length test inlined" in bm.table()
+    assert "length test in Inductor's code, kernel in the opaque op: block-mass" in bm.summary()
+    assert "estimate_index" not in bm.graph_code()  # estimation only inside the sparse branch
     auto = mcompile.explain(tiny_llama("sdpa"), ids, options=OPTS)  # auto inlines on CUDA only
     assert not any(s.inlined for s in auto.sites)
     assert all(s.inline_reason.startswith("device cpu") for s in auto.sites)

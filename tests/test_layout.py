@@ -121,8 +121,12 @@ def test_pattern_arg(text, want):
     Pattern.from_dict(pattern_arg(text))  # a pattern the package accepts
 
 
-@pytest.mark.parametrize("text,match", [("spiral:3", "unknown pattern kind"), ("a_shape:128", "takes 2 numbers"),
-                                        ("block_mass:0.9,8,1", "takes 2 numbers"), ("block_sparse:x", "block_sparse")])
+@pytest.mark.parametrize("text,match", [("spiral:3", "unknown pattern kind"), ("a_shape:128", r"a_shape needs \['local'\]"),
+                                        ("block_mass:0.9,8,1", "takes at most 2 numbers"),
+                                        ("block_sparse:x", "could not convert string to float: 'x'"),
+                                        ("block_mass:1.5", r"recall must be a number in \(0, 1\]"),
+                                        ('{"kind": "a_shape", "sink": 4}', r"a_shape needs \['local'\]"),
+                                        ("{oops", "Expecting property name")])
 def test_pattern_arg_rejects(text, match):
     from mcompile.tools.options import pattern_arg
 

@@ -267,8 +267,7 @@ def rewrite_attention(gm: fx.GraphModule, config: MInferenceConfig, grad_enabled
             if inlined and any(p.kind == PatternKind.BLOCK_MASS or (p.kind == PatternKind.BLOCK_SPARSE
                                                                    and p.blocks > STATIC_BLOCK_BUDGET) for p in patterns):
                 inlined, why_not = False, (f"block-mass or a block budget above {STATIC_BLOCK_BUDGET} blocks: the "
-                                           "block list is sized at run time, the inlined kernel sizes it when compiled; "
-                                           "the kernel runs through the opaque op, the length test is in the graph")
+                                           "block list is sized at run time, the inlined kernel sizes it when compiled")
             _rewrite_site(gm.graph, site, patterns, config, scaling, inlined, conditional)
             counters["mcompile"]["rewritten"] += 1
             log.info("mcompile: rewrote %s attention in %s (layer %s) with %s", site.kind, site.module or "?",

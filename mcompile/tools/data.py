@@ -82,13 +82,17 @@ PYTHON_SOURCE_CHARS = 4_000_000  # about 1M tokens of code: enough for two 128K 
 SKIPPED_SOURCE_DIRS = ("site-packages", "test", "tests", "idlelib", "tkinter")
 
 
-def python_source_files() -> list[str]:
-    """The standard library's ``.py`` files (paths relative to it, sorted), test suites and
-    installed packages left out."""
+def _stdlib_root():
     import sysconfig
     from pathlib import Path
 
-    root = Path(sysconfig.get_paths()["stdlib"])
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def python_source_files() -> list[str]:
+    """The standard library's ``.py`` files (paths relative to it, sorted), test suites and
+    installed packages left out."""
+    root = _stdlib_root()
     rels = sorted(path.relative_to(root).parts for path in root.rglob("*.py"))  # by path components
     return ["/".join(rel) for rel in rels if not any(part in SKIPPED_SOURCE_DIRS for part in rel)]
 
@@ -98,10 +102,7 @@ def python_source() -> str:
     """The standard library's own Python source (``python_source_files``, each after a
     ``# path`` line), up to ``PYTHON_SOURCE_CHARS``: long real code, for perplexity at 32K-128K
     where the documentation (about 111K tokens) would repeat inside one prompt."""
-    import sysconfig
-    from pathlib import Path
-
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = _stdlib_root()
     parts, size = [], 0
     for rel in python_source_files():
         try:
