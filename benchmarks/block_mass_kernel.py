@@ -79,7 +79,7 @@ def timing(lengths, splits, configs=((None, None, None),)) -> list[dict]:
             sel_ref = do_bench(lambda: select_tiles(est, recall, 0, 2048), return_mode="median")
             pattern = Pattern.from_dict({"kind": "block_mass", "recall": 0.98, "samples": samples})
             kinds, p0, p1 = encode([pattern] * 9)
-            whole = do_bench(lambda: torch.ops.mcompile.estimate_index(q, k, None, kinds, p0, p1, 0.125, 0),
+            whole = do_bench(lambda: torch.ops.mcompile.estimate_index(q, k, None, kinds, p0, p1, 0.125),
                              return_mode="median")
             rows.append({"n": n, "samples": samples, "select_ms": sel, "select_torch_ms": sel_ref,
                          "estimate_index_ms": whole, "cudnn_ms": dense})

@@ -6,8 +6,8 @@ A random-weight Llama of 32 layers with small sizes (hidden 256, 8 query / 2 KV 
 intermediate 512, vocabulary 1000), compiled with ``dynamic=True``; the time of the first call
 (Dynamo + AOTAutograd + Inductor + C++/Triton compile, plus one tiny forward) is the compile time.
 Each configuration runs in a fresh process with a fresh Inductor cache directory, one at a time.
-``inline_kernels=True`` gives the graph the structure it has on CUDA (conditionals around the
-attention and the MLP) on any device. The breakdown is ``torch._dynamo.utils.compile_times()``;
+``inline_kernels=True`` gives the graph the structure it has on CUDA (the length test, the
+density check and the kernel op in conditionals; the MLP's conditional) on any device. The breakdown is ``torch._dynamo.utils.compile_times()``;
 ``--profile`` adds cProfile's top cumulative functions.
 """
 
@@ -24,8 +24,6 @@ import time
 CONFIGS = {
     "inductor": None,
     "minference": {"inline_kernels": True},
-    # the CUDA graph structure: also the inner conditional on the run-time density check
-    "minference, CUDA structure": {"inline_kernels": True, "_dense_check": True},
     "minference, dense_below=0": {"inline_kernels": True, "dense_below": 0},
     "minference, chunk_mlp=False": {"inline_kernels": True, "chunk_mlp": False},
     "minference, inline_kernels=False": {"inline_kernels": False},
@@ -48,11 +46,6 @@ def one(name: str, args) -> dict:
                       max_position_embeddings=4096)
     model = LlamaForCausalLM(cfg).eval()
     options = CONFIGS[name]
-    if options is not None and options.get("_dense_check"):
-        from mcompile.passes import lowering
-
-        lowering._DENSE_CHECK_EVERYWHERE = True
-        options = {k: v for k, v in options.items() if k != "_dense_check"}
     if options is None:
         compiled = torch.compile(model, backend="inductor", dynamic=True)
     else:

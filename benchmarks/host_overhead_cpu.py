@@ -1,8 +1,9 @@
 """What the backend costs the host below ``dense_below``, on the CPU: a 30-layer tiny Llama (hidden
 64, 4 / 2 heads) at 64 tokens, where the compute is negligible and the wrapper's per-layer work
-is what the time measures: plain Inductor against minference (default pattern, block-mass)
-with the opaque ops (``inline_kernels=False``) and with the length test in the graph
-(``inline_kernels=True``: the path CUDA takes by default). Median of interleaved repetitions.
+is what the time measures: plain Inductor against minference (default pattern, block-mass),
+whose length test is in the graph either way, with the kernel in the opaque op
+(``inline_kernels=False``) and with the kernel in the graph where the pattern allows
+(``inline_kernels=True``). Median of interleaved repetitions.
 
     python -m benchmarks.host_overhead_cpu [reps]
 """
@@ -16,8 +17,8 @@ model = LlamaForCausalLM(cfg).eval()
 ids = torch.randint(0, 128, (1, 64))
 variants = {
     "inductor": dict(backend="inductor"),
-    "minference opaque": dict(backend="minference", options={"inline_kernels": False, "pattern_db": None}),
-    "minference conditional": dict(backend="minference", options={"inline_kernels": True, "pattern_db": None}),
+    "minference kernel op": dict(backend="minference", options={"inline_kernels": False, "pattern_db": None}),
+    "minference inline": dict(backend="minference", options={"inline_kernels": True, "pattern_db": None}),
 }
 fns = {}
 import copy

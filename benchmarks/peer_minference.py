@@ -813,10 +813,10 @@ def measure(label, q, k, v, vertical, slash, scale, args, check=False) -> dict:
         from mcompile.patterns import PatternKind
 
         kinds, p0, p1 = [int(PatternKind.VERTICAL_SLASH)] * h, [vertical] * h, [slash] * h
-        est = lambda: torch.ops.mcompile.estimate_index(q, k, None, kinds, p0, p1, scale, 0)
+        est = lambda: torch.ops.mcompile.estimate_index(q, k, None, kinds, p0, p1, scale)
         ours_index = SparseIndex(*est())
         row["ours_estimate_ms"] = _ms(est)
-        row["ours_layer_ms"] = _ms(lambda: torch.ops.mcompile.sparse_attention(q, k, v, *est(), None, scale, 0))
+        row["ours_layer_ms"] = _ms(lambda: torch.ops.mcompile.sparse_attention(q, k, v, *est(), None, scale))
         rec = attention_recall(q, k, ours_index, scale, rows=rows)
         row["ours_recall"], row["ours_recall_min"] = rec.mean().item(), rec.min().item()
         kept = sum(block_mask_rows(ours_index, r0, min(n, r0 + BLOCK), n).sum().item() for r0 in rows)

@@ -117,7 +117,7 @@ def layer_ms(q, k, v, pattern: Optional[Pattern], scale) -> float:
     else:
         kinds, p0, p1 = encode([pattern] * h)
         fn = lambda: torch.ops.mcompile.sparse_attention(
-            q, k, v, *torch.ops.mcompile.estimate_index(q, k, None, kinds, p0, p1, scale, 0), None, scale, 0)
+            q, k, v, *torch.ops.mcompile.estimate_index(q, k, None, kinds, p0, p1, scale), None, scale)
     return do_bench(fn, warmup=50, rep=200, return_mode="median")
 
 
@@ -152,7 +152,7 @@ def measure_policy(q, k, v, spec: str, blocks, scale, timed: bool):
     pattern = policy(spec, n)
     kinds, p0, p1 = encode([pattern] * h)
     if q.is_cuda:  # the index the op builds (the Triton estimation), which is what is timed
-        index = SparseIndex(*torch.ops.mcompile.estimate_index(q, k, None, kinds, p0, p1, scale, 0))
+        index = SparseIndex(*torch.ops.mcompile.estimate_index(q, k, None, kinds, p0, p1, scale))
     else:
         index = estimate_index_ref(q, k, None, kinds, p0, p1, scale)
     recall = attention_recall(q, k, index, scale, rows=[m * BLOCK for m in blocks])[0]
@@ -172,7 +172,7 @@ def kernel_only(q, k, v, index: SparseIndex, scale) -> dict:
 
     from mcompile.index import computed_fraction
 
-    ms = do_bench(lambda: torch.ops.mcompile.sparse_attention(q, k, v, *index, None, scale, 0), warmup=50, rep=200,
+    ms = do_bench(lambda: torch.ops.mcompile.sparse_attention(q, k, v, *index, None, scale), warmup=50, rep=200,
                   return_mode="median")
     return {"kernel_ms": ms, "layer_computed": computed_fraction(index, k.shape[2]).float().mean().item()}
 

@@ -1,7 +1,7 @@
 """A run-time branch on a symbolic size that Inductor lowers into its own code.
 
 ``flat_cond(pred, true_fn, false_fn, tensors, extra)`` is ``torch.cond`` with the workarounds the
-rewrites need (torch 2.11 and 2.13), shared by the inlined attention and the MLP pass (passes/lowering.py):
+rewrites need (torch 2.11 and 2.13), shared by the attention lowering and the MLP pass (passes/lowering.py):
 
 - ``pred`` a Python bool or a SymBool (``N >= dense_below``): no guard, one graph for every
   length; known at trace time (static shapes), only the branch taken is traced. Or a 0-dim bool
@@ -28,7 +28,6 @@ copied, strides (a copy is contiguous in the same memory order).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from typing import Callable
 
@@ -125,32 +124,18 @@ def _operand_key(x) -> str:
     return f"I({x})"
 
 
-_SHARED_REGIONS = [True]  # shared_regions(False) turns them off (the backend's fallback compile)
-
-
-@contextlib.contextmanager
-def shared_regions(enabled: bool):
-    """Within the block, ``shared_region`` calls ``fn`` in place (``enabled=False``) or shares it."""
-    old = _SHARED_REGIONS[0]
-    _SHARED_REGIONS[0] = enabled
-    try:
-        yield
-    finally:
-        _SHARED_REGIONS[0] = old
-
-
 def shared_region(name: str, fn: Callable, operands: tuple, key: tuple) -> torch.Tensor:
     """``fn(*operands)`` (one tensor) as an ``invoke_subgraph`` region: AOTAutograd traces it once
     per distinct ``key`` and operand layout, and Inductor lowers and generates its code once, for
     every layer that calls it with the same key. Without it every layer's conditionals are traced
     (several times each) and lowered on their own: compile time grew with the layer count well
-    past plain Inductor's (benchmarks/compile_time.py, docs/BENCHMARKS.md). ``fn`` may use only ``operands`` and the values in
-    ``key`` (it is called for the first call of a key, standing in for the rest). Outside a
-    compile (eager), or within ``shared_regions(False)``, it is ``fn(*operands)``."""
+    past plain Inductor's (benchmarks/compile_time.py, docs/BENCHMARKS.md). ``fn`` may use only
+    ``operands`` and the values in ``key`` (it is called for the first call of a key, standing in
+    for the rest). Outside a compile (eager) it is ``fn(*operands)``."""
     from torch._guards import TracingContext
 
     ctx = TracingContext.try_get()
-    if ctx is None or not _SHARED_REGIONS[0]:
+    if ctx is None:
         return fn(*operands)
     from torch._higher_order_ops.invoke_subgraph import invoke_subgraph
 
@@ -164,4 +149,4 @@ def shared_region(name: str, fn: Callable, operands: tuple, key: tuple) -> torch
     return invoke_subgraph(regions[ident], ident, *operands)[0]
 
 
-__all__ = ["flat_cond", "shared_region", "shared_regions"]
+__all__ = ["flat_cond", "shared_region"]

@@ -104,8 +104,6 @@ class Explanation:
                     detail += " +padding"
                 if s.inlined:
                     detail += " +inlined"
-                elif s.conditional:
-                    detail += " +length test inlined"
                 heads = f"{s.heads}/{s.kv_heads}x{s.head_dim}" if s.heads else "?"
                 layer = "?" if s.layer is None else str(s.layer)
                 lines.append(f"{g:>5} {layer:>5}  {s.kind:<10} {heads:<9} {'sparse' if s.rewritten else 'dense':<9} "
@@ -118,18 +116,16 @@ class Explanation:
         return "\n".join(lines)
 
     def inline_lines(self) -> list[str]:
-        """How the rewritten attentions reach Inductor (passes/lowering.py), one line per outcome:
-        inlined; the length test inlined with the kernel in the opaque op; or the opaque ops, with
-        the reason the kernel is not inlined."""
+        """Where the rewritten attentions' sparse kernel runs (passes/lowering.py), one line per
+        outcome: launched from Inductor's code, or the opaque op with the reason. The length test
+        and the dense branch are in Inductor's code either way."""
         groups: dict = {}
         for s in self.sites:
             if s.rewritten:
                 if s.inlined:
-                    what = "inlined into Inductor's code"
-                elif s.conditional:
-                    what = f"length test in Inductor's code, kernel in the opaque op: {s.inline_reason}"
+                    what = "kernel inlined into Inductor's code"
                 else:
-                    what = f"opaque op, not inlined: {s.inline_reason}"
+                    what = f"kernel in the opaque op: {s.inline_reason}"
                 groups.setdefault(what, []).append("?" if s.layer is None else str(s.layer))
         return [f"layers {_ranges(layers)}: {what}" for what, layers in groups.items()]
 

@@ -2,13 +2,14 @@
 use symbolic arithmetic only, so one compiled graph serves every length):
 
 - ``mcompile::estimate_index`` builds a layer's SparseIndex (all heads at once) and
-  ``mcompile::sparse_attention`` consumes it: opaque to the compiler, the choice between the
-  dense path and the sparse path (``runs_dense``) a free branch at run time rather than a guard.
-  On CUDA the bodies run the Triton kernels where ``kernels.capability`` allows, and the
-  pure-PyTorch implementations otherwise.
+  ``mcompile::sparse_attention`` consumes it; ``mcompile::dense_attention`` is the dense
+  answer with an explicit mask (a chunk after a cached prefix, key padding). Whether an attention
+  runs dense or sparse is decided by ``runs_dense`` in the graph (passes/lowering.py), not by
+  these ops: they compute what they are asked. On CUDA the bodies run the Triton kernels where
+  ``kernels.dispatch`` allows, and the pure-PyTorch implementations otherwise.
 - ``mcompile::sparse_attention_kernel`` (a ``torch.library.triton_op``: Inductor copies the
   kernel into its own code) and ``mcompile::dense_check`` (the run-time density check): what the
-  inlined lowering (passes/lowering.py) puts in its conditionals.
+  lowering puts in its conditionals where the kernel sits in the graph.
 - ``mcompile::chunked_mlp``: a gated MLP run over the tokens a chunk at a time (below).
 
 Queries may be a chunk after a cached prefix: q (B, H, Nq, D) over k/v (B, Hk, N, D) with
@@ -86,10 +87,12 @@ def dense_by_fraction(index: SparseIndex, n: int, on_cuda: bool) -> bool:
     return True
 
 
-def runs_dense(nq: int, nk: int, dense_below: int) -> bool:
-    """Whether the ops take the dense path: context shorter than ``dense_below`` (``nk``, the
-    key length: the prompt, or cached prefix + chunk), or a short chunk after a cached prefix."""
-    return nk < dense_below or (nq < nk and nq < MIN_SPARSE_CHUNK)
+def runs_dense(nq, nk, dense_below: int):
+    """Whether an attention of ``nq`` queries over ``nk`` keys runs dense: context shorter than
+    ``dense_below`` (``nk``, the key length: the prompt, or cached prefix + chunk), or a short
+    chunk after a cached prefix. The one place this is decided; the lowering evaluates it on
+    symbolic lengths (a SymBool: ``|`` and ``&``, not ``or`` and ``and``, which would guard)."""
+    return (nk < dense_below) | ((nq < nk) & (nq < MIN_SPARSE_CHUNK))
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], kinds, p0, p1,
@@ -117,18 +120,16 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], k
 
 @torch.library.custom_op("mcompile::estimate_index", mutates_args=())
 def estimate_index(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch.Tensor],
-                   kinds: list[int], p0: list[int], p1: list[int], scale: float,
-                   dense_below: int, budget_length: int = 0,
+                   kinds: list[int], p0: list[int], p1: list[int], scale: float, budget_length: int = 0,
                    budget_exponent: float = DEFAULT_BUDGET_EXPONENT) -> tuple[
                        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                        torch.Tensor]:
-    """SparseIndex of every head of a layer over the N = k.shape[2] keys; the dense index when
-    ``runs_dense``. Budgets are scaled to the length N when ``budget_length`` > 0
+    """SparseIndex of every head of a layer over the N = k.shape[2] keys. Budgets are scaled to the length N when ``budget_length`` > 0
     (``patterns.scaled_budgets``); the scaled budgets never exceed the given ones, so the index
     capacity does not change."""
     _check_inputs(q, k, None, kinds, p0, p1, key_padding)
     with _no_autocast(q):
-        return _estimate_index(q, k, key_padding, kinds, p0, p1, scale, dense_below, budget_length, budget_exponent)
+        return _estimate_index(q, k, key_padding, kinds, p0, p1, scale, budget_length, budget_exponent)
 
 
 def _no_autocast(x: torch.Tensor):
@@ -137,19 +138,16 @@ def _no_autocast(x: torch.Tensor):
     return torch.autocast(x.device.type, enabled=False)
 
 
-def _estimate_index(q, k, key_padding, kinds, p0, p1, scale, dense_below, budget_length, budget_exponent):
+def _estimate_index(q, k, key_padding, kinds, p0, p1, scale, budget_length, budget_exponent):
     n = k.shape[2]
-    dense = runs_dense(q.shape[2], n, dense_below)
     capacity = index_capacity(n, kinds, p0, p1)  # what the fake promises, from the unscaled budgets
-    if dense:  # sparse_attention takes the dense path on the same condition and never reads these
-        return _index_buffers(q, n, capacity)
     p0, p1 = scale_lists(kinds, p0, p1, n, budget_length, budget_exponent)
     impl = dispatch.estimate_impl(q)
     return tuple(impl(q, k, key_padding, kinds, p0, p1, scale, capacity=capacity))
 
 
 def _index_buffers(q: torch.Tensor, n, capacity) -> tuple:
-    """Uninitialised index tensors of the shapes the fake promises (no kernels launched)."""
+    """Index tensors of the shapes the fake promises (fake values: shapes only)."""
     b, h = q.shape[:2]
     r, c, kb = capacity
     nb = index_rows(n)
@@ -160,19 +158,27 @@ def _index_buffers(q: torch.Tensor, n, capacity) -> tuple:
 
 
 @estimate_index.register_fake
-def _(q, k, key_padding, kinds, p0, p1, scale, dense_below, budget_length=0,
-      budget_exponent=DEFAULT_BUDGET_EXPONENT):
+def _(q, k, key_padding, kinds, p0, p1, scale, budget_length=0, budget_exponent=DEFAULT_BUDGET_EXPONENT):
     n = k.shape[2]
     return _index_buffers(q, n, index_capacity(n, kinds, p0, p1))
 
 
-def dense_attention(q, k, v, scale: float, key_padding: Optional[torch.Tensor]) -> torch.Tensor:
+@torch.library.custom_op("mcompile::dense_attention", mutates_args=())
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: Optional[torch.Tensor],
+                    scale: float) -> torch.Tensor:
     """Causal attention through PyTorch's SDPA (cuDNN or flash on GPU), GQA without copies.
 
     q (B, H, Nq, D) over k/v (B, Hk, N, D): query row i is at position N - Nq + i (bottom-right
     alignment; SDPA's ``is_causal`` is top-left aligned when Nq != N, so that case and key
     padding get an explicit mask, built per chunk of query rows: O(DENSE_MASK_ENTRIES) memory).
     Rows whose keys are all padded get zeros."""
+    h = q.shape[1]
+    _check_inputs(q, k, v, [0] * h, [0] * h, [0] * h, key_padding)
+    with _no_autocast(q):
+        return _dense_attention(q, k, v, key_padding, scale)
+
+
+def _dense_attention(q, k, v, key_padding, scale):
     gqa = q.shape[1] != k.shape[1]
     nq, n = q.shape[2], k.shape[2]
     if key_padding is None and nq == n:
@@ -197,31 +203,29 @@ def dense_attention(q, k, v, scale: float, key_padding: Optional[torch.Tensor]) 
     return out
 
 
+@dense_attention.register_fake
+def _(q, k, v, key_padding, scale):
+    return q.new_empty(*q.shape[:3], v.shape[-1])
+
+
 @torch.library.custom_op("mcompile::sparse_attention", mutates_args=())
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: torch.Tensor,
                      run_count: torch.Tensor, diag_prefix: torch.Tensor, columns: torch.Tensor,
                      column_count: torch.Tensor, blocks: torch.Tensor, block_count: torch.Tensor,
-                     key_padding: Optional[torch.Tensor], scale: float, dense_below: int) -> torch.Tensor:
+                     key_padding: Optional[torch.Tensor], scale: float) -> torch.Tensor:
     """Causal attention of q (B, H, Nq, D) over k/v (B, Hk, N, D), Nq <= N, keeping what the
-    index keeps; dense attention when ``runs_dense``."""
+    index keeps; dense attention where the index covers so much that dense is faster
+    (``dense_by_fraction``)."""
     with _no_autocast(q):
-        return _sparse_attention(q, k, v, runs, run_count, diag_prefix, columns, column_count, blocks, block_count,
-                                 key_padding, scale, dense_below)
-
-
-def _sparse_attention(q, k, v, runs, run_count, diag_prefix, columns, column_count, blocks, block_count,
-                      key_padding, scale, dense_below):
-    if runs_dense(q.shape[2], k.shape[2], dense_below):
-        return dense_attention(q, k, v, scale, key_padding)
-    index = SparseIndex(runs, run_count, diag_prefix, columns, column_count, blocks, block_count)
-    if dense_by_fraction(index, k.shape[2], q.is_cuda):
-        return dense_attention(q, k, v, scale, key_padding)
-    return dispatch.attention_impl(q)(q, k, v, index, scale, key_padding)
+        index = SparseIndex(runs, run_count, diag_prefix, columns, column_count, blocks, block_count)
+        if dense_by_fraction(index, k.shape[2], q.is_cuda):
+            return _dense_attention(q, k, v, key_padding, scale)
+        return dispatch.attention_impl(q)(q, k, v, index, scale, key_padding)
 
 
 @sparse_attention.register_fake
 def _(q, k, v, runs, run_count, diag_prefix, columns, column_count, blocks, block_count,
-      key_padding, scale, dense_below):
+      key_padding, scale):
     return q.new_empty(*q.shape[:3], v.shape[-1])
 
 
@@ -242,12 +246,12 @@ def sparse_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
                             scale: float) -> torch.Tensor:
     """Sparse causal attention of a whole prompt (q (B, H, N, D), k/v (B, Hk, N, D), any strides)
     over the index: the Triton kernel on CUDA, launched through ``wrap_triton``; elsewhere the
-    PyTorch reference (through the opaque op, with ``dense_below`` 0 so it never turns dense).
+    PyTorch reference (through the opaque op; its density check never fires off CUDA).
     On CUDA the output (B, H, N, Dv) is a view of (B, N, H, Dv) storage: the layout in which
     the model reshapes it next, so that no transpose copy follows."""
     index = (runs, run_count, diag_prefix, columns, column_count, blocks, block_count)
     if q.device.type != "cuda":
-        return torch.ops.mcompile.sparse_attention(q, k, v, *index, None, scale, 0)
+        return torch.ops.mcompile.sparse_attention(q, k, v, *index, None, scale)
     tri = _triton()
     d, dv = q.shape[-1], v.shape[-1]
     dp, dvp = tri.padded_head_dim(d), tri.padded_head_dim(dv)
@@ -342,5 +346,6 @@ def mlp_ref(x, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None, activa
     return F.linear(act_mul_ref(F.linear(x, w_gate, b_gate), F.linear(x, w_up, b_up), activation), w_down, b_down)
 
 
-__all__ = ["estimate_index", "sparse_attention", "sparse_attention_kernel", "dense_check", "chunked_mlp",
-           "dense_attention", "runs_dense", "act_mul", "mlp_ref", "estimate_index_ref", "sparse_attention_ref"]
+__all__ = ["estimate_index", "sparse_attention", "dense_attention", "sparse_attention_kernel", "dense_check",
+           "chunked_mlp",
+           "runs_dense", "act_mul", "mlp_ref", "estimate_index_ref", "sparse_attention_ref"]

@@ -44,7 +44,7 @@ def test_ops_refuse_a_padding_of_the_wrong_shape():
     q = torch.randn(1, 2, 70, 16)
     with pytest.raises(ValueError, match=r"key_padding must be \(B, N\) = \(1, 70\)"):
         torch.ops.mcompile.estimate_index(q, q, torch.ones(1, 80, dtype=torch.bool), [2, 2], [30, 30], [100, 100],
-                                          0.25, 0)
+                                          0.25)
 
 
 @pytest.mark.parametrize("options,message", [
@@ -94,9 +94,9 @@ def test_block_budget_beyond_the_prompt_allocates_what_the_prompt_has():
     """A block budget of 10^6 at 300 tokens (5 blocks) sizes the index by the prompt's blocks,
     not by the budget (it would be 10^6 int32 per head and block row)."""
     q = torch.randn(1, 2, 300, 16)
-    index = torch.ops.mcompile.estimate_index(q, q, None, [3, 3], [10 ** 6, 10 ** 6], [0, 0], 0.25, 0)
+    index = torch.ops.mcompile.estimate_index(q, q, None, [3, 3], [10 ** 6, 10 ** 6], [0, 0], 0.25)
     blocks = index[5]
     assert blocks.shape[-1] <= 6, blocks.shape
-    out = torch.ops.mcompile.sparse_attention(q, q, q, *index, None, 0.25, 0)
+    out = torch.ops.mcompile.sparse_attention(q, q, q, *index, None, 0.25)
     ref = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True, scale=0.25)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)  # every block kept: dense

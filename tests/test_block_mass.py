@@ -109,7 +109,7 @@ def test_a_head_needing_more_tiles_than_the_index_holds_runs_dense():
     kinds, p0, p1 = encode([_mass(1.0)] * 2)
     index = estimate_index_ref(q, k, None, kinds, p0, p1, 0.25, capacity=(1, 0, 3))
     assert index.run_count.tolist() == [[1, 1]] and (index.block_count == 0).all()  # one run of every diagonal
-    out = torch.ops.mcompile.sparse_attention(q, k, v, *index, None, 0.25, 0)
+    out = torch.ops.mcompile.sparse_attention(q, k, v, *index, None, 0.25)
     torch.testing.assert_close(out, dense_causal(q, k, v, 0.25), atol=1e-5, rtol=1e-5)
 
 
@@ -125,7 +125,7 @@ def test_sparse_attention_equals_masked_dense(b, h, hk, n, nq, d, padded):
     kp = padding_mask(b, n, left=(5,) * b, right=(3,) * b) if padded else None
     kinds, p0, p1 = encode([_mass(0.6, samples=4)] * h)
     index = estimate_index_ref(q, k, kp, kinds, p0, p1, d ** -0.5)
-    out = torch.ops.mcompile.sparse_attention(q, k, v, *index, kp, d ** -0.5, 0)
+    out = torch.ops.mcompile.sparse_attention(q, k, v, *index, kp, d ** -0.5)
     ref = masked_dense(torch.nn.functional.pad(q, (0, 0, n - nq, 0)), k, v, index, d ** -0.5, kp)[:, :, n - nq:]
     rows = slice(5, n - nq - 3) if padded else slice(None)  # fully padded query rows aside
     torch.testing.assert_close(out[:, :, rows], ref[:, :, rows].to(out.dtype), atol=1e-5, rtol=1e-5)
@@ -140,7 +140,7 @@ def test_recall_one_keeps_every_tile_and_equals_dense():
     mask = block_mask_rows(index, 0, 230, 230)
     causal = torch.arange(230)[None, :] <= torch.arange(230)[:, None]
     assert torch.equal(mask, causal.expand_as(mask))
-    out = torch.ops.mcompile.sparse_attention(q, k, v, *index, None, 0.25, 0)
+    out = torch.ops.mcompile.sparse_attention(q, k, v, *index, None, 0.25)
     torch.testing.assert_close(out, dense_causal(q, k, v, 0.25).to(out.dtype), atol=1e-5, rtol=1e-5)
 
 
@@ -153,7 +153,7 @@ def test_mixed_with_other_patterns_in_one_layer():
     index = estimate_index_ref(q, k, None, kinds, p0, p1, 0.25)
     alone = estimate_index_ref(q[:, 1:2], k[:, :1], None, *encode([_mass(0.7)]), 0.25)
     assert torch.equal(block_mask_rows(index, 0, 260, 260)[:, 1], block_mask_rows(alone, 0, 260, 260)[:, 0])
-    out = torch.ops.mcompile.sparse_attention(q, k, v, *index, None, 0.25, 0)
+    out = torch.ops.mcompile.sparse_attention(q, k, v, *index, None, 0.25)
     torch.testing.assert_close(out, masked_dense(q, k, v, index, 0.25).to(out.dtype), atol=1e-5, rtol=1e-5)
 
 
@@ -195,7 +195,7 @@ def test_block_mass_layer_index_equals_the_general_assembly(nq, padded, kb):
         assert alone.run_count.any()  # a head ran dense
     rows = (n - nq, n)
     assert torch.equal(block_mask_rows(alone, *rows, n), block_mask_rows(mixed, *rows, n)[:, :2])
-    out = torch.ops.mcompile.sparse_attention(q[:, :2], k[:, :1], v[:, :1], *alone, kp, d ** -0.5, 0)
+    out = torch.ops.mcompile.sparse_attention(q[:, :2], k[:, :1], v[:, :1], *alone, kp, d ** -0.5)
     ref = masked_dense(torch.nn.functional.pad(q[:, :2], (0, 0, n - nq, 0)), k[:, :1], v[:, :1], alone, d ** -0.5,
                        kp)[:, :, n - nq:]
     live = slice(7, None) if padded else slice(None)

@@ -25,6 +25,7 @@ from mcompile.kernels import dispatch, estimate_triton
 from mcompile.kernels import sparse_attention_triton as attn_triton
 from mcompile.kernels.estimate import estimate_index_ref, vertical_slash_scores
 from mcompile.kernels.sparse_attention import sparse_attention_ref
+from mcompile.passes import lowering
 from mcompile.patterns import PatternKind
 from mcompile.tools.models import tiny_llama
 
@@ -177,8 +178,7 @@ def _op_inputs(b, h, hk, n, nq, d, dtype, padded, seed):
 
 @pytest.mark.parametrize("b, h, hk, n, nq, d, dtype, padded", OP_CASES)
 def test_ops_after_prefix_match_fp32_dense_over_the_mask(b, h, hk, n, nq, d, dtype, padded):
-    """``mcompile::estimate_index`` + ``mcompile::sparse_attention`` (dense_below=0: the sparse
-    path) with q a strided chunk after a cached prefix, against fp32 dense attention over the
+    """``mcompile::estimate_index`` + ``mcompile::sparse_attention`` with q a strided chunk after a cached prefix, against fp32 dense attention over the
     mask the index stands for (bottom-right causal), within twice PyTorch's same-dtype error plus
     the floor; the dispatcher picks the Triton kernel for head dims <= 128 (80 and 96 padded) and
     the PyTorch reference for 256."""
@@ -186,8 +186,8 @@ def test_ops_after_prefix_match_fp32_dense_over_the_mask(b, h, hk, n, nq, d, dty
     scale = d ** -0.5
     impl = dispatch.attention_impl(q).__name__
     assert impl == ("sparse_attention_ref" if d > 128 else "sparse_attention_triton")
-    fields = ops.estimate_index(q, k, kp, *_patterns(h), scale, 0)
-    out = ops.sparse_attention(q, k, v, *fields, kp, scale, 0)
+    fields = ops.estimate_index(q, k, kp, *_patterns(h), scale)
+    out = ops.sparse_attention(q, k, v, *fields, kp, scale)
     index = SparseIndex(*fields)
     exact = _masked_attention(q, k, v, index, scale, kp, low_precision=False)
     same = _masked_attention(q, k, v, index, scale, kp, low_precision=True)
@@ -199,17 +199,16 @@ def test_ops_after_prefix_match_fp32_dense_over_the_mask(b, h, hk, n, nq, d, dty
 
 @pytest.mark.parametrize("n, nq", [(8192, 1), (8192, 63)])
 def test_short_chunk_takes_dense_branch_bottom_right(n, nq):
-    """A chunk shorter than ``MIN_SPARSE_CHUNK`` after a cached prefix runs the ops' dense
-    branch, bottom-right causal: against fp32 SDPA with that mask, within twice bf16 SDPA's
-    error plus 1e-3."""
+    """A chunk shorter than ``MIN_SPARSE_CHUNK`` after a cached prefix takes the lowering's dense
+    branch (``mcompile::dense_attention``), bottom-right causal: against fp32 SDPA with that
+    mask, within twice bf16 SDPA's error plus 1e-3."""
     g = torch.Generator(device=DEVICE).manual_seed(5)
     q = torch.randn(1, 8, nq, 128, device=DEVICE, generator=g).to(BF16)
     k = torch.randn(1, 2, n, 128, device=DEVICE, generator=g).to(BF16)
     v = torch.randn(1, 2, n, 128, device=DEVICE, generator=g).to(BF16)
     assert ops.runs_dense(nq, n, 0)
     scale = 128 ** -0.5
-    fields = ops.estimate_index(q, k, None, [2] * 8, [1000] * 8, [2048] * 8, scale, 0)
-    out = ops.sparse_attention(q, k, v, *fields, None, scale, 0)
+    out = lowering.sparse_attention(q, k, v, None, [2] * 8, [1000] * 8, [2048] * 8, scale, 0, kernel_in_graph=False)
     mask = torch.ones(nq, n, dtype=torch.bool, device=DEVICE).tril(n - nq)
     kk, vv = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
     exact = F.scaled_dot_product_attention(q.float(), kk.float(), vv.float(), attn_mask=mask)
@@ -262,7 +261,7 @@ def test_inlined_kernel_matches_opaque_op(head_dim):
         if inlined is None:
             assert counters["stats"]["unique_graphs"] == 1
             assert "def _sparse_attention_kernel" in code  # the kernel's source, launched by Inductor
-            assert f">= {INLINE_DENSE_BELOW}" in code  # the length test in Inductor's wrapper
+            assert f"< {INLINE_DENSE_BELOW}" in code  # the length test in Inductor's wrapper
     for n, a, b in zip(INLINE_LENGTHS, logits[False], logits[None]):
         err = ((a - b).abs().max() / a.abs().max()).item()
         assert err < 2e-2, f"N={n}: inlined vs opaque max|dlogit|/max|logit| = {err:.2e}"

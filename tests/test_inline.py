@@ -1,5 +1,6 @@
-"""Sparse attention inlined into Inductor's code (passes/lowering.py): a torch.cond over the dense
-branch and a triton_op, one graph for every length, same results as the opaque op.
+"""The one lowering of sparse attention (passes/lowering.py): a torch.cond between dense attention
+and estimation + the sparse kernel, one graph for every length, the kernel either a triton_op in
+Inductor's code (inlined) or the opaque op, with the same results.
 
 On the CPU the triton_op's body runs the PyTorch reference; the Triton launch through
 ``wrap_triton`` is checked on the GPU (tests/test_gpu.py)."""
@@ -43,11 +44,21 @@ def _fused_input(b, n):
 BLOCK_MASS = {"kind": "block_mass", "recall": 0.9, "samples": 4}
 
 
+def _reference(q, k, v, dense_below=200, kinds=(2,) * 4, p0=(30,) * 4, p1=(100,) * 4, scale=0.25):
+    """What the lowering computes, from the ops: dense where ``ops.runs_dense`` says so."""
+    from mcompile import ops
+
+    if ops.runs_dense(q.shape[2], k.shape[2], dense_below):
+        return ops.dense_attention(q, k, v, None, scale)
+    index = torch.ops.mcompile.estimate_index(q, k, None, list(kinds), list(p0), list(p1), scale)
+    return torch.ops.mcompile.sparse_attention(q, k, v, *index, None, scale)
+
+
 @pytest.mark.parametrize("pattern", [VS, BLOCK_MASS], ids=["vertical_slash", "block_mass"])
 def test_one_graph_branches_between_dense_and_sparse_at_run_time(pattern):
-    """Inlined, the length test is in Inductor's code and a short prompt calls no opaque op;
-    block-mass (block lists sized at run time) keeps the kernel in the opaque op but has the
-    length test in the graph too. Same logits as the opaque ops, one graph for every length."""
+    """The length test is in Inductor's code with the kernel inlined or in the opaque op (and
+    block-mass, whose block lists are sized at run time, always in the opaque op); a short
+    prompt runs no estimation. Same logits either way, one graph for every length."""
     model = tiny_llama("sdpa")
     lengths = (100, 301, 150, 450)  # dense, sparse, dense, sparse (dense_below=200)
     outputs = {}
@@ -68,10 +79,8 @@ def test_one_graph_branches_between_dense_and_sparse_at_run_time(pattern):
         assert counters["stats"]["unique_graphs"] == 1
         assert counters["mcompile"]["rewritten"] >= 2
         text = "\n".join(code)
-        if inlined:  # the length test is in Inductor's wrapper, not in an op
-            assert ">= 200:" in text and "torch.ops.mcompile.estimate_index" in text
-        else:
-            assert "torch.ops.mcompile.sparse_attention.default" in text and ">= 200:" not in text
+        assert "< 200" in text and "torch.ops.mcompile.estimate_index" in text  # the test in Inductor's wrapper
+        assert ("dense_check" in text) == (inlined and pattern is VS)
     for a, b in zip(outputs[False], outputs[True]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -84,9 +93,7 @@ def test_fused_projection_views_and_batches(b):
         with torch.no_grad():
             out = compiled(x)
         q, k, v = x[:, :4], x[:, 4:6], x[:, 6:]
-        index = torch.ops.mcompile.estimate_index(q, k, None, [2] * 4, [30] * 4, [100] * 4, 0.25, 200)
-        ref = torch.ops.mcompile.sparse_attention(q, k, v, *index, None, 0.25, 200)
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out, _reference(q, k, v), rtol=1e-5, atol=1e-5)
     assert counters["mcompile"]["rewritten"] >= 1
 
 
@@ -94,20 +101,19 @@ def test_explain_reports_inlining_and_why_not():
     ids = _ids(300)
     e = mcompile.explain(tiny_llama("sdpa"), ids, options={**OPTS, "inline_kernels": True})
     assert all(s.inlined for s in e.sites) and "+inlined" in e.table()
-    # A short prompt calls no opaque op: estimation lives inside the conditional.
+    # Estimation lives inside the conditional's sparse branch.
     code = e.graph_code()
     assert "mcompile_passes_lowering_sparse_attention(" in code and "estimate_index" not in code
-    assert "inlined into Inductor's code" in e.summary()
-    # block-mass: the length test in the graph, the kernel in the opaque op (block lists sized at run time)
+    assert "kernel inlined into Inductor's code" in e.summary()
+    # block-mass: the kernel in the opaque op (block lists sized at run time)
     bm = mcompile.explain(tiny_llama("sdpa"), ids, options={**OPTS, "default_pattern": BLOCK_MASS,
                                                             "inline_kernels": True})
-    assert all(s.conditional and not s.inlined for s in bm.sites) and "+length test inlined" in bm.table()
-    assert "length test in Inductor's code, kernel in the opaque op: block-mass" in bm.summary()
-    assert "estimate_index" not in bm.graph_code()  # estimation only inside the sparse branch
+    assert all(s.rewritten and not s.inlined for s in bm.sites) and "+inlined" not in bm.table()
+    assert "kernel in the opaque op: block-mass" in bm.summary()
     auto = mcompile.explain(tiny_llama("sdpa"), ids, options=OPTS)  # auto inlines on CUDA only
     assert not any(s.inlined for s in auto.sites)
     assert all(s.inline_reason.startswith("device cpu") for s in auto.sites)
-    assert "not inlined: device cpu" in auto.summary() and "not inlined: device cpu" in auto.table()
+    assert "kernel in the opaque op: device cpu" in auto.summary()
     mask = torch.ones(1, 300, dtype=torch.long)
     mask[0, :5] = 0
     padded = mcompile.explain(tiny_llama("sdpa"), ids, attention_mask=mask, options={**OPTS, "inline_kernels": True})
@@ -149,18 +155,15 @@ def test_inlined_attention_returns_the_models_layout():
     ``transpose(1, 2).reshape`` after attention copies nothing; values are the reference's."""
     q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in qkv(2, 4, 2, 230, 16))
     for n in (100, 230):  # dense, then sparse (dense_below 200)
-        out = lowering.sparse_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], [2] * 4, [30] * 4, [100] * 4,
-                                      0.25, 200)
+        out = lowering.sparse_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], None, [2] * 4, [30] * 4, [100] * 4,
+                                        0.25, 200)
         assert out.shape == (2, 4, n, 16) and out.transpose(1, 2).is_contiguous()
-        index = torch.ops.mcompile.estimate_index(q[:, :, :n], k[:, :, :n], None, [2] * 4, [30] * 4, [100] * 4,
-                                                  0.25, 0)
-        ref = torch.ops.mcompile.sparse_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], *index, None, 0.25, 200)
-        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(out, _reference(q[:, :, :n], k[:, :, :n], v[:, :, :n]))
 
 
 def test_kernel_op_is_the_reference_off_cuda():
     q, k, v = qkv(2, 4, 2, 200, 16)
-    index = torch.ops.mcompile.estimate_index(q, k, None, [2] * 4, [30] * 4, [100] * 4, 0.25, 0)
+    index = torch.ops.mcompile.estimate_index(q, k, None, [2] * 4, [30] * 4, [100] * 4, 0.25)
     out = torch.ops.mcompile.sparse_attention_kernel(q, k, v, *index, 0.25)
     torch.testing.assert_close(out, sparse_attention_ref(q, k, v, SparseIndex(*index), 0.25))
     assert not bool(torch.ops.mcompile.dense_check(index[0], index[1], index[4], index[6], 200))
@@ -171,66 +174,51 @@ def test_bad_option_is_a_clear_error():
         mcompile.MInferenceConfig(inline_kernels="yes")
 
 
-def test_inline_reason_needs_whole_prompt_and_constant_scale():
+def test_kernel_reason_needs_whole_prompt_and_constant_scale():
     q, k, v = qkv(1, 4, 2, 100, 16)
-    assert lowering.inline_reason(q, k, v, None, 0.25) is None
-    assert "prefix" in lowering.inline_reason(q[:, :, -70:], k, v, None, 0.25)
-    assert "scale" in lowering.inline_reason(q, k, v, None, -1.0)
+    assert lowering.kernel_reason(q, k, v, None, 0.25, False) is None
+    assert "prefix" in lowering.kernel_reason(q[:, :, -70:], k, v, None, 0.25, False)
+    assert "scale" in lowering.kernel_reason(q, k, v, None, -1.0, False)
+    assert "padding" in lowering.kernel_reason(q, k, v, torch.ones(1, 100, dtype=torch.bool), 0.25, False)
+    assert "sized at run time" in lowering.kernel_reason(q, k, v, None, 0.25, True)
 
 
-@pytest.mark.parametrize("pattern", [VS, BLOCK_MASS], ids=["vertical_slash", "block_mass"])
-def test_failed_inlined_compile_falls_back_to_the_opaque_ops(monkeypatch, pattern):
-    """Auto-inlining depends on torch.cond's lowering: if compiling it fails, the backend compiles
-    the opaque ops instead, says why in the report and counts it, and the model still runs (also
-    for block-mass, whose conditional holds the opaque kernel op)."""
-    import functools
-
-    from mcompile.backend import minference_backend
-    from mcompile.passes import rewrite
-
+def test_failed_compile_is_raised_with_a_note(monkeypatch):
+    """No second compile behind the user's back: a failure inside the lowering reaches the user,
+    with a note naming the rewritten parts and the options that leave them out."""
     def fail(*args, **kwargs):
         raise RuntimeError("simulated lowering failure")
 
-    # Inline on the CPU as auto would on CUDA; the inlined attention fails to trace.
-    monkeypatch.setattr(rewrite, "inline_decision", lambda site, config: (config.inline_kernels is not False, ""))
     monkeypatch.setattr(lowering, "sparse_attention", fail)
-    reports = []
-    model = tiny_llama("sdpa")
-    backend = functools.partial(minference_backend, options={**OPTS, "default_pattern": pattern},
-                                report_sink=reports.append)
-    compiled = torch.compile(model, backend=backend)
-    ids = _ids(300)
-    with torch.no_grad():
-        out = compiled(ids, use_cache=False).logits
-    ref = torch.compile(model, backend="minference", options={**OPTS, "default_pattern": pattern, "inline_kernels": False})
-    with torch.no_grad():
-        torch.testing.assert_close(out, ref(ids, use_cache=False).logits)
-    assert counters["mcompile"]["inline_failed"] >= 1
-    site = reports[-1].sites[0]
-    assert site.rewritten and not site.inlined and "inlined compile failed (RuntimeError)" in site.inline_reason
-    # Asked for explicitly, the failure is the user's to see.
-    torch._dynamo.reset()
-    forced = torch.compile(model, backend="minference", options={**OPTS, "default_pattern": pattern, "inline_kernels": True})
-    with pytest.raises(Exception, match="simulated lowering failure"), torch.no_grad():
-        forced(ids, use_cache=False)
+    compiled = torch.compile(tiny_llama("sdpa"), backend="minference", options=OPTS)
+    with pytest.raises(Exception, match="simulated lowering failure") as info, torch.no_grad():
+        compiled(_ids(300), use_cache=False)
+    notes = _notes(info.value)
+    assert "inline_kernels" in notes and "chunk_mlp" in notes
 
 
 def test_layers_share_one_compiled_region():
     """Every layer's attention conditionals (and MLP conditional) are one shared region: Inductor
-    generates each once and calls it per layer (compile time); off, each layer has its own."""
+    generates each once and calls it per layer (compile time); the logits are those of the graph
+    run as written (compiler="eager", no region)."""
     import re
 
-    from mcompile.conditional import shared_regions
-
     model = tiny_llama("sdpa", layers=3)
-    calls, logits = {}, {}
-    for enabled in (True, False):
+    compiled = torch.compile(model, backend="minference", dynamic=True, options={**OPTS, "inline_kernels": True})
+    with torch.no_grad():
+        out, code = run_and_get_code(compiled, _ids(300), use_cache=False)
         torch._dynamo.reset()
-        compiled = torch.compile(model, backend="minference", dynamic=True, options={**OPTS, "inline_kernels": True})
-        with shared_regions(enabled), torch.no_grad():
-            out, code = run_and_get_code(compiled, _ids(300), use_cache=False)
-        calls[enabled] = re.findall(r"= (repeated_subgraph\d+)\(repeated_subgraph\d+_args\)", "\n".join(code))
-        logits[enabled] = out.logits
-    torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
-    assert len(calls[True]) == 6 and len(set(calls[True])) == 2  # attention and MLP, 3 layers each
-    assert calls[False] == []
+        plain = torch.compile(model, backend="minference", options={**OPTS, "inline_kernels": True, "compiler": "eager"})
+        ref = plain(_ids(300), use_cache=False).logits
+    calls = re.findall(r"= (repeated_subgraph\d+)\(repeated_subgraph\d+_args\)", "\n".join(code))
+    torch.testing.assert_close(out.logits, ref, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 6 and len(set(calls)) == 2  # attention and MLP, 3 layers each
+
+
+def _notes(exc: BaseException) -> str:
+    """The notes on ``exc`` and the exceptions it was raised from (Dynamo wraps the backend's)."""
+    notes = []
+    while exc is not None:
+        notes.extend(getattr(exc, "__notes__", []))
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(notes)

@@ -30,8 +30,11 @@ def _patterns(name, h):
 
 
 def _run(q, k, v, kinds, p0, p1, scale, kp=None, dense_below=0):
-    index = ops.estimate_index(q, k, kp, kinds, p0, p1, scale, dense_below)
-    return ops.sparse_attention(q, k, v, *index, kp, scale, dense_below), SparseIndex(*index)
+    """What the lowering computes (passes/lowering.py): dense where ``ops.runs_dense`` says so."""
+    index = ops.estimate_index(q, k, kp, kinds, p0, p1, scale)
+    if ops.runs_dense(q.shape[2], k.shape[2], dense_below):
+        return ops.dense_attention(q, k, v, kp, scale), SparseIndex(*index)
+    return ops.sparse_attention(q, k, v, *index, kp, scale), SparseIndex(*index)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}H{}Hk{}N{}D{}".format(*s))
@@ -99,17 +102,21 @@ def test_dense_below_runs_dense_attention():
     q, k, v = qkv(1, 4, 2, 100, 16)
     out, index = _run(q, k, v, [2] * 4, [30] * 4, [100] * 4, 0.25, dense_below=101)
     torch.testing.assert_close(out, dense_causal(q, k, v, 0.25).to(out.dtype), atol=2e-5, rtol=2e-5)
-    assert index.runs.shape == (1, 4, 100, 2)  # buffers of the promised shapes, never read
+    assert ops.runs_dense(100, 100, 101) and not ops.runs_dense(100, 100, 100)
+    assert ops.runs_dense(10, 100, 0) and not ops.runs_dense(64, 100, 0)  # a short chunk after a cached prefix
 
 
 def test_ops_pass_opcheck():
     """Fake implementations agree with the real ones (shapes, strides, dtypes) and are traceable."""
     q, k, v = qkv(1, 4, 2, 130, 16)
-    args = (q, k, None, [0, 1, 2, 3], [0, 4, 40, 2], [0, 64, 120, 0], 0.25, 0)
+    args = (q, k, None, [0, 1, 2, 3], [0, 4, 40, 2], [0, 64, 120, 0], 0.25)
     torch.library.opcheck(torch.ops.mcompile.estimate_index.default, args,
                           test_utils=("test_schema", "test_faketensor"))
     index = ops.estimate_index(*args)
-    torch.library.opcheck(torch.ops.mcompile.sparse_attention.default, (q, k, v, *index, None, 0.25, 0),
+    torch.library.opcheck(torch.ops.mcompile.sparse_attention.default, (q, k, v, *index, None, 0.25),
+                          test_utils=("test_schema", "test_faketensor"))
+    kp = torch.ones(1, 130, dtype=torch.bool)
+    torch.library.opcheck(torch.ops.mcompile.dense_attention.default, (q[:, :, -70:], k, v, kp, 0.25),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -118,8 +125,8 @@ def test_fake_shapes_are_symbolic():
     from torch.fx.experimental.proxy_tensor import make_fx
 
     def f(q, k, v):
-        idx = torch.ops.mcompile.estimate_index(q, k, None, [2, 3], [30, 2], [100, 0], 0.25, 0)
-        return torch.ops.mcompile.sparse_attention(q, k, v, *idx, None, 0.25, 0)
+        idx = torch.ops.mcompile.estimate_index(q, k, None, [2, 3], [30, 2], [100, 0], 0.25)
+        return torch.ops.mcompile.sparse_attention(q, k, v, *idx, None, 0.25)
 
     q, k, v = qkv(1, 2, 1, 300, 16)
     gm = make_fx(f, tracing_mode="symbolic")(q, k, v)
@@ -134,8 +141,8 @@ def test_fake_shapes_are_symbolic_for_a_cached_prefix():
     from torch.fx.experimental.proxy_tensor import make_fx
 
     def f(q, k, v):
-        idx = torch.ops.mcompile.estimate_index(q, k, None, [2, 3], [30, 2], [100, 0], 0.25, 0)
-        return torch.ops.mcompile.sparse_attention(q, k, v, *idx, None, 0.25, 0), idx[2]
+        idx = torch.ops.mcompile.estimate_index(q, k, None, [2, 3], [30, 2], [100, 0], 0.25)
+        return torch.ops.mcompile.sparse_attention(q, k, v, *idx, None, 0.25), idx[2]
 
     q, k, v = qkv(1, 2, 1, 300, 16)
     gm = make_fx(f, tracing_mode="symbolic")(q[:, :, 170:].contiguous(), k, v)
@@ -157,18 +164,18 @@ def test_bad_patterns_are_clear_errors(bad, message):
     args = dict(kinds=[2] * 4, p0=[30] * 4, p1=[100] * 4)
     args.update(bad)
     with pytest.raises(ValueError, match=message):
-        ops.estimate_index(q, k, None, args["kinds"], args["p0"], args["p1"], 0.25, 0)
+        ops.estimate_index(q, k, None, args["kinds"], args["p0"], args["p1"], 0.25)
 
 
 def test_bad_shapes_are_clear_errors():
     q, k, v = qkv(1, 4, 3, 64, 16)
     with pytest.raises(ValueError, match="multiple of key/value heads"):
-        ops.estimate_index(q, k, None, [2] * 4, [30] * 4, [100] * 4, 0.25, 0)
+        ops.estimate_index(q, k, None, [2] * 4, [30] * 4, [100] * 4, 0.25)
     q, k, v = qkv(1, 4, 2, 64, 16)
     with pytest.raises(ValueError, match=r"query length \(64\) exceeds key length \(10\)"):
-        ops.estimate_index(q, k[:, :, :10], None, [2] * 4, [30] * 4, [100] * 4, 0.25, 0)
+        ops.estimate_index(q, k[:, :, :10], None, [2] * 4, [30] * 4, [100] * 4, 0.25)
     with pytest.raises(ValueError, match="disagree in batch or head dim"):
-        ops.estimate_index(q, k[..., :8], None, [2] * 4, [30] * 4, [100] * 4, 0.25, 0)
+        ops.estimate_index(q, k[..., :8], None, [2] * 4, [30] * 4, [100] * 4, 0.25)
 
 
 @settings(max_examples=40, deadline=None)
@@ -202,8 +209,8 @@ def test_too_dense_sends_near_dense_indices_to_dense_attention():
     and leaves sparse ones, short inputs and CPU alone."""
     n = ops.FRACTION_CHECK_MIN
     q, k = torch.randn(1, 2, n, 16), torch.randn(1, 1, n, 16)
-    dense = SparseIndex(*ops.estimate_index(q, k, None, [0, 0], [0, 0], [0, 0], 0.25, 0))
-    sparse = SparseIndex(*ops.estimate_index(q, k, None, [1, 1], [16, 16], [256, 256], 0.25, 0))
+    dense = SparseIndex(*ops.estimate_index(q, k, None, [0, 0], [0, 0], [0, 0], 0.25))
+    sparse = SparseIndex(*ops.estimate_index(q, k, None, [1, 1], [16, 16], [256, 256], 0.25))
     assert ops.too_dense(dense, n, on_cuda=True) > ops.DENSE_ABOVE_FRACTION
     assert ops.too_dense(sparse, n, on_cuda=True) is None
     assert ops.too_dense(dense, n, on_cuda=False) is None

@@ -105,8 +105,11 @@ def _patterns(kinds, p0, p1, h):
 
 
 def _op(q, k, v, kinds, p0, p1, scale, kp=None, dense_below=0):
-    index = ops.estimate_index(q, k, kp, kinds, p0, p1, scale, dense_below)
-    return ops.sparse_attention(q, k, v, *index, kp, scale, dense_below), SparseIndex(*index)
+    """What the lowering computes (passes/lowering.py): dense where ``ops.runs_dense`` says so."""
+    index = ops.estimate_index(q, k, kp, kinds, p0, p1, scale)
+    if ops.runs_dense(q.shape[2], k.shape[2], dense_below):
+        return ops.dense_attention(q, k, v, kp, scale), SparseIndex(*index)
+    return ops.sparse_attention(q, k, v, *index, kp, scale), SparseIndex(*index)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -505,8 +508,8 @@ _MEMORY_CHILD = textwrap.dedent("""
     n = int(sys.argv[1])
     q, k, v = (torch.randn(1, 1, n, 16) for _ in range(3))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # imports + inputs
-    idx = ops.estimate_index(q, k, None, [2], [30], [100], 0.25, 0)  # one vertical-slash head
-    out = ops.sparse_attention(q, k, v, *idx, None, 0.25, 0)
+    idx = ops.estimate_index(q, k, None, [2], [30], [100], 0.25)  # one vertical-slash head
+    out = ops.sparse_attention(q, k, v, *idx, None, 0.25)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     assert torch.isfinite(out).all()
     print(before, after)

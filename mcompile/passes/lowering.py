@@ -2,34 +2,35 @@
 MLP. Each is a ``torch.cond`` on a symbolic size (``conditional.flat_cond``) inside a shared
 region (``conditional.shared_region``), over the ops of ops.py.
 
-Sparse attention (``sparse_attention``), on CUDA: a ``triton_op`` inside a ``torch.cond``.
-The default rewrite (passes/rewrite.py) calls the opaque custom op ``mcompile::sparse_attention``,
-whose body chooses at run time between dense attention and the Triton kernel. Opaque ops are
-invisible to Inductor: the kernel launch is a call into Python. Where the rewrite can, it calls
-``sparse_attention`` below instead, which states the same choice in the graph::
+Sparse attention (``sparse_attention``) is lowered one way, for every rewritten attention on every
+device; dense or sparse is decided here, in the graph, by ``ops.runs_dense`` on the symbolic
+lengths::
 
-    out = cond(N >= dense_below,                      # a SymBool: no guard, one graph
-               sparse: index = estimate_index(q, k)   # the opaque op, only on this branch
-                       cond(dense_check(index),       # 0-dim bool tensor: the run-time density check
-                            dense:  SDPA(is_causal)
-                            sparse: mcompile::sparse_attention_kernel   (triton_op)
-               dense:  SDPA(is_causal))
+    out = cond(runs_dense(Nq, N, dense_below),          # a SymBool: no guard, one graph
+               dense:  SDPA(is_causal)                   # whole prompt, no key padding
+                       | mcompile::dense_attention      # otherwise (bottom-right causal, padding)
+               sparse: index = mcompile::estimate_index(q, k, padding)   # only on this branch
+                       kernel in the graph:
+                           cond(mcompile::dense_check(index),    # 0-dim bool: run-time density check
+                                dense:  SDPA(is_causal)
+                                sparse: mcompile::sparse_attention_kernel)   (triton_op)
+                       else:
+                           mcompile::sparse_attention(q, k, v, index, padding))  (opaque op)
 
 AOTAutograd traces both branches (``conditional.flat_cond``: ``torch.cond`` with the workarounds
 it needs), once per distinct pattern set: the whole structure is a ``conditional.shared_region``
-(``invoke_subgraph``), so layers with the same patterns share one traced and lowered subgraph;
-``mcompile::sparse_attention_kernel`` is a
-``torch.library.triton_op`` whose body launches the kernel through ``wrap_triton``, so Inductor
-copies the Triton source into its output code and launches it from its wrapper, with no Python op
-in between, and lowers the dense branches' SDPA as it would for plain ``backend="inductor"``.
+(``invoke_subgraph``), so layers with the same patterns share one traced and lowered subgraph.
+The dense branches' SDPA is lowered as it would be for plain ``backend="inductor"``.
 
-Where it applies (``inline_reason``): whole prompts (query length == key length, known from the
-shapes), no key padding (the dense branch is plain causal SDPA), static head counts and head dims,
-a positive constant scale, and on CUDA a dtype and head dim the Triton kernel supports. By default
-(option ``inline_kernels``) only CUDA graphs are inlined. Everything else keeps the opaque op, as
-does a graph whose inlined compile fails (backend.py compiles it again with the opaque ops). On a device without the
-kernel (the CPU, in tests) the triton_op's body runs the PyTorch reference through the opaque op,
-so the graph structure is the same everywhere.
+Where the kernel sits (``kernel_reason``, option ``inline_kernels``): ``mcompile::sparse_attention_kernel``
+is a ``torch.library.triton_op`` whose body launches the kernel through ``wrap_triton``, so Inductor
+copies the Triton source into its output code and launches it from its wrapper, with no Python op
+in between. That needs a whole prompt (query length == key length, known from the shapes), no key
+padding, static head counts and head dims, a positive constant scale, an index whose block lists
+are sized when compiled (not block-mass), and on CUDA a dtype and head dim the Triton kernel
+supports; by default only CUDA graphs put it there. Otherwise the sparse branch calls the opaque op
+``mcompile::sparse_attention``, which runs the same kernel (or the PyTorch reference off CUDA)
+and makes the density check itself. Either way the result is the same.
 
 Layouts: transformers hands attention q/k/v as (B, H, N, D) views of (B, N, H, D) storage and
 reshapes the output back to (B, N, H * D). The operands cross the region and the conditionals
@@ -38,10 +39,8 @@ storage (the kernel writes it; cuDNN's SDPA already does), so neither side costs
 the copies cost: docs/BENCHMARKS.md).
 
 Launch configuration: a traced launch is not autotuned (Inductor would tune once, at whatever
-length it sees first). It uses ``sparse_attention_triton.fixed_config``: BLOCK_N 64 and 4 warps,
-which the autotuner of the opaque path chose for head dims 64 and 128 at every length measured, and
-3 pipeline stages where they fit in shared memory (docs/BENCHMARKS.md, "Launch configurations"
-and "One loop over short runs").
+length it sees first). It uses ``sparse_attention_triton.fixed_config`` (docs/BENCHMARKS.md,
+"Launch configurations" and "One loop over short runs").
 
 The gated MLP (``gated_mlp``): ``mcompile::chunked_mlp`` when x holds more than ``chunk``
 tokens, else the MLP as written, which Inductor lowers and fuses as it would without the pass,
@@ -63,14 +62,10 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .. import ops  # noqa: F401  (registers torch.ops.mcompile.*)
+from .. import ops
 from ..conditional import flat_cond, shared_region
 from ..kernels.act_mul import activate
 from ..patterns import DEFAULT_BUDGET_EXPONENT
-
-# Benchmarks only: the run-time density check (the inner conditional) off CUDA too, where it never
-# fires, so that a CPU compile has the graph structure of a CUDA one (benchmarks/compile_time.py).
-_DENSE_CHECK_EVERYWHERE = False
 
 
 def _causal(q, k, v, scale):
@@ -85,46 +80,55 @@ def _bnhd(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).contiguous()
 
 
-def sparse_attention(q, k, v, kinds: list[int], p0: list[int], p1: list[int], scale: float, dense_below: int,
-                     budget_length: int = 0, budget_exponent: float = DEFAULT_BUDGET_EXPONENT,
-                     kernel_in_graph: bool = True) -> torch.Tensor:
-    """``ops.estimate_index`` + ``ops.sparse_attention`` for a whole prompt without key padding,
-    as conditionals the compiler traces (module docstring; ``conditional.flat_cond``). Same
-    result as the opaque ops; the estimation runs inside the sparse branch, so a prompt below
-    ``dense_below`` calls no opaque op. ``kernel_in_graph`` False (indexes whose block lists
-    are sized at run time: block-mass): the sparse branch calls the opaque ``sparse_attention``
-    op, which makes the density check itself; the length test is in the graph all the same."""
-    def attention(q, k, v):
-        n = k.shape[2]
+def whole_prompt(q: torch.Tensor, k: torch.Tensor, key_padding) -> bool:
+    """Whether the attention is plain causal SDPA when dense: every key a query (Nq == N, known
+    from the shapes) and no key padding."""
+    return key_padding is None and statically_known_true(q.shape[2] == k.shape[2])
 
-        def dense(q, k, v, *index):
-            return _bnhd(_causal(q, k, v, scale))
+
+def sparse_attention(q, k, v, key_padding, kinds: list[int], p0: list[int], p1: list[int], scale: float,
+                     dense_below: int, budget_length: int = 0, budget_exponent: float = DEFAULT_BUDGET_EXPONENT,
+                     kernel_in_graph: bool = True) -> torch.Tensor:
+    """Causal attention of q (B, H, Nq, D) over k/v (B, Hk, N, D) (Nq <= N, bottom-right aligned;
+    ``key_padding`` (B, N) or None), sparse where ``ops.runs_dense`` says so, as conditionals the
+    compiler traces (module docstring). ``kernel_in_graph``: the Triton kernel as a triton_op in
+    the graph (``kernel_reason`` allows it), else the opaque ``mcompile::sparse_attention``."""
+    plain = whole_prompt(q, k, key_padding)
+    padded = key_padding is not None
+
+    def attention(q, k, v, *pad):
+        kp = pad[0] if padded else None
+
+        def dense(q, k, v, *rest):
+            if plain:
+                return _bnhd(_causal(q, k, v, scale))
+            return _bnhd(torch.ops.mcompile.dense_attention(q, k, v, rest[0] if padded else None, scale))
 
         def kernel(q, k, v, *index):
             return _bnhd(torch.ops.mcompile.sparse_attention_kernel(q, k, v, *index, scale))
 
-        def sparse(q, k, v):
-            index = torch.ops.mcompile.estimate_index(q, k, None, kinds, p0, p1, scale, 0, budget_length,
-                                                      budget_exponent)
+        def sparse(q, k, v, *pad):
+            kp = pad[0] if padded else None
+            index = torch.ops.mcompile.estimate_index(q, k, kp, kinds, p0, p1, scale, budget_length, budget_exponent)
             if not kernel_in_graph:
-                return _bnhd(torch.ops.mcompile.sparse_attention(q, k, v, *index, None, scale, 0))
-            if q.device.type != "cuda" and not _DENSE_CHECK_EVERYWHERE:  # never fires off CUDA (ops.too_dense)
-                return kernel(q, k, v, *index)
+                return _bnhd(torch.ops.mcompile.sparse_attention(q, k, v, *index, kp, scale))
             runs, run_count, _, _, column_count, _, block_count = index
             check = torch.ops.mcompile.dense_check(runs, run_count, column_count, block_count, k.shape[2])
             return flat_cond(check, dense, kernel, (q, k, v), index)
 
-        return flat_cond(n >= dense_below, sparse, dense, (q, k, v))
+        return flat_cond(ops.runs_dense(q.shape[2], k.shape[2], dense_below), dense, sparse, (q, k, v, *pad))
 
-    out = shared_region("sparse_attention", attention, (q, k, v),
-                        (kinds, p0, p1, scale, dense_below, budget_length, budget_exponent, _DENSE_CHECK_EVERYWHERE,
-                         kernel_in_graph))
-    return out.transpose(1, 2)  # (B, H, N, Dv), stored as (B, N, H, Dv)
+    pad = (key_padding,) if padded else ()
+    out = shared_region("sparse_attention", attention, (q, k, v, *pad),
+                        (kinds, p0, p1, scale, dense_below, budget_length, budget_exponent, kernel_in_graph, plain,
+                         padded))
+    return out.transpose(1, 2)  # (B, H, Nq, Dv), stored as (B, Nq, H, Dv)
 
 
-def inline_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding, scale) -> str | None:
-    """None when ``sparse_attention`` can stand in for the opaque op for these (fake) inputs on
-    this device; else why not."""
+def kernel_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding, scale,
+                  sized_at_run_time: bool) -> str | None:
+    """None when the sparse branch can launch the Triton kernel from Inductor's code (the
+    triton_op) for these (fake) inputs on this device; else why it calls the opaque op."""
     if key_padding is not None:
         return "key padding (the opaque op masks it)"
     if not statically_known_true(q.shape[2] == k.shape[2]):
@@ -133,6 +137,9 @@ def inline_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding
         return "symbolic head count or head dim"
     if not isinstance(scale, float) or not math.isfinite(scale) or scale <= 0:
         return "the softmax scale is not a positive constant"
+    if sized_at_run_time:
+        return ("block-mass or a block budget above the static block budget: the block list is sized at run time, "
+                "the in-graph kernel sizes it when compiled")
     if q.device.type == "cuda":
         from ..kernels.dispatch import triton_reason
 

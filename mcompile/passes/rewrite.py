@@ -1,13 +1,12 @@
-"""The rewrite: each provably causal prefill attention becomes estimate_index + sparse_attention.
+"""The rewrite: each provably causal prefill attention becomes ``lowering.sparse_attention``.
 
     attn = sdpa(q, repeat_kv(k), repeat_kv(v), attn_mask=causal & padding)
         ->
-    index = mcompile.estimate_index(q, k, padding, kinds, p0, p1, scale, dense_below)
-    attn  = mcompile.sparse_attention(q, k, v, *index, padding, scale, dense_below)
+    attn = lowering.sparse_attention(q, k, v, padding, kinds, p0, p1, scale, dense_below, ...)
 
-On CUDA, a whole prompt without key padding gets ``lowering.sparse_attention`` instead
-(estimation and kernel inside a ``torch.cond`` that Inductor lowers into its own code); the
-report says which sites were inlined and why others were not.
+a conditional between dense attention and estimate_index + the sparse kernel that Inductor lowers
+with the rest of the graph (passes/lowering.py). The report says where the kernel sits (in
+Inductor's code, or the opaque op) and why.
 
 Per-head patterns come from the pattern database by layer (``nn_module_stack``) and head, or
 from the default pattern. Attentions that cannot be proven causal prefill stay as they are,
@@ -26,7 +25,8 @@ from typing import Optional
 import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
-from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.fx.experimental.symbolic_shapes import guard_scalar, statically_known_true
+from torch.utils._sympy.symbol import SymT, symbol_is_type
 
 from .. import ops  # noqa: F401  (registers torch.ops.mcompile.*)
 from ..config import MInferenceConfig
@@ -40,7 +40,6 @@ from .mutation import mutates
 from .nodes import example
 
 log = logging.getLogger(__name__)
-INDEX_FIELDS = 7  # tensors of a SparseIndex
 
 
 @dataclass(frozen=True)
@@ -59,9 +58,8 @@ class SiteReport:
     pattern_source: str = ""
     key_padding: bool = False
     budget_scaling: tuple = (0, 0.0)  # (reference length, exponent) of the budgets; length 0: absolute
-    inlined: bool = False  # sparse attention lowered by Inductor (passes/lowering.py), not the opaque op
+    inlined: bool = False  # the kernel launched from Inductor's code (passes/lowering.py), not the opaque op
     inline_reason: str = ""  # why not, where it was not
-    conditional: bool = False  # the length test in the graph (passes/lowering.py), inlined kernel or not
 
 
 @dataclass(frozen=True)
@@ -160,8 +158,15 @@ def site_patterns(site: AttentionSite, db: Optional[PatternDB], config: MInferen
             (config.budget_length, config.budget_exponent))
 
 
-def inline_decision(site: AttentionSite, config: MInferenceConfig) -> tuple[bool, str]:
-    """Whether the site's sparse attention is inlined (passes/lowering.py), and why not."""
+def _sized_at_run_time(patterns: list[Pattern]) -> bool:
+    """Whether the index's block lists are sized at run time (block-mass, or a block budget above
+    what the estimation sizes statically): the in-graph kernel sizes them when compiled."""
+    return any(p.kind == PatternKind.BLOCK_MASS or (p.kind == PatternKind.BLOCK_SPARSE and p.blocks > STATIC_BLOCK_BUDGET)
+               for p in patterns)
+
+
+def inline_decision(site: AttentionSite, patterns: list[Pattern], config: MInferenceConfig) -> tuple[bool, str]:
+    """Whether the site's kernel is launched from Inductor's code (passes/lowering.py), and why not."""
     if config.inline_kernels is False:
         return False, "inline_kernels=False"
     q, k, v = (x.meta.get("example_value") for x in (site.q, site.k, site.v))
@@ -170,8 +175,8 @@ def inline_decision(site: AttentionSite, config: MInferenceConfig) -> tuple[bool
     if site.dtype is not None:  # what autocast casts them to (_rewrite_site)
         q, k, v = (x.to(site.dtype) for x in (q, k, v))
     if config.inline_kernels is None and q.device.type != "cuda":
-        return False, f"device {q.device.type} (auto inlines the Triton kernel on CUDA)"
-    reason = lowering.inline_reason(q, k, v, site.key_padding, site.scale)
+        return False, f"device {q.device.type} (auto puts the Triton kernel in the graph on CUDA)"
+    reason = lowering.kernel_reason(q, k, v, site.key_padding, site.scale, _sized_at_run_time(patterns))
     return reason is None, reason or ""
 
 
@@ -186,7 +191,7 @@ def _cast(graph: fx.Graph, node: fx.Node, dtype: Optional[torch.dtype]) -> fx.No
 
 
 def _rewrite_site(graph: fx.Graph, site: AttentionSite, patterns: list[Pattern], config: MInferenceConfig,
-                  scaling: tuple[int, float], inlined: bool, conditional: bool):
+                  scaling: tuple[int, float], inlined: bool):
     kinds, p0, p1 = encode(patterns)
     before = set(graph.nodes)
     with graph.inserting_before(site.node):
@@ -198,15 +203,8 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite, patterns: list[Pattern],
         if site.dtype is not None:
             device = site.q.meta["example_value"].device.type
             region = graph.call_function(torch.amp.autocast_mode._enter_autocast, (device, None, False, None))
-        if conditional:  # estimation happens inside (passes/lowering.py)
-            attn = graph.call_function(lowering.sparse_attention, (q, k, v, kinds, p0, p1, site.scale,
-                                                                 config.dense_below, *scaling, inlined))
-        else:
-            est = graph.call_function(torch.ops.mcompile.estimate_index.default,
-                                      (q, k, site.key_padding, kinds, p0, p1, site.scale, config.dense_below, *scaling))
-            parts = [graph.call_function(operator.getitem, (est, i)) for i in range(INDEX_FIELDS)]
-            attn = graph.call_function(torch.ops.mcompile.sparse_attention.default,
-                                       (q, k, v, *parts, site.key_padding, site.scale, config.dense_below))
+        attn = graph.call_function(lowering.sparse_attention, (q, k, v, site.key_padding, kinds, p0, p1, site.scale,
+                                                             config.dense_below, *scaling, inlined))
         if region is not None:
             graph.call_function(torch.amp.autocast_mode._exit_autocast, (region,))
     for node in graph.nodes:
@@ -239,6 +237,27 @@ def fit_padding(graph: fx.Graph, site: AttentionSite) -> AttentionSite:
     return dataclasses.replace(site, key_padding=cut)
 
 
+SYMBOLIC_SCALE_REASON = ("the softmax scale is a symbolic float not backed by an input value: the lowering needs a "
+                         "constant; torch._dynamo.config.specialize_float = True makes it one")
+
+
+def constant_scale(site: AttentionSite) -> AttentionSite:
+    """The site with its scale a Python float. Under ``dynamic=True`` Dynamo traces a float attribute
+    (``self.scaling``) as a graph input and hands the scale as a SymFloat; one backed by the input's
+    value is specialised to it with a guard (the compiled graph is reused while the attribute keeps
+    that value), as AOTAutograd's float pass does for the floats it cannot turn into tensors. The
+    lowering closes over the scale in its conditionals' branches, which take only tensors and sizes."""
+    if isinstance(site.scale, float) or not isinstance(site.scale, fx.Node):
+        return site
+    value = example(site.scale)
+    if not isinstance(value, torch.SymFloat):
+        return site
+    free = value.node.expr.free_symbols
+    if not free:  # already specialised (Dynamo restarts the analysis with the float a constant)
+        return dataclasses.replace(site, scale=float(value.node.expr))
+    if all(symbol_is_type(s, SymT.FLOAT) for s in free):
+        return dataclasses.replace(site, scale=float(guard_scalar(value)))
+    return site
 GRAD_REASON = ("gradients are enabled: the sparse ops are inference-only; run prefill under "
                "torch.no_grad() or torch.inference_mode() (generate() does)")
 
@@ -255,20 +274,19 @@ def rewrite_attention(gm: fx.GraphModule, config: MInferenceConfig, grad_enabled
     for site in sites:
         reason = site.reason or (GRAD_REASON if grad_enabled else None)
         patterns, source, scaling = [], "", (0, 0.0)
-        inlined, why_not, conditional = False, "", False
+        inlined, why_not = False, ""
+        if reason is None:
+            site = constant_scale(site)
+            if not isinstance(site.scale, float):
+                reason = SYMBOLIC_SCALE_REASON
         if reason is None:
             patterns, source, scaling = site_patterns(site, db, config, explicit)
             if all(p.kind == PatternKind.DENSE for p in patterns):
                 reason = f"every head is dense ({source})"
         if reason is None:
             site = fit_padding(gm.graph, site)
-            inlined, why_not = inline_decision(site, config)
-            conditional = inlined  # the length test in the graph (passes/lowering.py)
-            if inlined and any(p.kind == PatternKind.BLOCK_MASS or (p.kind == PatternKind.BLOCK_SPARSE
-                                                                   and p.blocks > STATIC_BLOCK_BUDGET) for p in patterns):
-                inlined, why_not = False, (f"block-mass or a block budget above {STATIC_BLOCK_BUDGET} blocks: the "
-                                           "block list is sized at run time, the inlined kernel sizes it when compiled")
-            _rewrite_site(gm.graph, site, patterns, config, scaling, inlined, conditional)
+            inlined, why_not = inline_decision(site, patterns, config)
+            _rewrite_site(gm.graph, site, patterns, config, scaling, inlined)
             counters["mcompile"]["rewritten"] += 1
             log.info("mcompile: rewrote %s attention in %s (layer %s) with %s", site.kind, site.module or "?",
                      site.layer, source)
@@ -277,7 +295,7 @@ def rewrite_attention(gm: fx.GraphModule, config: MInferenceConfig, grad_enabled
             log.info("mcompile: kept %s attention in %s dense: %s", site.kind, site.module or "?", reason)
         reports.append(SiteReport(site.layer, site.module, site.kind, reason is None, reason or "", site.heads,
                                   site.kv_heads, site.head_dim, tuple(patterns), source, site.key_padding is not None,
-                                  scaling, inlined, why_not, conditional))
+                                  scaling, inlined, why_not))
     gm.graph.lint()
     gm.recompile()
     code = gm.print_readable(print_output=False)

@@ -129,9 +129,9 @@ class _Attention:
         n, h = key.shape[2], query.shape[1]
         scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
         kinds, p0, p1 = encode([pattern] * h)
-        parts = torch.ops.mcompile.estimate_index(query, key, None, kinds, p0, p1, scale, 0, self.reference_length,
+        parts = torch.ops.mcompile.estimate_index(query, key, None, kinds, p0, p1, scale, self.reference_length,
                                                   self.exponent)
-        out = torch.ops.mcompile.sparse_attention(query, key, value, *parts, None, scale, 0)
+        out = torch.ops.mcompile.sparse_attention(query, key, value, *parts, None, scale)
         if self.measure:
             index = SparseIndex(*parts)
             from .eval.attention import sample_rows
