@@ -22,6 +22,9 @@ rewrites need (torch 2.11 and 2.13), shared by the attention lowering and the ML
 - ``extra`` tensors (fixed layouts: weights, custom-op outputs) cross as they are.
 - Branches return one tensor; cond's lowering wants tuples, which this wraps.
 
+Also here: ``shared_region`` (``invoke_subgraph`` with regions kept in the tracing context) and
+``constant_float`` (a SymFloat specialised the way AOTAutograd's float pass does).
+
 The branches get ``(*tensors, *extra)`` with ``tensors`` in their original shapes and, unless
 copied, strides (a copy is contiguous in the same memory order).
 """
@@ -149,4 +152,25 @@ def shared_region(name: str, fn: Callable, operands: tuple, key: tuple) -> torch
     return invoke_subgraph(regions[ident], ident, *operands)[0]
 
 
-__all__ = ["flat_cond", "shared_region"]
+def constant_float(value) -> float | None:
+    """``value`` (a float or a SymFloat) as a Python float, or None where that needs more than a
+    guard. A SymFloat whose expression is a constant (Dynamo restarts its analysis with a float
+    specialised) is that constant; one over backed float symbols (``dynamic=True`` traces a float
+    attribute as a graph input) is specialised to its value with a guard, as AOTAutograd's
+    ``tensorify_python_scalars`` pass does for the floats it cannot turn into tensors."""
+    if isinstance(value, float):
+        return value
+    if not isinstance(value, torch.SymFloat):
+        return None
+    from torch.fx.experimental.symbolic_shapes import guard_scalar
+    from torch.utils._sympy.symbol import SymT, symbol_is_type
+
+    free = value.node.expr.free_symbols
+    if not free:
+        return float(value.node.expr)
+    if all(symbol_is_type(s, SymT.FLOAT) for s in free):
+        return float(guard_scalar(value))
+    return None
+
+
+__all__ = ["flat_cond", "shared_region", "constant_float"]

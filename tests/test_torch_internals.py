@@ -3,7 +3,7 @@ release moves or changes one, its test here fails by name instead of a rewrite f
 Run on both stacks the package supports (torch 2.13 on CPU in CI; torch 2.11 on the GPU machine).
 
 Where each is used: conditional.py (cond_op, invoke_subgraph, TracingContext, functional
-tensors), cache.py (CustomGraphPass), passes/realize.py (inductor_force_stride_order),
+tensors, guard_scalar and SymT for constant_float), cache.py (CustomGraphPass), passes/realize.py (inductor_force_stride_order),
 passes/frame.py (InstructionTranslator.current_tx), passes/mutation.py and passes/match.py
 (torch._ops classes), backend.py (TensorifyScalarRestartAnalysis, compile_fx, lookup_backend),
 config.py (list_mode_options), explain.py (OptimizedModule), ops.py (triton_op, wrap_triton,
@@ -28,6 +28,31 @@ def test_cond_op_called_directly():
     assert torch.equal(out[0], x + 1)
     out = cond_op(False, lambda t: (t + 1,), lambda t: (t - 1,), (x,))
     assert torch.equal(out[0], x - 1)
+
+
+def test_symfloat_specialised_to_a_constant():
+    """conditional.constant_float: a SymFloat over a backed float symbol (SymT.FLOAT) is
+    specialised by guard_scalar (a guard is recorded), a constant one is read, others refused;
+    and a SymInt comparison combined with ``|`` and ``&`` stays a SymBool (ops.runs_dense)."""
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+    from torch.utils._sympy.symbol import SymT, symbol_is_type
+
+    from mcompile import ops
+    from mcompile.conditional import constant_float
+
+    from torch._dynamo.source import ConstantSource
+
+    env = ShapeEnv()
+    f = env.create_symfloatnode(env.create_unspecified_symbol(0.125, ConstantSource("scale"), DimDynamic.DYNAMIC),
+                                hint=0.125)
+    assert all(symbol_is_type(s, SymT.FLOAT) for s in f.node.expr.free_symbols)
+    guards = len(env.guards)
+    assert constant_float(f) == 0.125 and len(env.guards) == guards + 1
+    assert constant_float(f * 2) == 0.25  # now a constant expression
+    assert constant_float(0.5) == 0.5 and constant_float(torch.tensor(0.5)) is None
+    n = env.create_symintnode(env.create_symbol(300, ConstantSource("n"), DimDynamic.DYNAMIC), hint=300)
+    dense = ops.runs_dense(n, n, 200)
+    assert isinstance(dense, torch.SymBool) and not env.guards[guards + 1:]
 
 
 def test_invoke_subgraph_and_tracing_context():

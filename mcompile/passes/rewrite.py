@@ -25,10 +25,10 @@ from typing import Optional
 import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
-from torch.fx.experimental.symbolic_shapes import guard_scalar, statically_known_true
-from torch.utils._sympy.symbol import SymT, symbol_is_type
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import ops  # noqa: F401  (registers torch.ops.mcompile.*)
+from ..conditional import constant_float
 from ..config import MInferenceConfig
 from ..kernels.estimate import STATIC_BLOCK_BUDGET
 from ..pattern_db import ModelFingerprint, PatternDB, PatternDBError, find_shipped, load
@@ -242,22 +242,16 @@ SYMBOLIC_SCALE_REASON = ("the softmax scale is a symbolic float not backed by an
 
 
 def constant_scale(site: AttentionSite) -> AttentionSite:
-    """The site with its scale a Python float. Under ``dynamic=True`` Dynamo traces a float attribute
-    (``self.scaling``) as a graph input and hands the scale as a SymFloat; one backed by the input's
-    value is specialised to it with a guard (the compiled graph is reused while the attribute keeps
-    that value), as AOTAutograd's float pass does for the floats it cannot turn into tensors. The
-    lowering closes over the scale in its conditionals' branches, which take only tensors and sizes."""
+    """The site with its scale a Python float where ``conditional.constant_float`` can make it one.
+    Under ``dynamic=True`` Dynamo may hand a float attribute (``self.scaling``) as a SymFloat; the
+    lowering closes over the scale in its conditionals' branches, which take only tensors and
+    sizes. A specialised scale is guarded: the graph is reused while the attribute keeps its value."""
     if isinstance(site.scale, float) or not isinstance(site.scale, fx.Node):
         return site
-    value = example(site.scale)
-    if not isinstance(value, torch.SymFloat):
-        return site
-    free = value.node.expr.free_symbols
-    if not free:  # already specialised (Dynamo restarts the analysis with the float a constant)
-        return dataclasses.replace(site, scale=float(value.node.expr))
-    if all(symbol_is_type(s, SymT.FLOAT) for s in free):
-        return dataclasses.replace(site, scale=float(guard_scalar(value)))
-    return site
+    value = constant_float(example(site.scale))
+    return site if value is None else dataclasses.replace(site, scale=value)
+
+
 GRAD_REASON = ("gradients are enabled: the sparse ops are inference-only; run prefill under "
                "torch.no_grad() or torch.inference_mode() (generate() does)")
 
