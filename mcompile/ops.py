@@ -165,23 +165,29 @@ def _(q, k, key_padding, kinds, p0, p1, scale, budget_length=0, budget_exponent=
 
 @torch.library.custom_op("mcompile::dense_attention", mutates_args=())
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: Optional[torch.Tensor],
-                    scale: float) -> torch.Tensor:
+                    scale: float, window: int = 0) -> torch.Tensor:
     """Causal attention through PyTorch's SDPA (cuDNN or flash on GPU), GQA without copies.
 
     q (B, H, Nq, D) over k/v (B, Hk, N, D): query row i is at position N - Nq + i (bottom-right
     alignment; SDPA's ``is_causal`` is top-left aligned when Nq != N, so that case and key
     padding get an explicit mask, built per chunk of query rows: O(DENSE_MASK_ENTRIES) memory).
-    Rows whose keys are all padded get zeros."""
+    Rows whose keys are all padded get zeros. ``window`` > 0: a sliding window, each query keeps
+    the keys less than ``window`` positions behind it (the mask per query chunk covers only
+    those keys)."""
     h = q.shape[1]
     _check_inputs(q, k, v, [0] * h, [0] * h, [0] * h, key_padding)
+    if window < 0:
+        raise ValueError(f"window must be >= 0 (0: none), got {window}")
     with _no_autocast(q):
-        return _dense_attention(q, k, v, key_padding, scale)
+        return _dense_attention(q, k, v, key_padding, scale, window)
 
 
-def _dense_attention(q, k, v, key_padding, scale):
+def _dense_attention(q, k, v, key_padding, scale, window=0):
     gqa = q.shape[1] != k.shape[1]
     nq, n = q.shape[2], k.shape[2]
-    if key_padding is None and nq == n:
+    if window >= n:
+        window = 0  # every key is within the window
+    if key_padding is None and nq == n and not window:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
         return out.contiguous()
     p = n - nq
@@ -191,11 +197,15 @@ def _dense_attention(q, k, v, key_padding, scale):
     for r0 in range(0, nq, step):
         r1 = min(nq, r0 + step)
         end = p + r1  # keys at or past this position are in every row's future
+        start = max(0, p + r0 - window + 1) if window else 0  # keys before it are behind every row's window
         rows = torch.arange(p + r0, end, device=q.device)
-        mask = (keys[None, :end] <= rows[:, None])[None, None]  # (1, 1, rows, end)
+        mask = keys[None, start:end] <= rows[:, None]
+        if window:
+            mask = mask & (keys[None, start:end] > rows[:, None] - window)
+        mask = mask[None, None]  # (1, 1, rows, keys)
         if key_padding is not None:
-            mask = mask & key_padding[:, None, None, :end].bool()
-        o = F.scaled_dot_product_attention(q[:, :, r0:r1], k[:, :, :end], v[:, :, :end], attn_mask=mask,
+            mask = mask & key_padding[:, None, None, start:end].bool()
+        o = F.scaled_dot_product_attention(q[:, :, r0:r1], k[:, :, start:end], v[:, :, start:end], attn_mask=mask,
                                            scale=scale, enable_gqa=gqa)
         if key_padding is not None:
             o = torch.where(mask.any(-1, keepdim=True), o, 0)  # no unpadded key -> zeros
@@ -204,7 +214,7 @@ def _dense_attention(q, k, v, key_padding, scale):
 
 
 @dense_attention.register_fake
-def _(q, k, v, key_padding, scale):
+def _(q, k, v, key_padding, scale, window=0):
     return q.new_empty(*q.shape[:3], v.shape[-1])
 
 
@@ -212,20 +222,23 @@ def _(q, k, v, key_padding, scale):
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: torch.Tensor,
                      run_count: torch.Tensor, diag_prefix: torch.Tensor, columns: torch.Tensor,
                      column_count: torch.Tensor, blocks: torch.Tensor, block_count: torch.Tensor,
-                     key_padding: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+                     key_padding: Optional[torch.Tensor], scale: float, window: int = 0) -> torch.Tensor:
     """Causal attention of q (B, H, Nq, D) over k/v (B, Hk, N, D), Nq <= N, keeping what the
-    index keeps; dense attention where the index covers so much that dense is faster
-    (``dense_by_fraction``)."""
+    index keeps (within a sliding window of ``window`` keys when > 0); dense attention where the
+    index covers so much that dense is faster (``dense_by_fraction``; never with a window, whose
+    index is the window itself)."""
+    if window < 0:
+        raise ValueError(f"window must be >= 0 (0: none), got {window}")
     with _no_autocast(q):
         index = SparseIndex(runs, run_count, diag_prefix, columns, column_count, blocks, block_count)
-        if dense_by_fraction(index, k.shape[2], q.is_cuda):
+        if not window and dense_by_fraction(index, k.shape[2], q.is_cuda):
             return _dense_attention(q, k, v, key_padding, scale)
-        return dispatch.attention_impl(q)(q, k, v, index, scale, key_padding)
+        return dispatch.attention_impl(q)(q, k, v, index, scale, key_padding, window=window)
 
 
 @sparse_attention.register_fake
 def _(q, k, v, runs, run_count, diag_prefix, columns, column_count, blocks, block_count,
-      key_padding, scale):
+      key_padding, scale, window=0):
     return q.new_empty(*q.shape[:3], v.shape[-1])
 
 
@@ -243,7 +256,7 @@ def _triton():
 def sparse_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: torch.Tensor,
                             run_count: torch.Tensor, diag_prefix: torch.Tensor, columns: torch.Tensor,
                             column_count: torch.Tensor, blocks: torch.Tensor, block_count: torch.Tensor,
-                            scale: float) -> torch.Tensor:
+                            scale: float, window: int = 0) -> torch.Tensor:
     """Sparse causal attention of a whole prompt (q (B, H, N, D), k/v (B, Hk, N, D), any strides)
     over the index: the Triton kernel on CUDA, launched through ``wrap_triton``; elsewhere the
     PyTorch reference (through the opaque op; its density check never fires off CUDA).
@@ -251,14 +264,14 @@ def sparse_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
     the model reshapes it next, so that no transpose copy follows."""
     index = (runs, run_count, diag_prefix, columns, column_count, blocks, block_count)
     if q.device.type != "cuda":
-        return torch.ops.mcompile.sparse_attention(q, k, v, *index, None, scale)
+        return torch.ops.mcompile.sparse_attention(q, k, v, *index, None, scale, window)
     tri = _triton()
     d, dv = q.shape[-1], v.shape[-1]
     dp, dvp = tri.padded_head_dim(d), tri.padded_head_dim(dv)
     qp, kp, vp = tri.pad_head_dim(q, dp), tri.pad_head_dim(k, dp), tri.pad_head_dim(v, dvp)
     b, h, n = q.shape[:3]
     out = torch.empty(b, n, h, dvp, dtype=q.dtype, device=q.device).transpose(1, 2)
-    grid, args, meta = tri.launch_args(qp, kp, vp, out, SparseIndex(*index), scale, None, 0)
+    grid, args, meta = tri.launch_args(qp, kp, vp, out, SparseIndex(*index), scale, None, 0, window)
     config = tri.fixed_config(dp, dvp, q.dtype)
     torch.library.wrap_triton(tri._sparse_attention_kernel)[grid](*args, **meta, **config)
     return out if dvp == dv else out[..., :dv].transpose(1, 2).contiguous().transpose(1, 2)

@@ -9,8 +9,8 @@ with its reason reported (issue 7). The matrix, and where each row is tested:
 | head dim 256                           | sparse, PyTorch path on CUDA | test_head_dims; test_triton_kernels capability  |
 | dropout > 0 in training                | dense: "dropout"             | test_dense_with_reason[dropout-*]               |
 | non-causal (encoder)                   | dense: "non-causal"          | test_dense_with_reason[encoder]                 |
-| sliding window                         | dense: "sliding-window"      | test_dense_with_reason[window]; test_backend    |
-|                                        |                              | test_models_beyond_llama (Mistral)              |
+| sliding window                         | sparse, exact (the window is | tests/test_sliding_window.py; test_backend      |
+|                                        | the pattern)                 | test_models_beyond_llama (Mistral)              |
 | arbitrary additive float mask          | dense: "mask not proven"     | test_dense_with_reason[float-mask]              |
 | padding, left and right, mixed lengths | sparse + key padding         | test_padding_left_and_right; test_ops           |
 | cached prefix + chunk (Nq < Nk)        | sparse, offset causal        | test_cached_prefix_*; test_property_offset_*    |
@@ -161,22 +161,15 @@ class _Encoder(torch.nn.Module):
         return F.scaled_dot_product_attention(q, k, v)
 
 
-class _Window(torch.nn.Module):
-    def forward(self, q, k, v):
-        i = torch.arange(q.shape[2])
-        mask = (i[None, None, None, :] <= i[None, None, :, None]) & (i[None, None, None, :] > i[None, None, :, None] - 16)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
 class _FloatMask(torch.nn.Module):
     def forward(self, q, k, v, bias):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
-@pytest.mark.parametrize("case", ["encoder", "window", "float-mask", "dropout-sdpa", "dropout-eager"])
+@pytest.mark.parametrize("case", ["encoder", "float-mask", "dropout-sdpa", "dropout-eager"])
 def test_dense_with_reason(case):
     q, k, v = qkv(1, 2, 2, 80, 16, seed=1)
-    reason = {"encoder": "non-causal", "window": "sliding-window", "float-mask": "mask not proven causal",
+    reason = {"encoder": "non-causal", "float-mask": "mask not proven causal",
               "dropout-sdpa": "dropout", "dropout-eager": "dropout"}[case]
     if case.startswith("dropout"):  # a model in training mode with attention dropout
         model = tiny_llama(case.split("-")[1], layers=1, attention_dropout=0.1).train()
@@ -184,7 +177,7 @@ def test_dense_with_reason(case):
         e = mcompile.explain(model, ids, options=COVER)
         assert e.rewritten == 0 and reason in e.sites[0].reason, e.sites[0].reason
         return
-    module = {"encoder": _Encoder(), "window": _Window(), "float-mask": _FloatMask()}[case]
+    module = {"encoder": _Encoder(), "float-mask": _FloatMask()}[case]
     args = (q, k, v) if case != "float-mask" else (q, k, v, torch.randn(1, 1, 80, 80))
     e = mcompile.explain(module, *args, options=COVER)
     (site,) = e.sites

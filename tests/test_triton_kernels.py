@@ -87,18 +87,22 @@ def torch_same_dtype(q, k, v, mask, scale):
     return p.to(q.dtype) @ vv
 
 
-def check(q, k, v, index, scale, key_padding=None, block_n=None):
+def check(q, k, v, index, scale, key_padding=None, block_n=None, window=0):
     """Run the kernel; compare with the reference op and with dense masked attention. q may be
-    a chunk after a cached prefix (Nq < N): its rows are the last Nq positions."""
+    a chunk after a cached prefix (Nq < N): its rows are the last Nq positions. ``window`` > 0:
+    a sliding window on top of the index."""
     n = k.shape[2]
-    out = attn_triton.sparse_attention_triton(q, k, v, index, scale, key_padding, block_n=block_n)
+    out = attn_triton.sparse_attention_triton(q, k, v, index, scale, key_padding, block_n=block_n, window=window)
     assert out.shape == (*q.shape[:3], v.shape[-1]) and out.dtype == q.dtype and out.is_contiguous()
     mask = index_to_mask(index, n, key_padding, queries=q.shape[2])
+    if window:
+        pos, keys = torch.arange(n - q.shape[2], n)[:, None], torch.arange(n)[None, :]
+        mask = mask & (keys > pos - window)
     exact = oracle(q, k, v, mask, scale)
     err = (out.double() - exact).abs().max().item()
     budget = 2 * (torch_same_dtype(q, k, v, mask, scale).double() - exact).abs().max().item() + FLOOR[q.dtype]
     assert err <= budget, f"kernel error {err:.3g} > budget {budget:.3g}"
-    ref = sparse_attention_ref(q, k, v, index, scale, key_padding)
+    ref = sparse_attention_ref(q, k, v, index, scale, key_padding, window=window)
     ref_err = (ref.double() - exact).abs().max().item()
     assert err <= 2 * ref_err + FLOOR[q.dtype], f"kernel error {err:.3g} vs reference op {ref_err:.3g}"
     # Rows with no kept key are exactly zero, never NaN.
@@ -192,6 +196,20 @@ def test_random_index(shape, block_n):
         assert (index.run_count > 1).any()
     check(q, k, v, index, d ** -0.5, padding(b, n, seed=n + 1), block_n=block_n)
     check(q.half(), k.half(), v.half(), index, d ** -0.5, None, block_n=block_n)
+
+
+@pytest.mark.parametrize("block_n", [64, 128])
+@pytest.mark.parametrize("window", [1, 37, 64, 150])
+def test_sliding_window(window, block_n):
+    """The window's band (A-shape, no sink) masked to the window in every tile, whole prompts and
+    a chunk after a prefix, with padding; and a window over a random index (columns and key
+    blocks masked to it too)."""
+    b, h, hk, n, d = 2, 4, 2, 230, 16
+    q, k, v = inputs(b, h, hk, n, d, seed=window)
+    band = estimate_index_ref(q, k, None, [1] * h, [0] * h, [window] * h, d ** -0.5)
+    check(q, k, v, band, d ** -0.5, padding(b, n, seed=window), block_n=block_n, window=window)
+    check(q[:, :, 100:], k, v, band, d ** -0.5, None, block_n=block_n, window=window)
+    check(q, k, v, random_index(b, h, n, seed=window), d ** -0.5, None, block_n=block_n, window=window)
 
 
 def test_columns_inside_run_tiles_are_not_counted_twice():

@@ -35,9 +35,10 @@ def chunk_rows(n: int) -> int:
 
 
 def sparse_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SparseIndex,
-                         scale: float, key_padding: torch.Tensor | None = None) -> torch.Tensor:
+                         scale: float, key_padding: torch.Tensor | None = None, window: int = 0) -> torch.Tensor:
     """q (B, H, Nq, D), k/v (B, Hk, N, D), Nq <= N, key_padding (B, N) bool -> (B, H, Nq, Dv)
-    in q's dtype."""
+    in q's dtype. ``window`` > 0: only keys less than ``window`` positions behind the query
+    (a sliding window) are kept, on top of what the index keeps."""
     b, h, nq, _ = q.shape
     n = k.shape[2]
     p = n - nq  # position of query row 0
@@ -48,6 +49,9 @@ def sparse_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inde
         r1 = min(n, r0 + step)  # keys past r1 - 1 are in every row's future
         kp = key_padding[:, :r1] if key_padding is not None else None
         keep = block_mask_rows(index, r0, r1, r1, kp)  # (B, H, rows, r1)
+        if window > 0:
+            rows, keys = torch.arange(r0, r1, device=q.device), torch.arange(r1, device=q.device)
+            keep = keep & (keys[None, :] > rows[:, None] - window)
         o = F.scaled_dot_product_attention(q[:, :, r0 - p:r1 - p], k[:, :, :r1], v[:, :, :r1], attn_mask=keep,
                                            scale=scale, enable_gqa=gqa)
         out[:, :, r0 - p:r1 - p] = torch.where(keep.any(-1, keepdim=True), o, 0)  # no kept key -> zeros

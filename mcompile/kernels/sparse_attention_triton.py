@@ -153,14 +153,15 @@ def _online_update(acc, l_i, m_i, qk, v, qk_scale, DOT_PRECISION: tl.constexpr):
 
 @triton.jit
 def _contiguous_tile(acc, l_i, m_i, q, k_base, v_base, kp_base, start, end, rows,
-                     stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
+                     stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale, window,
                      HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr, TILE: tl.constexpr,
-                     MASKED: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                     crosses=True):
+                     MASKED: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, crosses=True):
     """Keys [start, start + TILE). MASKED: loads stop at ``end``, and when the tile ``crosses``
     the interval end or the diagonal (a run-time flag; True where the caller knows it does),
     the scores keep key < end and key <= row. Not MASKED: the caller proved the whole tile is
-    below the diagonal and before ``end`` (<= N)."""
+    below the diagonal and before ``end`` (<= N). HAS_WINDOW: keys more than ``window - 1``
+    behind a row are masked too (a sliding window), on every tile."""
     offs = tl.arange(0, TILE)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DV)
@@ -185,15 +186,17 @@ def _contiguous_tile(acc, l_i, m_i, q, k_base, v_base, kp_base, start, end, rows
     elif HAS_PADDING:
         pad = tl.load(kp_base + keys64 * stride_kpn)
         qk = tl.where((pad != 0)[None, :], qk, float("-inf"))
+    if HAS_WINDOW:
+        qk = tl.where(keys[None, :] > rows[:, None] - window, qk, float("-inf"))
     return _online_update(acc, l_i, m_i, qk, v, qk_scale, DOT_PRECISION)
 
 
 @triton.jit
 def _column_tile(acc, l_i, m_i, q, k_base, v_base, kp_base, col_base, pre_base, c0, c_end,
-                 row0, rows, N, stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
+                 row0, rows, N, stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale, window,
                  BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr,
                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, COVER: tl.constexpr,
-                 HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 HAS_PADDING: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Columns[c0 : min(c0 + BLOCK_N, c_end)], K/V rows gathered by index. A column inside a
     run tile of this block is dropped (the run tile computed it). CAUSAL: the chunk may hold
     columns >= the block's first row. The gather is masked by the list's length alone, and run
@@ -236,6 +239,8 @@ def _column_tile(acc, l_i, m_i, q, k_base, v_base, kp_base, col_base, pre_base, 
         if HAS_PADDING:
             pad = tl.load(kp_base + j64 * stride_kpn)
             qk = tl.where((pad != 0)[None, :], qk, float("-inf"))
+    if HAS_WINDOW:
+        qk = tl.where(j[None, :] > rows[:, None] - window, qk, float("-inf"))
     return _online_update(acc, l_i, m_i, qk, v, qk_scale, DOT_PRECISION)
 
 
@@ -256,9 +261,10 @@ def _run_tile_count(run_base, run_count, row0, N, BLOCK_M: tl.constexpr, BLOCK_N
 
 @triton.jit
 def _flat_run_tiles(acc, l_i, m_i, q, k_base, v_base, kp_base, run_base, n_tiles, row0, rows, N,
-                    stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
+                    stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale, window,
                     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr,
-                    BLOCK_N: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    BLOCK_N: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
     """The ``n_tiles`` run tiles of a block in one loop: run ``r`` and tile ``i`` within it are
     carried, and a tile is masked only when it crosses its interval's end or the diagonal.
     Runs are sorted by diagonal: those that reach the block (``d_lo < row0 + BLOCK_M``) come
@@ -274,8 +280,8 @@ def _flat_run_tiles(acc, l_i, m_i, q, k_base, v_base, kp_base, run_base, n_tiles
         crosses = (start + BLOCK_N > hi) | (start + BLOCK_N - 1 > row0)
         acc, l_i, m_i = _contiguous_tile(
             acc, l_i, m_i, q, k_base, v_base, kp_base, start, hi, rows,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
-            HEAD_DIM, HEAD_DV, BLOCK_N, True, HAS_PADDING, DOT_PRECISION, crosses)
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale, window,
+            HEAD_DIM, HEAD_DV, BLOCK_N, True, HAS_PADDING, HAS_WINDOW, DOT_PRECISION, crosses)
         last = start + BLOCK_N >= hi
         r = tl.where(last, r + 1, r)
         i = tl.where(last, 0, i + 1)
@@ -291,10 +297,11 @@ def _sparse_attention_kernel(
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_ob, stride_oh, stride_on, stride_od,
         stride_kpb, stride_kpn,
-        N, Q_START, H, GROUP, NB, ROWS, R, C, KB, qk_scale, N_BUCKET,
+        N, Q_START, H, GROUP, NB, ROWS, R, C, KB, qk_scale, N_BUCKET, WINDOW,
         HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, KB_POW2: tl.constexpr, HAS_PADDING: tl.constexpr,
-        HAS_COLUMNS: tl.constexpr, HAS_BLOCKS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        HAS_COLUMNS: tl.constexpr, HAS_BLOCKS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
     qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor's launcher passes Python floats as fp64
     m = NB - 1 - tl.program_id(0)  # heaviest query blocks first
     bh = tl.program_id(1)
@@ -333,14 +340,14 @@ def _sparse_attention_kernel(
             start = tl.load(blk_base + i) * BLOCK_M
             acc, l_i, m_i = _contiguous_tile(
                 acc, l_i, m_i, q, k_base, v_base, kp_base, start, N, rows,
-                stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
-                HEAD_DIM, HEAD_DV, BLOCK_M, False, HAS_PADDING, DOT_PRECISION)
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale, WINDOW,
+                HEAD_DIM, HEAD_DV, BLOCK_M, False, HAS_PADDING, HAS_WINDOW, DOT_PRECISION)
         for i in range(n_below, cnt):
             start = tl.load(blk_base + i) * BLOCK_M
             acc, l_i, m_i = _contiguous_tile(
                 acc, l_i, m_i, q, k_base, v_base, kp_base, start, tl.minimum(start + BLOCK_M, N),
-                rows, stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
-                HEAD_DIM, HEAD_DV, BLOCK_M, True, HAS_PADDING, DOT_PRECISION)
+                rows, stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale, WINDOW,
+                HEAD_DIM, HEAD_DV, BLOCK_M, True, HAS_PADDING, HAS_WINDOW, DOT_PRECISION)
 
     # (b) Runs: one contiguous key interval each; full tiles ending at or before the block's
     # first query (and the interval end) go unmasked, the last one or two tiles are masked.
@@ -354,8 +361,8 @@ def _sparse_attention_kernel(
         n_runs = 0
     acc, l_i, m_i = _flat_run_tiles(
         acc, l_i, m_i, q, k_base, v_base, kp_base, run_base, n_flat, row0, rows, N,
-        stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
-        BLOCK_M, HEAD_DIM, HEAD_DV, BLOCK_N, HAS_PADDING, DOT_PRECISION)
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale, WINDOW,
+        BLOCK_M, HEAD_DIM, HEAD_DV, BLOCK_N, HAS_PADDING, HAS_WINDOW, DOT_PRECISION)
     for r in range(0, n_runs):
         d_lo = tl.load(run_base + 2 * r)
         d_hi = tl.load(run_base + 2 * r + 1)
@@ -365,13 +372,13 @@ def _sparse_attention_kernel(
         for t in range(0, n_free):
             acc, l_i, m_i = _contiguous_tile(
                 acc, l_i, m_i, q, k_base, v_base, kp_base, lo + t * BLOCK_N, hi, rows,
-                stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
-                HEAD_DIM, HEAD_DV, BLOCK_N, False, HAS_PADDING, DOT_PRECISION)
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale, WINDOW,
+                HEAD_DIM, HEAD_DV, BLOCK_N, False, HAS_PADDING, HAS_WINDOW, DOT_PRECISION)
         for start in range(lo + n_free * BLOCK_N, hi, BLOCK_N):
             acc, l_i, m_i = _contiguous_tile(
                 acc, l_i, m_i, q, k_base, v_base, kp_base, start, hi, rows,
-                stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
-                HEAD_DIM, HEAD_DV, BLOCK_N, True, HAS_PADDING, DOT_PRECISION)
+                stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale, WINDOW,
+                HEAD_DIM, HEAD_DV, BLOCK_N, True, HAS_PADDING, HAS_WINDOW, DOT_PRECISION)
 
     # (c) Columns below (m+1)*64; those below m*64 (column_count[m-1] of them) need no
     # causal mask, so chunks wholly among them skip it. Columns left of every run tile of the
@@ -391,18 +398,18 @@ def _sparse_attention_kernel(
         for t in range(0, n_plain):
             acc, l_i, m_i = _column_tile(
                 acc, l_i, m_i, q, k_base, v_base, kp_base, col_base, pre_base, t * BLOCK_N, c_end,
-                row0, rows, N, stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
-                BLOCK_M, HEAD_DIM, HEAD_DV, BLOCK_N, False, False, HAS_PADDING, DOT_PRECISION)
+                row0, rows, N, stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale, WINDOW,
+                BLOCK_M, HEAD_DIM, HEAD_DV, BLOCK_N, False, False, HAS_PADDING, HAS_WINDOW, DOT_PRECISION)
         for t in range(n_plain, n_free):
             acc, l_i, m_i = _column_tile(
                 acc, l_i, m_i, q, k_base, v_base, kp_base, col_base, pre_base, t * BLOCK_N, c_end,
-                row0, rows, N, stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
-                BLOCK_M, HEAD_DIM, HEAD_DV, BLOCK_N, False, True, HAS_PADDING, DOT_PRECISION)
+                row0, rows, N, stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale, WINDOW,
+                BLOCK_M, HEAD_DIM, HEAD_DV, BLOCK_N, False, True, HAS_PADDING, HAS_WINDOW, DOT_PRECISION)
         for c0 in range(n_free * BLOCK_N, c_end, BLOCK_N):
             acc, l_i, m_i = _column_tile(
                 acc, l_i, m_i, q, k_base, v_base, kp_base, col_base, pre_base, c0, c_end,
-                row0, rows, N, stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale,
-                BLOCK_M, HEAD_DIM, HEAD_DV, BLOCK_N, True, True, HAS_PADDING, DOT_PRECISION)
+                row0, rows, N, stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale, WINDOW,
+                BLOCK_M, HEAD_DIM, HEAD_DV, BLOCK_N, True, True, HAS_PADDING, HAS_WINDOW, DOT_PRECISION)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # no kept key: acc is 0, output 0
     out = acc / l_safe[:, None]
@@ -478,16 +485,19 @@ def _check_contract(q, k, v, index: SparseIndex, key_padding):
 
 def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SparseIndex,
                             scale: float, key_padding: Optional[torch.Tensor] = None,
-                            block_n: Optional[int] = None) -> torch.Tensor:
+                            block_n: Optional[int] = None, window: int = 0) -> torch.Tensor:
     """q (B, H, Nq, D), k/v (B, Hk, N, D), Nq <= N, key_padding (B, N) bool -> (B, H, Nq, Dv) in
     q's dtype. Query row i is at position N - Nq + i (a chunk after a cached prefix).
 
     Same contract as ``sparse_attention_ref``, with ``scale > 0`` (it is folded into the base-2
     exponent, where a sign flip would turn the running max into a min). ``block_n`` pins the key tile width (64 or 128)
     instead of autotuning; under TRITON_INTERPRET it defaults to ``INTERPRET_BLOCK_N``. Head
-    dims outside HEAD_DIMS (up to MAX_HEAD_DIM) are zero-padded (module docstring).
+    dims outside HEAD_DIMS (up to MAX_HEAD_DIM) are zero-padded (module docstring). ``window`` > 0
+    keeps only keys less than ``window`` positions behind their query (a sliding window).
     """
     _check_contract(q, k, v, index, key_padding)
+    if window < 0:
+        raise ValueError(f"window must be >= 0 (0: none), got {window}")
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number, got {scale}")
     if block_n is not None and block_n not in (64, 128):
@@ -497,12 +507,12 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     dp, dvp = padded_head_dim(d), padded_head_dim(dv)
     if dp != d or dvp != dv:
         out = sparse_attention_triton(pad_head_dim(q, dp), pad_head_dim(k, dp), pad_head_dim(v, dvp), index,
-                                      scale, key_padding, block_n)
+                                      scale, key_padding, block_n, window)
         return out[..., :dv].contiguous()
     out = torch.empty(b, h, nq, dv, dtype=q.dtype, device=q.device)
     if nq == 0 or b * h == 0:
         return out
-    grid, args, meta = launch_args(q, k, v, out, index, scale, key_padding, _length_bucket(n))
+    grid, args, meta = launch_args(q, k, v, out, index, scale, key_padding, _length_bucket(n), window)
     if block_n is None and interpreting():
         block_n = INTERPRET_BLOCK_N
     if block_n is None:
@@ -512,9 +522,10 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     return out
 
 
-def launch_args(q, k, v, out, index: SparseIndex, scale: float, key_padding, n_bucket) -> tuple:
+def launch_args(q, k, v, out, index: SparseIndex, scale: float, key_padding, n_bucket, window: int = 0) -> tuple:
     """(grid, positional args, constexpr meta) of ``_sparse_attention_kernel`` for contiguous
-    ``out``; ``n_bucket`` is the autotuning key (any int for an untuned launch). Only symbolic
+    ``out``; ``n_bucket`` is the autotuning key (any int for an untuned launch); ``window`` > 0
+    a sliding window (``sparse_attention_triton``). Only symbolic
     arithmetic on sizes, so a traced launch (passes/lowering.py) adds no guards."""
     b, h, nq, d = q.shape
     hk, n, dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -535,9 +546,9 @@ def launch_args(q, k, v, out, index: SparseIndex, scale: float, key_padding, n_b
         blocks = run_count
     args = (q, k, v, out, kp, runs, run_count, diag_prefix, columns, column_count, blocks, block_count,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *kp_strides,
-            n, q_start, h, h // hk, nb, rows, r, c, kb, float(scale) * LOG2E, n_bucket)
+            n, q_start, h, h // hk, nb, rows, r, c, kb, float(scale) * LOG2E, n_bucket, window)
     meta = dict(HEAD_DIM=d, HEAD_DV=dv, BLOCK_M=BLOCK, KB_POW2=triton.next_power_of_2(max(kb, 1)),
-                HAS_PADDING=has_padding, HAS_COLUMNS=c > 0, HAS_BLOCKS=kb > 0,
+                HAS_PADDING=has_padding, HAS_COLUMNS=c > 0, HAS_BLOCKS=kb > 0, HAS_WINDOW=window > 0,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     grid = (nb - q_start // BLOCK, b * h)  # the blocks that hold a query: the last ones
     return grid, args, meta

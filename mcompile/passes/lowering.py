@@ -80,20 +80,22 @@ def _bnhd(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).contiguous()
 
 
-def whole_prompt(q: torch.Tensor, k: torch.Tensor, key_padding) -> bool:
+def whole_prompt(q: torch.Tensor, k: torch.Tensor, key_padding, window: int = 0) -> bool:
     """Whether the attention is plain causal SDPA when dense: every key a query (Nq == N, known
-    from the shapes) and no key padding."""
-    return key_padding is None and statically_known_true(q.shape[2] == k.shape[2])
+    from the shapes), no key padding and no sliding window."""
+    return key_padding is None and not window and statically_known_true(q.shape[2] == k.shape[2])
 
 
 def sparse_attention(q, k, v, key_padding, kinds: list[int], p0: list[int], p1: list[int], scale: float,
                      dense_below: int, budget_length: int = 0, budget_exponent: float = DEFAULT_BUDGET_EXPONENT,
-                     kernel_in_graph: bool = True) -> torch.Tensor:
+                     kernel_in_graph: bool = True, window: int = 0) -> torch.Tensor:
     """Causal attention of q (B, H, Nq, D) over k/v (B, Hk, N, D) (Nq <= N, bottom-right aligned;
     ``key_padding`` (B, N) or None), sparse where ``ops.runs_dense`` says so, as conditionals the
     compiler traces (module docstring). ``kernel_in_graph``: the Triton kernel as a triton_op in
-    the graph (``kernel_reason`` allows it), else the opaque ``mcompile::sparse_attention``."""
-    plain = whole_prompt(q, k, key_padding)
+    the graph (``kernel_reason`` allows it), else the opaque ``mcompile::sparse_attention``.
+    ``window`` > 0: a sliding window of that many keys, applied exactly on both branches (the
+    patterns are then the window's own band, A-shape with no sink)."""
+    plain = whole_prompt(q, k, key_padding, window)
     padded = key_padding is not None
 
     def attention(q, k, v, *pad):
@@ -102,16 +104,16 @@ def sparse_attention(q, k, v, key_padding, kinds: list[int], p0: list[int], p1: 
         def dense(q, k, v, *rest):
             if plain:
                 return _bnhd(_causal(q, k, v, scale))
-            return _bnhd(torch.ops.mcompile.dense_attention(q, k, v, rest[0] if padded else None, scale))
+            return _bnhd(torch.ops.mcompile.dense_attention(q, k, v, rest[0] if padded else None, scale, window))
 
         def kernel(q, k, v, *index):
-            return _bnhd(torch.ops.mcompile.sparse_attention_kernel(q, k, v, *index, scale))
+            return _bnhd(torch.ops.mcompile.sparse_attention_kernel(q, k, v, *index, scale, window))
 
         def sparse(q, k, v, *pad):
             kp = pad[0] if padded else None
             index = torch.ops.mcompile.estimate_index(q, k, kp, kinds, p0, p1, scale, budget_length, budget_exponent)
             if not kernel_in_graph:
-                return _bnhd(torch.ops.mcompile.sparse_attention(q, k, v, *index, kp, scale))
+                return _bnhd(torch.ops.mcompile.sparse_attention(q, k, v, *index, kp, scale, window))
             runs, run_count, _, _, column_count, _, block_count = index
             check = torch.ops.mcompile.dense_check(runs, run_count, column_count, block_count, k.shape[2])
             return flat_cond(check, dense, kernel, (q, k, v), index)
@@ -121,7 +123,7 @@ def sparse_attention(q, k, v, key_padding, kinds: list[int], p0: list[int], p1: 
     pad = (key_padding,) if padded else ()
     out = shared_region("sparse_attention", attention, (q, k, v, *pad),
                         (kinds, p0, p1, scale, dense_below, budget_length, budget_exponent, kernel_in_graph, plain,
-                         padded))
+                         padded, window))
     return out.transpose(1, 2)  # (B, H, Nq, Dv), stored as (B, Nq, H, Dv)
 
 

@@ -15,7 +15,8 @@ proof with the reason.
   for ``length`` indices (``dim`` None while it is still a 1-D range, before it is broadcast
   into place); offsets and lengths are ints or SymInts (graph values such as the cached length).
 - ``Predicate(bounds, padding)``: a boolean tensor, the conjunction of ``key - query <= c``
-  bounds (``c = P`` is causal), ``key - query >= c`` bounds (sliding windows), and
+  bounds (``c = P`` is causal), ``key - query >= c`` bounds (sliding windows: a constant
+  ``P - c`` is a window of ``P - c + 1`` keys, which the proof returns), and
   ``padding[b, key]`` for 2-D mask nodes. ``Predicate()`` is all-true.
 - ``Additive(predicate)``: ``where(predicate, 0, very negative)``, the float form of a mask.
 
@@ -111,11 +112,14 @@ class _Unproven(Exception):
 
 @dataclass(frozen=True)
 class MaskProof:
-    """``causal`` is True when the mask keeps exactly key <= query + P (and padding, if any)."""
+    """``causal`` is True when the mask keeps exactly key <= query + P (and padding, if any),
+    and, when ``window`` > 0, also key > query position - ``window`` (a sliding window of
+    ``window`` keys, the query's own included)."""
 
     causal: bool
     key_padding: Optional[fx.Node] = None
     reason: str = ""
+    window: int = 0
 
 
 _CASTS = {"to", "_to_copy", "type", "float", "double", "half", "bfloat16", "int", "long", "short", "char", "byte",
@@ -442,10 +446,17 @@ def prove_mask(mask: fx.Node, additive: bool, offset=0, lengths: Optional[tuple]
         v = v.predicate
     elif not isinstance(v, Predicate):
         return MaskProof(False, reason=f"boolean mask that is {describe(v)}")
+    window = 0
     if v.lower:
-        behind = [str(offset - c) for c in v.lower]  # key >= query position - (P - c)
-        return MaskProof(False, reason=f"sliding-window mask (keys at most {', '.join(behind)} positions behind "
-                                       "the query)")
+        behind = [_constant(offset - c) for c in v.lower]  # key >= query position - (P - c)
+        if any(b is None for b in behind):
+            shown = ", ".join(str(offset - c) for c in v.lower)
+            return MaskProof(False, reason=f"sliding-window mask whose width ({shown} positions behind the query) "
+                                           "is not a constant")
+        window = min(behind) + 1  # the tightest bound; the query's own key included
+        if window < 1:
+            return MaskProof(False, reason=f"mask that keeps no key (keys at least {1 - window} positions ahead of "
+                                           "the query)")
     if not v.upper:
         return MaskProof(False, reason="non-causal mask (bidirectional attention)")
     if not all(same_size(c, offset) for c in v.upper):
@@ -454,4 +465,13 @@ def prove_mask(mask: fx.Node, additive: bool, offset=0, lengths: Optional[tuple]
             return MaskProof(False, reason=f"mask shifted from causal (key - query <= {shown})")
         return MaskProof(False, reason=f"mask shifted from causal (key - query <= {shown}; a chunk after a "
                                        f"cached prefix needs {offset}, the key length minus the query length)")
-    return MaskProof(True, key_padding=v.padding)
+    return MaskProof(True, key_padding=v.padding, window=window)
+
+
+def _constant(x) -> Optional[int]:
+    """``x`` as a Python int when it is one or a SymInt whose expression is a constant."""
+    if isinstance(x, int):
+        return x
+    if isinstance(x, torch.SymInt) and not x.node.expr.free_symbols:
+        return int(x.node.expr)
+    return None

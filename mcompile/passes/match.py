@@ -72,6 +72,7 @@ class AttentionSite:
     reason: Optional[str] = None  # None: rewritable
     dead: tuple = field(default=(), compare=False)  # nodes of the eager chain the rewrite frees
     dtype: Optional[torch.dtype] = None  # autocast's dtype, which q, k and v are cast to; None: as they are
+    window: int = 0  # a sliding window of this many keys (the query's own included); 0: none
 
 
 def strip_repeat_kv(node: fx.Node) -> fx.Node:
@@ -202,7 +203,7 @@ def _site(node, kind, q, k, v, scale, mask, additive, dead=(), amp: Autocast = A
     reason = reason or scale_reason
     if reason is None:
         reason = _output_dtype_reason(node, q, amp)
-    key_padding = None
+    key_padding, window = None, 0
     lengths = _lengths(q, k)
     same_length = lengths is not None and statically_known_true(lengths[0] == lengths[1])
     if reason is None and mask is None and not same_length:
@@ -211,9 +212,9 @@ def _site(node, kind, q, k, v, scale, mask, additive, dead=(), amp: Autocast = A
         offset = lengths[1] - lengths[0]  # P: position of the first query (symbolic, no guard)
         proof = prove_mask(mask, additive, offset, (example(q).shape[0], *lengths))
         reason = None if proof.causal else proof.reason
-        key_padding = proof.key_padding
+        key_padding, window = proof.key_padding, proof.window
     return AttentionSite(node, kind, layer, module, module_type, q, k, v, scale_value, key_padding,
-                         h, hk, d, reason, tuple(dead), amp.dtype)
+                         h, hk, d, reason, tuple(dead), amp.dtype, window)
 
 
 def _output_dtype_reason(node, q, amp: Autocast) -> Optional[str]:

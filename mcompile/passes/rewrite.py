@@ -204,7 +204,7 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite, patterns: list[Pattern],
             device = site.q.meta["example_value"].device.type
             region = graph.call_function(torch.amp.autocast_mode._enter_autocast, (device, None, False, None))
         attn = graph.call_function(lowering.sparse_attention, (q, k, v, site.key_padding, kinds, p0, p1, site.scale,
-                                                             config.dense_below, *scaling, inlined))
+                                                             config.dense_below, *scaling, inlined, site.window))
         if region is not None:
             graph.call_function(torch.amp.autocast_mode._exit_autocast, (region,))
     for node in graph.nodes:
@@ -273,7 +273,10 @@ def rewrite_attention(gm: fx.GraphModule, config: MInferenceConfig, grad_enabled
             site = constant_scale(site)
             if not isinstance(site.scale, float):
                 reason = SYMBOLIC_SCALE_REASON
-        if reason is None:
+        if reason is None and site.window:  # the window is the pattern: exact, whatever the database says
+            patterns = [Pattern(PatternKind.A_SHAPE, 0, site.window)] * site.heads
+            source = f"sliding window of {site.window} keys, exact"
+        elif reason is None:
             patterns, source, scaling = site_patterns(site, db, config, explicit)
             if all(p.kind == PatternKind.DENSE for p in patterns):
                 reason = f"every head is dense ({source})"
