@@ -62,7 +62,7 @@ def test_sparse_budgets_equal_masked_dense_model(impl, monkeypatch):
     torch._dynamo.reset()
 
     def masked_impl(q):
-        return lambda q, k, v, index, scale, kp: masked_dense(q, k, v, index, scale, kp).to(q.dtype)
+        return lambda q, k, v, index, scale, kp, window=0: masked_dense(q, k, v, index, scale, kp).to(q.dtype)
 
     monkeypatch.setattr(dispatch, "attention_impl", masked_impl)
     ref = _logits(torch.compile(model, backend="minference", options=SPARSE), ids)

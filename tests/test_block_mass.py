@@ -169,7 +169,7 @@ def test_compiled_model_with_block_mass_equals_masked_dense(monkeypatch):
     with torch.no_grad():
         out = torch.compile(model, backend="minference", options=options)(ids).logits
         torch._dynamo.reset()
-        monkeypatch.setattr(dispatch, "attention_impl", lambda q: lambda q, k, v, index, scale, kp:
+        monkeypatch.setattr(dispatch, "attention_impl", lambda q: lambda q, k, v, index, scale, kp, window=0:
                             masked_dense(q, k, v, index, scale, kp).to(q.dtype))
         ref = torch.compile(model, backend="minference", options=options)(ids).logits
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)

@@ -218,6 +218,30 @@ def test_short_chunk_takes_dense_branch_bottom_right(n, nq):
     assert err <= 2 * base + FLOOR[BF16], f"op err {err:.2e}, torch bf16 err {base:.2e}"
 
 
+@pytest.mark.parametrize("n, nq, window, d", [(8192, 8192, 4096, 128), (8192, 3000, 512, 64), (5017, 5017, 1, 64)])
+def test_sliding_window_matches_fp32_window(n, nq, window, d):
+    """The window's band (A-shape, no sink) with the kernel's window mask, bf16, 8 / 2 heads,
+    against fp32 attention over the window mask: within twice bf16 PyTorch's error plus 1e-3."""
+    g = torch.Generator(device=DEVICE).manual_seed(window)
+    q = torch.randn(1, 8, n, d, device=DEVICE, generator=g).to(BF16)[:, :, n - nq:]
+    k = torch.randn(1, 2, n, d, device=DEVICE, generator=g).to(BF16)
+    v = torch.randn(1, 2, n, d, device=DEVICE, generator=g).to(BF16)
+    scale = d ** -0.5
+    index = ops.estimate_index(q, k, None, [int(PatternKind.A_SHAPE)] * 8, [0] * 8, [window] * 8, scale)
+    assert dispatch.attention_impl(q).__name__ == "sparse_attention_triton"
+    out = ops.sparse_attention(q, k, v, *index, None, scale, window)
+    pos = torch.arange(n - nq, n, device=DEVICE)[:, None]
+    keys = torch.arange(n, device=DEVICE)[None, :]
+    mask = (keys <= pos) & (keys > pos - window)
+    kk, vv = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
+    exact = F.scaled_dot_product_attention(q.float(), kk.float(), vv.float(), attn_mask=mask, scale=scale)
+    same = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=scale).float()
+    err, base = _errors(out, exact, same)
+    assert err <= 2 * base + FLOOR[BF16], f"window {window}: err {err:.2e}, torch bf16 err {base:.2e}"
+    inlined = torch.ops.mcompile.sparse_attention_kernel(q, k, v, *index, scale, window) if nq == n else out
+    assert (inlined.float() - out.float()).abs().max().item() <= FLOOR[BF16]
+
+
 # ------------------------------------------------------------------------------------------------
 # Inlined into Inductor's code (was benchmarks/gpu_check_inline.py, part 1)
 # ------------------------------------------------------------------------------------------------
@@ -307,7 +331,7 @@ def test_backend_matches_inductor_and_masked_dense(impl, dtype, padded, monkeypa
     sparse, c2 = _compiled_logits(model, ids, mcompile.minference_backend, SPARSE, **kw)
 
     def masked(q):
-        return lambda q, k, v, index, scale, kp: masked_dense(q, k, v, index, scale, kp).to(q.dtype)
+        return lambda q, k, v, index, scale, kp, window=0: masked_dense(q, k, v, index, scale, kp).to(q.dtype)
 
     monkeypatch.setattr(dispatch, "attention_impl", masked)
     opaque = {**SPARSE, "inline_kernels": False}
@@ -320,3 +344,21 @@ def test_backend_matches_inductor_and_masked_dense(impl, dtype, padded, monkeypa
     assert e_cover < 3e-2, f"covering budgets vs Inductor: {e_cover:.2e}"
     assert e_sparse < 3e-2, f"sparse vs masked dense: {e_sparse:.2e}"
     assert e_drop > e_sparse, f"sparse vs dense {e_drop:.2e} <= sparse vs masked dense {e_sparse:.2e}"
+
+
+def test_mistral_sliding_window_on_cuda():
+    """A random 2-layer Mistral (sliding window 300, bf16) compiled with ``dense_below=0``:
+    every layer rewritten with its window (kernel inlined on auto) and the last 64 positions'
+    logits within max|dlogit| / max|logit| < 2e-2 of plain Inductor's."""
+    model = tiny_llama("sdpa", model_type="mistral", layers=2, heads=8, kv_heads=2, head_dim=64,
+                       sliding_window=300).to(DEVICE, BF16)
+    ids = torch.randint(0, 128, (1, 2000), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
+    e = mcompile.explain(model, ids, options={"dense_below": 0, "pattern_db": None})
+    assert e.rewritten == 2 and all(s.inlined and "sliding window of 300" in s.pattern_source for s in e.sites)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(model, backend="minference", options={"dense_below": 0})(ids).logits[:, -64:].float()
+        torch._dynamo.reset()
+        ref = torch.compile(model, backend="inductor")(ids).logits[:, -64:].float()
+    err = ((out - ref).abs().max() / ref.abs().max()).item()
+    assert err < 2e-2, f"max|dlogit|/max|logit| = {err:.2e}"

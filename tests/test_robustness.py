@@ -255,7 +255,7 @@ def test_cached_prefix_chunk_sparse_equals_masked_dense(monkeypatch):
     out = _logits(torch.compile(model, backend="minference", options=SPARSE), ids[:, 200:],
                   past_key_values=_prefill(model, ids[:, :200]), use_cache=True)
     torch._dynamo.reset()
-    monkeypatch.setattr(dispatch, "attention_impl", lambda q: lambda q, k, v, index, scale, kp:
+    monkeypatch.setattr(dispatch, "attention_impl", lambda q: lambda q, k, v, index, scale, kp, window=0:
                         masked_dense(q, k, v, index, scale, kp).to(q.dtype))
     ref = _logits(torch.compile(model, backend="minference", options=SPARSE), ids[:, 200:],
                   past_key_values=_prefill(model, ids[:, :200]), use_cache=True)

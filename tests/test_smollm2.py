@@ -47,7 +47,7 @@ def test_sparse_budgets_equal_masked_dense(smollm2, monkeypatch):
     with torch.no_grad():
         out = torch.compile(model, backend="minference", options=opts)(ids, use_cache=False).logits
         torch._dynamo.reset()
-        monkeypatch.setattr(dispatch, "attention_impl", lambda q: lambda q, k, v, index, scale, kp:
+        monkeypatch.setattr(dispatch, "attention_impl", lambda q: lambda q, k, v, index, scale, kp, window=0:
                             masked_dense(q, k, v, index, scale, kp).to(q.dtype))
         ref = torch.compile(model, backend="minference", options=opts)(ids, use_cache=False).logits
         dense = model(ids, use_cache=False).logits
