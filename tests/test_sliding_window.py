@@ -149,6 +149,10 @@ def test_gemma3_mixes_sliding_and_global_layers():
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     sources = [s.pattern_source for r in reports for s in r.sites]
     assert sources[:3] == ["sliding window of 64 keys, exact"] * 3 and sources[3] == "default pattern"
+    # Neither the sliding masks nor the global one survive as an (N, N) tensor.
+    e = mcompile.explain(model, ids, options={**SPARSE, **cover})
+    code = "\n".join(line for line in e.graph_code().splitlines() if not line.strip().startswith("#"))
+    assert e.rewritten == 4 and "300, 300]" not in code
 
 
 class _SymbolicWindow(torch.nn.Module):
