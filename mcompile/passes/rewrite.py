@@ -141,15 +141,38 @@ def resolve_db(config: MInferenceConfig, sites: list[AttentionSite]) -> tuple[Op
     return db, f"auto: {db.source}"
 
 
+def head_shard(site: AttentionSite, db: PatternDB) -> Optional[tuple[int, int]]:
+    """(rank, ways) when the site holds one tensor-parallel shard of the database's heads: the
+    process group spans ``ways`` ranks, and the site has ``1 / ways`` of the database's query and
+    KV heads. Tensor parallelism over heads (transformers' ``tp_plan="auto"``, DTensor's colwise
+    q/k/v projections) gives rank r the contiguous heads ``[r * H / ways, (r + 1) * H / ways)``.
+    None otherwise (one process, or tensor parallelism within a sub-group: then the database
+    does not fit and the site says why)."""
+    m = db.model
+    if site.heads == m.num_heads or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    ways = torch.distributed.get_world_size()
+    if ways < 2 or site.heads * ways != m.num_heads or site.kv_heads * ways != m.num_kv_heads:
+        return None
+    return torch.distributed.get_rank(), ways
+
+
 def site_patterns(site: AttentionSite, db: Optional[PatternDB], config: MInferenceConfig,
                   explicit: bool) -> tuple[list[Pattern], str, tuple[int, float]]:
     """Patterns of the site's heads, where they came from, and their budget scaling
-    (reference length, exponent; patterns.scaled_budgets)."""
+    (reference length, exponent; patterns.scaled_budgets). Under tensor parallelism the site's
+    heads are the rank's shard of the database's (``head_shard``)."""
     if db is not None:
-        reason = db.check_site(site.layer, site.heads, site.kv_heads, site.head_dim)
+        shard = head_shard(site, db)
+        ways = shard[1] if shard else 1
+        reason = db.check_site(site.layer, site.heads * ways, site.kv_heads * ways, site.head_dim)
         if reason is None:
-            return (db.patterns_for(site.layer), f"database {db.source}",
-                    (db.budget_length, db.budget_exponent))
+            patterns, source = db.patterns_for(site.layer), f"database {db.source}"
+            if shard is not None:
+                first = shard[0] * site.heads
+                patterns = patterns[first:first + site.heads]
+                source += f", heads {first}-{first + site.heads - 1} (tensor-parallel rank {shard[0]} of {ways})"
+            return patterns, source, (db.budget_length, db.budget_exponent)
         if explicit:
             hint = ("compile the whole model (model.compile(backend='minference')) so that layers are known, "
                     "or pass options={'pattern_db': None} to use the default pattern everywhere")
