@@ -54,9 +54,7 @@ def attention_impl(q: torch.Tensor) -> Callable:
 
 
 def estimate_impl(q: torch.Tensor) -> Callable:
-    from .triton_common import MAX_HEAD_DIM  # the estimation kernels' (the attention kernel's is larger)
-
-    if triton_reason(q) is None and q.shape[-1] <= MAX_HEAD_DIM:
+    if triton_reason(q) is None:
         mod = _triton_module("estimate_triton")
         if mod is not None:
             return mod.estimate_index_triton
