@@ -1,0 +1,122 @@
+"""Sparse prefill where transformers serves batches of requests: continuous batching.
+
+transformers' continuous batching (``generate_batch``, ``ContinuousBatchingManager``) prefills
+prompts in chunks against a paged KV cache, several requests per step, and reads the cache outside
+anything Dynamo traces: the packed requests' mask, keys and values are inputs of the compiled graph,
+where no proof can show the mask causal, so the compile backend leaves that attention dense
+(``explain`` says so). This module reaches it at the attention function instead::
+
+    with mcompile.serving.sparse_batching(options={"dense_below": 24576}):
+        out = model.generate_batch(prompts, generation_config=config)
+
+Within the block, transformers' ``sdpa`` attention function is replaced (``ALL_ATTENTION_FUNCTIONS``,
+process-wide) by ``packed_attention``: a call that carries continuous batching's per-request
+lengths (``cu_seq_lens_q``, ``cu_seq_lens_k``) runs each request on its own, as the mask
+transformers built for the packed batch says: request i's queries ``[cq[i], cq[i+1])`` are the last
+of its keys ``[ck[i], ck[i+1])`` (a chunk after its cached prefix, bottom-right causal), limited
+to the layer's sliding window if it has one. Each request is decided by ``ops.runs_dense``: a
+short context or a short chunk (decode steps) runs dense, a long one estimates its index over
+every cached key and runs the sparse kernel. Every other call (no per-request lengths, gradients,
+dropout) goes to the original function. Patterns: ``default_pattern`` for every head, or a
+sliding window's band.
+
+Engines can call ``ops.estimate_index`` and ``ops.sparse_attention`` the same way on one request's
+chunk and its gathered keys: index planning (``estimate_index``: the index over all N keys for the
+chunk's queries) is separate from the kernel, and both take q (1, H, Nq, D), k/v (1, Hk, N, D).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch._dynamo.utils import counters
+
+from . import ops
+from .config import MInferenceConfig
+from .patterns import Pattern, PatternKind, encode
+
+log = logging.getLogger(__name__)
+# Earlier releases update the paged cache inside their ``paged|sdpa`` attention function, which
+# this module does not replace (tested with 5.25).
+MIN_TRANSFORMERS = "5.25"
+
+
+def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
+                     *, fallback: Callable, config: MInferenceConfig, **kwargs):
+    """transformers' attention-function signature: q (1, H, Q, D), k/v (1, Hk, K, D) of the packed
+    requests; returns ((1, Q, H, Dv), None). See the module docstring."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    reason = _fallback_reason(query, key, cu_q, cu_k, dropout)
+    if reason is not None:
+        log.debug("mcompile: packed attention falls back to %s: %s", getattr(fallback, "__name__", "sdpa"), reason)
+        return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    h, d = query.shape[1], query.shape[3]
+    scale = float(scaling) if scaling is not None else d ** -0.5
+    window = int(kwargs.get("sliding_window") or getattr(module, "sliding_window", None) or 0)
+    pattern = Pattern(PatternKind.A_SHAPE, 0, window) if window else config.default_pattern
+    kinds, p0, p1 = encode([pattern] * h)
+    scaling_args = (0, 0.0) if window else (config.budget_length, config.budget_exponent)
+    out = query.new_zeros(*query.shape[:3], value.shape[-1])  # rows past the last request stay zero
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    for i in range(len(cq) - 1):
+        q = query[:, :, cq[i]:cq[i + 1]]
+        k, v = key[:, :, ck[i]:ck[i + 1]], value[:, :, ck[i]:ck[i + 1]]
+        nq, n = q.shape[2], k.shape[2]
+        if nq == 0:
+            continue
+        if ops.runs_dense(nq, n, config.dense_below):
+            o = ops.dense_attention(q, k, v, None, scale, window)
+        else:
+            index = ops.estimate_index(q, k, None, kinds, p0, p1, scale, *scaling_args)
+            o = ops.sparse_attention(q, k, v, *index, None, scale, window)
+            counters["mcompile"]["packed_sparse"] += 1
+        out[:, :, cq[i]:cq[i + 1]] = o
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _fallback_reason(query, key, cu_q, cu_k, dropout) -> Optional[str]:
+    if not (isinstance(cu_q, torch.Tensor) and isinstance(cu_k, torch.Tensor)):
+        return "no per-request lengths (not a continuous-batching call)"
+    if query.dim() != 4 or query.shape[0] != 1 or key.shape[0] != 1:
+        return "not one packed row of requests"
+    if dropout or torch.is_grad_enabled():
+        return "dropout or gradients"
+    if cu_q.dim() != 1 or cu_q.shape != cu_k.shape:
+        return "per-request lengths of different shapes"
+    if int(cu_q[-1]) > query.shape[2] or int(cu_k[-1]) > key.shape[2]:
+        return "per-request lengths past the packed tensors"
+    return None
+
+
+@contextlib.contextmanager
+def sparse_batching(options: Optional[dict] = None) -> Iterator[None]:
+    """Within the block, continuous batching's SDPA attention runs sparse per request (module
+    docstring); ``options`` as for the backend (``dense_below``, ``default_pattern``, ...)."""
+    import transformers
+    from packaging.version import Version
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
+        raise RuntimeError(f"mcompile.serving.sparse_batching needs transformers >= {MIN_TRANSFORMERS} (its continuous "
+                           f"batching updates the paged cache before the attention function), found "
+                           f"{transformers.__version__}")
+    config = MInferenceConfig.from_options(options)
+    local = ALL_ATTENTION_FUNCTIONS._local_mapping
+    had, before = "sdpa" in local, local.get("sdpa")
+    original = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = functools.partial(packed_attention, fallback=original, config=config)
+    try:
+        yield
+    finally:
+        if had:
+            local["sdpa"] = before
+        else:
+            local.pop("sdpa", None)
+
+
+__all__ = ["packed_attention", "sparse_batching"]

@@ -1,0 +1,111 @@
+"""Continuous batching (transformers' ``generate_batch``: chunked prefill over a paged cache,
+several requests per step) with sparse prefill per request (mcompile/serving.py), on the CPU."""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from mcompile import ops
+from mcompile.config import MInferenceConfig
+from mcompile.serving import packed_attention, sparse_batching
+from mcompile.tools.models import tiny_llama
+
+from .helpers import qkv
+
+transformers = pytest.importorskip("transformers")
+from transformers import ContinuousBatchingConfig, GenerationConfig  # noqa: E402
+
+LENGTHS = (300, 420, 260, 512)
+COVER = {"dense_below": 0, "pattern_db": None, "default_pattern": {"kind": "vertical_slash", "vertical": 1000,
+                                                                    "slash": 1000}}
+SPARSE = {"dense_below": 0, "pattern_db": None, "default_pattern": {"kind": "vertical_slash", "vertical": 30,
+                                                                     "slash": 100}}
+
+
+def _generate(model, chunk=128):
+    prompts = [[(7 * i + j) % 120 + 3 for i in range(n)] for j, n in enumerate(LENGTHS)]
+    config = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+    cb = ContinuousBatchingConfig(max_batch_tokens=chunk, use_cuda_graph=False, auto_switch_to_flash=False)
+    with torch.no_grad():
+        out = model.generate_batch(prompts, generation_config=config, continuous_batching_config=cb,
+                                   progress_bar=False, warmup=False)
+    return [out[k].generated_tokens for k in sorted(out)]
+
+
+@pytest.mark.skipif(not hasattr(transformers, "__version__") or
+                    tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (5, 25),
+                    reason="sparse_batching needs transformers >= 5.25 (earlier ones update the paged cache inside "
+                           "their paged|sdpa attention function)")
+def test_generate_batch_with_covering_budgets_equals_dense():
+    """Four prompts of 260-512 tokens prefilled in chunks of 128 tokens: every chunk of every
+    request runs the sparse path over all its cached keys, and with budgets that cover every key
+    the tokens equal plain continuous batching's."""
+    model = tiny_llama("sdpa", layers=2)
+    dense = _generate(model)
+    counters.clear()
+    with sparse_batching(COVER):
+        sparse = _generate(model)
+    assert sparse == dense
+    assert counters["mcompile"]["packed_sparse"] >= 2 * sum(-(-n // 128) for n in LENGTHS) // 2
+    with sparse_batching(SPARSE):
+        assert all(len(t) == 4 for t in _generate(model))  # budgets that drop keys still serve
+    # Outside the block, SDPA is transformers' own again.
+    counters.clear()
+    assert _generate(model) == dense and counters["mcompile"]["packed_sparse"] == 0
+
+
+def _packed(lengths_q, lengths_k, h=4, hk=2, d=16):
+    """Packed requests as continuous batching hands them to attention, and their cu_seq_lens."""
+    qs, ks, vs = [], [], []
+    for i, (nq, n) in enumerate(zip(lengths_q, lengths_k)):
+        q, k, v = qkv(1, h, hk, n, d, seed=i)
+        qs.append(q[:, :, n - nq:])
+        ks.append(k)
+        vs.append(v)
+    cu = lambda xs: torch.tensor([0, *torch.tensor(xs).cumsum(0).tolist()], dtype=torch.int32)  # noqa: E731
+    return torch.cat(qs, 2), torch.cat(ks, 2), torch.cat(vs, 2), cu(lengths_q), cu(lengths_k), (qs, ks, vs)
+
+
+def _fallback(*args, **kwargs):
+    raise AssertionError("fell back")
+
+
+@pytest.mark.parametrize("window", [0, 50])
+def test_packed_requests_equal_each_request_alone(window):
+    """A decode step, a chunk after a prefix and a whole prompt in one packed call: each equals
+    the ops run on that request alone (dense for the decode step), in the packed order."""
+    config = MInferenceConfig.from_options(SPARSE)
+    q, k, v, cq, ck, (qs, ks, vs) = _packed([1, 100, 150], [300, 260, 150])
+    module = torch.nn.Module()
+    module.sliding_window = window or None
+    with torch.no_grad():
+        out, _ = packed_attention(module, q, k, v, None, scaling=0.25, fallback=_fallback, config=config,
+                                  cu_seq_lens_q=cq, cu_seq_lens_k=ck)
+    assert out.shape == (1, q.shape[2], 4, 16)
+    kinds, p0, p1 = ([1] * 4, [0] * 4, [window] * 4) if window else ([2] * 4, [30] * 4, [100] * 4)
+    rows = 0
+    for qi, ki, vi in zip(qs, ks, vs):
+        if ops.runs_dense(qi.shape[2], ki.shape[2], 0):
+            want = ops.dense_attention(qi, ki, vi, None, 0.25, window)
+        else:
+            index = ops.estimate_index(qi, ki, None, kinds, p0, p1, 0.25, *(
+                (0, 0.0) if window else (config.budget_length, config.budget_exponent)))
+            want = ops.sparse_attention(qi, ki, vi, *index, None, 0.25, window)
+        torch.testing.assert_close(out[:, rows:rows + qi.shape[2]], want.transpose(1, 2))
+        rows += qi.shape[2]
+
+
+def test_old_transformers_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    with pytest.raises(RuntimeError, match="needs transformers >= 5.25"):
+        with sparse_batching(SPARSE):
+            pass
+
+
+def test_calls_without_request_lengths_go_to_the_original():
+    config = MInferenceConfig.from_options(SPARSE)
+    q, k, v = qkv(1, 4, 2, 80, 16)
+    seen = []
+    out = packed_attention(torch.nn.Module(), q, k, v, None, fallback=lambda *a, **kw: seen.append(kw) or "orig",
+                           config=config, is_causal=True)
+    assert out == "orig" and seen and seen[0]["is_causal"]
