@@ -5,7 +5,7 @@
 See README.md. Importing the package registers the ``mcompile::`` ops; it does nothing else.
 """
 
-from . import ops
+from . import ops, serving
 from .backend import minference_backend
 from .config import Compiler, MInferenceConfig
 from .explain import Explanation, explain
@@ -15,4 +15,4 @@ from .patterns import Pattern, PatternKind
 __version__ = "0.1.0"
 
 __all__ = ["MInferenceConfig", "Compiler", "explain", "Explanation", "minference_backend", "ops", "Pattern",
-           "PatternKind", "SparseIndex", "__version__"]
+           "PatternKind", "SparseIndex", "serving", "__version__"]
