@@ -168,12 +168,13 @@ def short_chunk_reason(q, k) -> Optional[str]:
 MASK_INPUT_REASON = (
     "mask not proven causal: it is an input of this graph, built outside the compiled code (passed in by the "
     "caller, or built before a graph break), as transformers' continuous batching (generate_batch) passes its mask "
-    "over packed requests of several lengths, which are not one causal prefill")
+    "over packed requests of several lengths, which are not one causal prefill; for continuous batching, "
+    "mcompile.serving.sparse_batching runs it sparse per request")
 PAGED_REASON = (
     "mask not proven causal: the mask, K and V are all inputs of this graph, as when the graph starts after a "
     "KV-cache update Dynamo does not trace; transformers' paged cache for continuous batching (generate_batch) is "
-    "one, and its mask covers packed requests of several lengths, which are not one causal prefill (not supported: "
-    "long prompts go through generate() or a forward call)")
+    "one, and its mask covers packed requests of several lengths, which are not one causal prefill (for continuous "
+    "batching, mcompile.serving.sparse_batching runs it sparse per request)")
 CROSS_REASON = (
     "cross-attention: the keys and values are projections of another sequence than the queries (an encoder's "
     "output); MInference's patterns are for causal self-attention over a prompt")
