@@ -99,8 +99,6 @@ def sparse_attention(q, k, v, key_padding, kinds: list[int], p0: list[int], p1: 
     padded = key_padding is not None
 
     def attention(q, k, v, *pad):
-        kp = pad[0] if padded else None
-
         def dense(q, k, v, *rest):
             if plain:
                 return _bnhd(_causal(q, k, v, scale))
