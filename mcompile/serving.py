@@ -20,6 +20,10 @@ every cached key and runs the sparse kernel. Every other call (no per-request le
 dropout) goes to the original function. Patterns: ``default_pattern`` for every head, or a
 sliding window's band.
 
+Under ``model.compile(...)`` the function runs outside the compiled graphs (it is
+``torch.compiler.disable``d, as the paged cache's update is): the graphs end before attention
+and resume after it, and the layers' other work stays compiled.
+
 Engines can call ``ops.estimate_index`` and ``ops.sparse_attention`` the same way on one request's
 chunk and its gathered keys: index planning (``estimate_index``: the index over all N keys for the
 chunk's queries) is separate from the kernel, and both take q (1, H, Nq, D), k/v (1, Hk, N, D).
@@ -45,6 +49,7 @@ log = logging.getLogger(__name__)
 MIN_TRANSFORMERS = "5.25"
 
 
+@torch.compiler.disable  # per-request sizes are data (cu_seq_lens): run eagerly, as the paged cache's update does
 def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
                      *, fallback: Callable, config: MInferenceConfig, **kwargs):

@@ -113,3 +113,18 @@ def test_calls_without_request_lengths_go_to_the_original():
     out = packed_attention(torch.nn.Module(), q, k, v, None, fallback=lambda *a, **kw: seen.append(kw) or "orig",
                            config=config, is_causal=True)
     assert out == "orig" and seen and seen[0]["is_causal"]
+
+
+@pytest.mark.skipif(tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (5, 25),
+                    reason="sparse_batching needs transformers >= 5.25")
+def test_compiled_model_serves_sparse_batches():
+    """Under ``model.compile(backend="minference")`` the packed attention runs between the compiled
+    graphs (it is compiler-disabled: per-request sizes are data), and the tokens still equal
+    plain continuous batching's with covering budgets."""
+    model = tiny_llama("sdpa", layers=1)
+    dense = _generate(model)
+    counters.clear()
+    model.compile(backend="minference", dynamic=True, options=COVER)
+    with sparse_batching(COVER):
+        assert _generate(model) == dense
+    assert counters["mcompile"]["packed_sparse"] > 0
