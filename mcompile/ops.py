@@ -95,8 +95,9 @@ def runs_dense(nq, nk, dense_below: int):
     return (nk < dense_below) | ((nq < nk) & (nq < MIN_SPARSE_CHUNK))
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], kinds, p0, p1,
-                  key_padding: Optional[torch.Tensor] = None):
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], kinds=None, p0=None, p1=None,
+                  key_padding: Optional[torch.Tensor] = None, window: int = 0):
+    """Shapes of q/k/v and padding, the window, and (where given) one valid pattern per query head."""
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"mcompile attention expects (B, H, N, D) tensors, got q {tuple(q.shape)}, k {tuple(k.shape)}")
     h, hk = q.shape[1], k.shape[1]
@@ -113,6 +114,10 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], k
                                     or key_padding.shape[1] != k.shape[2]):
         raise ValueError(f"key_padding must be (B, N) = ({q.shape[0]}, {k.shape[2]}): one flag per key of each "
                          f"batch row, got {tuple(key_padding.shape)}")
+    if window < 0:
+        raise ValueError(f"window must be >= 0 (0: none), got {window}")
+    if kinds is None:
+        return
     if not (len(kinds) == len(p0) == len(p1) == h):
         raise ValueError(f"need one pattern per query head ({h}), got {len(kinds)}")
     decode(kinds, p0, p1)  # validates kinds and budgets, with a message naming the bad field
@@ -124,9 +129,9 @@ def estimate_index(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch
                    budget_exponent: float = DEFAULT_BUDGET_EXPONENT) -> tuple[
                        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                        torch.Tensor]:
-    """SparseIndex of every head of a layer over the N = k.shape[2] keys. Budgets are scaled to the length N when ``budget_length`` > 0
-    (``patterns.scaled_budgets``); the scaled budgets never exceed the given ones, so the index
-    capacity does not change."""
+    """SparseIndex of every head of a layer over the N = k.shape[2] keys. Budgets are scaled to the
+    length N when ``budget_length`` > 0 (``patterns.scaled_budgets``); the scaled budgets never
+    exceed the given ones, so the index capacity does not change."""
     _check_inputs(q, k, None, kinds, p0, p1, key_padding)
     with _no_autocast(q):
         return _estimate_index(q, k, key_padding, kinds, p0, p1, scale, budget_length, budget_exponent)
@@ -174,10 +179,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_paddi
     Rows whose keys are all padded get zeros. ``window`` > 0: a sliding window, each query keeps
     the keys less than ``window`` positions behind it (the mask per query chunk covers only
     those keys)."""
-    h = q.shape[1]
-    _check_inputs(q, k, v, [0] * h, [0] * h, [0] * h, key_padding)
-    if window < 0:
-        raise ValueError(f"window must be >= 0 (0: none), got {window}")
+    _check_inputs(q, k, v, key_padding=key_padding, window=window)
     with _no_autocast(q):
         return _dense_attention(q, k, v, key_padding, scale, window)
 
@@ -227,8 +229,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: to
     index keeps (within a sliding window of ``window`` keys when > 0); dense attention where the
     index covers so much that dense is faster (``dense_by_fraction``; never with a window, whose
     index is the window itself)."""
-    if window < 0:
-        raise ValueError(f"window must be >= 0 (0: none), got {window}")
+    _check_inputs(q, k, v, key_padding=key_padding, window=window)
     with _no_autocast(q):
         index = SparseIndex(runs, run_count, diag_prefix, columns, column_count, blocks, block_count)
         if not window and dense_by_fraction(index, k.shape[2], q.is_cuda):
@@ -360,5 +361,4 @@ def mlp_ref(x, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None, activa
 
 
 __all__ = ["estimate_index", "sparse_attention", "dense_attention", "sparse_attention_kernel", "dense_check",
-           "chunked_mlp",
-           "runs_dense", "act_mul", "mlp_ref", "estimate_index_ref", "sparse_attention_ref"]
+           "chunked_mlp", "runs_dense", "act_mul", "mlp_ref", "estimate_index_ref", "sparse_attention_ref"]

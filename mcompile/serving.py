@@ -16,9 +16,11 @@ transformers built for the packed batch says: request i's queries ``[cq[i], cq[i
 of its keys ``[ck[i], ck[i+1])`` (a chunk after its cached prefix, bottom-right causal), limited
 to the layer's sliding window if it has one. Each request is decided by ``ops.runs_dense``: a
 short context or a short chunk (decode steps) runs dense, a long one estimates its index over
-every cached key and runs the sparse kernel. Every other call (no per-request lengths, gradients,
-dropout) goes to the original function. Patterns: ``default_pattern`` for every head, or a
-sliding window's band.
+every cached key and runs the sparse kernel. Every other call goes to the original function (and
+counts in ``counters["mcompile"]["packed_fallback"]``): no per-request lengths, gradients,
+dropout, a non-causal module, or an argument that changes the attention's value (anything
+outside ``KNOWN_KWARGS``: soft-capping, attention sinks). Patterns: ``default_pattern`` for every
+head, or a sliding window's band. The lengths are read from the device once per call.
 
 Under ``model.compile(...)`` the function runs outside the compiled graphs (it is
 ``torch.compiler.disable``d, as the paged cache's update is): the graphs end before attention
@@ -49,16 +51,26 @@ log = logging.getLogger(__name__)
 MIN_TRANSFORMERS = "5.25"
 
 
+# What continuous batching passes an attention function besides q, k, v and the mask: bookkeeping
+# this path reads (lengths, window) or that does not change the attention's value. Any other
+# argument with a value (``softcap``, ``s_aux`` sinks, ...) changes the math: those calls go to
+# the original function.
+KNOWN_KWARGS = frozenset({
+    "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "sliding_window", "scaling", "dropout",
+    "is_causal", "position_ids", "read_index", "write_index", "block_table", "logits_indices",
+    "logits_processor_args", "use_cache", "cache", "output_attentions"})
+
+
 @torch.compiler.disable  # per-request sizes are data (cu_seq_lens): run eagerly, as the paged cache's update does
 def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
                      *, fallback: Callable, config: MInferenceConfig, **kwargs):
     """transformers' attention-function signature: q (1, H, Q, D), k/v (1, Hk, K, D) of the packed
     requests; returns ((1, Q, H, Dv), None). See the module docstring."""
-    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-    reason = _fallback_reason(query, key, cu_q, cu_k, dropout)
+    lengths, reason = _request_lengths(module, query, key, dropout, kwargs)
     if reason is not None:
         log.debug("mcompile: packed attention falls back to %s: %s", getattr(fallback, "__name__", "sdpa"), reason)
+        counters["mcompile"]["packed_fallback"] += 1
         return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     h, d = query.shape[1], query.shape[3]
     scale = float(scaling) if scaling is not None else d ** -0.5
@@ -67,7 +79,7 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     kinds, p0, p1 = encode([pattern] * h)
     scaling_args = (0, 0.0) if window else (config.budget_length, config.budget_exponent)
     out = query.new_zeros(*query.shape[:3], value.shape[-1])  # rows past the last request stay zero
-    cq, ck = cu_q.tolist(), cu_k.tolist()
+    cq, ck = lengths
     for i in range(len(cq) - 1):
         q = query[:, :, cq[i]:cq[i + 1]]
         k, v = key[:, :, ck[i]:ck[i + 1]], value[:, :, ck[i]:ck[i + 1]]
@@ -84,18 +96,27 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     return out.transpose(1, 2).contiguous(), None
 
 
-def _fallback_reason(query, key, cu_q, cu_k, dropout) -> Optional[str]:
+def _request_lengths(module, query, key, dropout, kwargs) -> tuple[Optional[tuple[list, list]], Optional[str]]:
+    """((cumulative query lengths, cumulative key lengths), None) read from the device once, or
+    (None, why this call goes to the original function)."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if not (isinstance(cu_q, torch.Tensor) and isinstance(cu_k, torch.Tensor)):
-        return "no per-request lengths (not a continuous-batching call)"
+        return None, "no per-request lengths (not a continuous-batching call)"
     if query.dim() != 4 or query.shape[0] != 1 or key.shape[0] != 1:
-        return "not one packed row of requests"
+        return None, "not one packed row of requests"
     if dropout or torch.is_grad_enabled():
-        return "dropout or gradients"
+        return None, "dropout or gradients"
+    if getattr(module, "is_causal", True) is False:
+        return None, "the attention module is not causal"
+    unknown = sorted(name for name, value in kwargs.items() if name not in KNOWN_KWARGS and value is not None)
+    if unknown:
+        return None, f"arguments this path does not apply: {unknown}"
     if cu_q.dim() != 1 or cu_q.shape != cu_k.shape:
-        return "per-request lengths of different shapes"
-    if int(cu_q[-1]) > query.shape[2] or int(cu_k[-1]) > key.shape[2]:
-        return "per-request lengths past the packed tensors"
-    return None
+        return None, "per-request lengths of different shapes"
+    cq, ck = cu_q.tolist(), cu_k.tolist()  # one host read each: the loop over requests needs them
+    if cq[-1] > query.shape[2] or ck[-1] > key.shape[2]:
+        return None, "per-request lengths past the packed tensors"
+    return (cq, ck), None
 
 
 @contextlib.contextmanager

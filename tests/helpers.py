@@ -39,3 +39,13 @@ def padding_mask(b, n, left=(), right=()):
         if p:
             kp[i, n - p:] = False
     return kp
+
+
+def exception_notes(exc: BaseException) -> str:
+    """The notes on ``exc`` and on the exceptions it was raised from or during (Dynamo wraps a
+    backend's exception in its own)."""
+    notes = []
+    while exc is not None:
+        notes.extend(getattr(exc, "__notes__", []))
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(notes)

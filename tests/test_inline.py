@@ -17,7 +17,7 @@ from mcompile.passes import lowering
 from mcompile.kernels.sparse_attention import sparse_attention_ref
 from mcompile.tools.models import tiny_llama
 
-from .helpers import qkv
+from .helpers import exception_notes, qkv
 
 VS = {"kind": "vertical_slash", "vertical": 30, "slash": 100}
 OPTS = {"dense_below": 200, "pattern_db": None, "default_pattern": VS}
@@ -193,7 +193,7 @@ def test_failed_compile_is_raised_with_a_note(monkeypatch):
     compiled = torch.compile(tiny_llama("sdpa"), backend="minference", options=OPTS)
     with pytest.raises(Exception, match="simulated lowering failure") as info, torch.no_grad():
         compiled(_ids(300), use_cache=False)
-    notes = _notes(info.value)
+    notes = exception_notes(info.value)
     assert "inline_kernels" in notes and "chunk_mlp" in notes
 
 
@@ -213,12 +213,3 @@ def test_layers_share_one_compiled_region():
     calls = re.findall(r"= (repeated_subgraph\d+)\(repeated_subgraph\d+_args\)", "\n".join(code))
     torch.testing.assert_close(out.logits, ref, rtol=1e-5, atol=1e-5)
     assert len(calls) == 6 and len(set(calls)) == 2  # attention and MLP, 3 layers each
-
-
-def _notes(exc: BaseException) -> str:
-    """The notes on ``exc`` and the exceptions it was raised from (Dynamo wraps the backend's)."""
-    notes = []
-    while exc is not None:
-        notes.extend(getattr(exc, "__notes__", []))
-        exc = exc.__cause__ or exc.__context__
-    return "\n".join(notes)

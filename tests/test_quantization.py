@@ -16,6 +16,8 @@ from mcompile.backend import minference_backend
 from mcompile.explain import explain
 from mcompile.tools.models import tiny_llama
 
+from .helpers import exception_notes
+
 torchao_quant = pytest.importorskip("torchao.quantization")
 
 # The pattern covers every key at these lengths, so sparse attention equals dense exactly.
@@ -125,14 +127,5 @@ def test_failed_mlp_compile_is_raised_with_a_note(monkeypatch):
     model = tiny_llama("sdpa", layers=LAYERS).eval()
     with pytest.raises(Exception, match="simulated conditional failure") as info:
         _logits(_minference(model, [], dynamic=False, compiler="aot_eager"), _ids(LENGTHS[0]))
-    notes = _notes(info.value)
+    notes = exception_notes(info.value)
     assert "the chunked MLP (options={'chunk_mlp': False}" in notes
-
-
-def _notes(exc: BaseException) -> str:
-    """The notes on ``exc`` and the exceptions it was raised from (Dynamo wraps the backend's)."""
-    notes = []
-    while exc is not None:
-        notes.extend(getattr(exc, "__notes__", []))
-        exc = exc.__cause__ or exc.__context__
-    return "\n".join(notes)

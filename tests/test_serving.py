@@ -36,17 +36,23 @@ def _generate(model, chunk=128):
                     tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (5, 25),
                     reason="sparse_batching needs transformers >= 5.25 (earlier ones update the paged cache inside "
                            "their paged|sdpa attention function)")
-def test_generate_batch_with_covering_budgets_equals_dense():
+@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+def test_generate_batch_with_covering_budgets_equals_dense(model_type):
     """Four prompts of 260-512 tokens prefilled in chunks of 128 tokens: every chunk of every
-    request runs the sparse path over all its cached keys, and with budgets that cover every key
-    the tokens equal plain continuous batching's."""
-    model = tiny_llama("sdpa", layers=2)
+    request runs the sparse path over its cached keys, and with budgets that cover every key
+    the tokens equal plain continuous batching's; Mistral's sliding window (64 keys: its layers
+    read a window's worth of cache per request) is applied exactly."""
+    model = tiny_llama("sdpa", layers=2, model_type=model_type, **({"sliding_window": 64} if model_type == "mistral"
+                                                                   else {}))
     dense = _generate(model)
     counters.clear()
     with sparse_batching(COVER):
         sparse = _generate(model)
     assert sparse == dense
     assert counters["mcompile"]["packed_sparse"] >= 2 * sum(-(-n // 128) for n in LENGTHS) // 2
+    assert counters["mcompile"]["packed_fallback"] == 0
+    if model_type != "llama":
+        return
     with sparse_batching(SPARSE):
         assert all(len(t) == 4 for t in _generate(model))  # budgets that drop keys still serve
     # Outside the block, SDPA is transformers' own again.
@@ -106,13 +112,27 @@ def test_old_transformers_is_a_clear_error(monkeypatch):
             pass
 
 
-def test_calls_without_request_lengths_go_to_the_original():
+def test_calls_it_does_not_understand_go_to_the_original():
+    """No per-request lengths, a non-causal module, soft-capping or attention sinks: the original
+    function answers, with the arguments it was given, and the fallback is counted."""
     config = MInferenceConfig.from_options(SPARSE)
-    q, k, v = qkv(1, 4, 2, 80, 16)
-    seen = []
-    out = packed_attention(torch.nn.Module(), q, k, v, None, fallback=lambda *a, **kw: seen.append(kw) or "orig",
-                           config=config, is_causal=True)
-    assert out == "orig" and seen and seen[0]["is_causal"]
+    q, k, v, cq, ck, _ = _packed([100, 150], [260, 150])
+    causal, encoder = torch.nn.Module(), torch.nn.Module()
+    encoder.is_causal = False
+    lengths = {"cu_seq_lens_q": cq, "cu_seq_lens_k": ck}
+    cases = [(causal, {"is_causal": True}), (encoder, lengths), (causal, {**lengths, "softcap": 50.0}),
+             (causal, {**lengths, "s_aux": torch.zeros(4)})]
+    counters.clear()
+    for module, kwargs in cases:
+        seen = []
+        with torch.no_grad():
+            out = packed_attention(module, q, k, v, None, fallback=lambda *a, **kw: seen.append(kw) or "orig",
+                                   config=config, **kwargs)
+        assert out == "orig" and seen[0].keys() >= kwargs.keys()
+    assert counters["mcompile"]["packed_fallback"] == len(cases)
+    with torch.no_grad():  # the same call with nothing unknown runs the packed path
+        out, _ = packed_attention(causal, q, k, v, None, fallback=_fallback, config=config, softcap=None, **lengths)
+    assert out.shape == (1, 250, 4, 16)
 
 
 @pytest.mark.skipif(tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (5, 25),

@@ -174,3 +174,18 @@ def test_window_of_symbolic_width_stays_dense_with_reason():
     e = mcompile.explain(_SymbolicWindow(), q, k, v, options=SPARSE)
     (site,) = e.sites
     assert not site.rewritten and "not a constant" in site.reason, site.reason
+
+
+class _NoKey(torch.nn.Module):
+    """A lower bound past the causal one: no key satisfies both."""
+
+    def forward(self, q, k, v):
+        i = torch.arange(q.shape[2])
+        key, query = i[None, None, None, :], i[None, None, :, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=(key <= query) & (key > query + 2))
+
+
+def test_window_that_keeps_no_key_stays_dense_with_reason():
+    q, k, v = qkv(1, 2, 2, 80, 16)
+    (site,) = mcompile.explain(_NoKey(), q, k, v, options=SPARSE).sites
+    assert not site.rewritten and "keeps no key" in site.reason, site.reason
