@@ -157,7 +157,7 @@ OP_CASES = [  # (B, H, Hk, N, Nq, D, dtype, padded): q is the last Nq of N posit
     pytest.param(1, 16, 4, 6000, 2000, 80, BF16, False, id="D80-padded-chunk2000"),
     pytest.param(1, 16, 4, 4097, 4097, 96, FP16, False, id="D96-padded-whole-prompt"),
     pytest.param(2, 8, 8, 4097, 1500, 96, BF16, True, id="D96-padded-batch2-padding-chunk1500"),
-    pytest.param(1, 8, 2, 4096, 1000, 256, BF16, False, id="D256-reference-chunk1000"),
+    pytest.param(1, 8, 2, 4096, 1000, 256, BF16, False, id="D256-chunk1000"),
     pytest.param(1, 8, 4, 2513, 513, 64, FP32, False, id="fp32-chunk513-after-2000"),
 ]
 
@@ -178,14 +178,14 @@ def _op_inputs(b, h, hk, n, nq, d, dtype, padded, seed):
 
 @pytest.mark.parametrize("b, h, hk, n, nq, d, dtype, padded", OP_CASES)
 def test_ops_after_prefix_match_fp32_dense_over_the_mask(b, h, hk, n, nq, d, dtype, padded):
-    """``mcompile::estimate_index`` + ``mcompile::sparse_attention`` with q a strided chunk after a cached prefix, against fp32 dense attention over the
-    mask the index stands for (bottom-right causal), within twice PyTorch's same-dtype error plus
-    the floor; the dispatcher picks the Triton kernel for head dims <= 128 (80 and 96 padded) and
-    the PyTorch reference for 256."""
+    """``mcompile::estimate_index`` + ``mcompile::sparse_attention`` with q a strided chunk after
+    a cached prefix, against fp32 dense attention over the mask the index stands for (bottom-right causal), within twice PyTorch's same-dtype error plus
+    the floor; the dispatcher picks the Triton kernel for every head dim here (80 and 96 padded to
+    128; 256 on 8 warps)."""
     q, k, v, kp = _op_inputs(b, h, hk, n, nq, d, dtype, padded, seed=n + nq + d)
     scale = d ** -0.5
     impl = dispatch.attention_impl(q).__name__
-    assert impl == ("sparse_attention_ref" if d > 128 else "sparse_attention_triton")
+    assert impl == "sparse_attention_triton"
     fields = ops.estimate_index(q, k, kp, *_patterns(h), scale)
     out = ops.sparse_attention(q, k, v, *fields, kp, scale)
     index = SparseIndex(*fields)

@@ -340,7 +340,10 @@ def test_fully_padded_batch_row_is_zero():
 def test_capability_reasons():
     assert attn_triton.capability(torch.zeros(1, 2, 8, 64)) is None  # CPU runs under the interpreter
     assert attn_triton.capability(torch.zeros(1, 2, 8, 96)) is None  # padded to 128
-    assert "head dim 256" in attn_triton.capability(torch.zeros(1, 2, 8, 256))
+    assert attn_triton.capability(torch.zeros(1, 2, 8, 256, dtype=torch.float16)) is None
+    assert attn_triton.capability(torch.zeros(1, 2, 8, 200, dtype=torch.float16)) is None  # padded to 256
+    assert "fp32" in attn_triton.capability(torch.zeros(1, 2, 8, 256))
+    assert "head dim 512" in attn_triton.capability(torch.zeros(1, 2, 8, 512, dtype=torch.float16))
     assert "dtype" in attn_triton.capability(torch.zeros(1, 2, 8, 64, dtype=torch.float64))
     assert "dims" in attn_triton.capability(torch.zeros(2, 8, 64))
 
@@ -350,8 +353,8 @@ def test_contract_errors():
     q, k, v = inputs(b, h, 2, n, d, seed=0)
     index = estimate_index_ref(q, k, None, *patterns(h), d ** -0.5)
     run = attn_triton.sparse_attention_triton
-    with pytest.raises(ValueError, match="head dim 256"):
-        run(torch.zeros(b, h, n, 256), k, v, index, 1.0)
+    with pytest.raises(ValueError, match="head dim 512"):
+        run(torch.zeros(b, h, n, 512), k, v, index, 1.0)
     with pytest.raises(ValueError, match=r"k must be \(B=1, Hk, N, D=48\)"):
         run(torch.zeros(b, h, n, 48), k, v, index, 1.0)
     with pytest.raises(ValueError, match="query length 71 exceeds key length 70"):
@@ -374,10 +377,12 @@ def test_contract_errors():
 
 def test_autotune_pruning():
     configs = attn_triton._configs()
-    for d in attn_triton.HEAD_DIMS:
+    for d in attn_triton.HEAD_DIMS[:-1]:
         kept = attn_triton._prune_configs(configs, {"HEAD_DIM": d, "HEAD_DV": d})
         assert kept and all(not (c.kwargs["BLOCK_N"] == 64 and c.num_warps == 8) for c in kept)
         assert {c.kwargs["BLOCK_N"] for c in kept} == {64, 128}
+    wide = attn_triton._prune_configs(configs, {"HEAD_DIM": 256, "HEAD_DV": 256})
+    assert {(c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in wide} == {(64, 8, 2)}
     big = attn_triton._prune_configs(configs, {"HEAD_DIM": 128, "HEAD_DV": 128})
     assert not any(c.kwargs["BLOCK_N"] == 128 and c.num_stages == 3 for c in big)
     small = attn_triton._prune_configs(configs, {"HEAD_DIM": 64, "HEAD_DV": 64})
@@ -390,9 +395,10 @@ def test_fixed_config_fits_shared_memory():
     assert fixed(128, 128, torch.bfloat16) == {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
     assert fixed(128, 128, torch.float32)["num_stages"] == 2  # fp32 tiles: 3 stages would overflow
     assert fixed(64, 64, torch.float32)["num_stages"] == 3
+    assert fixed(256, 256, torch.bfloat16) == {"BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
     for d in attn_triton.HEAD_DIMS:
-        for dtype in attn_triton.DTYPES:
-            for bn in (64, 128):
+        for dtype in attn_triton.DTYPES if d <= 128 else (torch.float16, torch.bfloat16):
+            for bn in (64, 128) if d <= 128 else (64,):
                 c = fixed(d, d, dtype, bn)
                 elem = 4 if dtype == torch.float32 else 2
                 assert c["BLOCK_N"] == bn and c["num_stages"] * bn * 2 * d * elem <= attn_triton.SMEM_BUDGET
@@ -516,6 +522,17 @@ def test_cached_prefix_random_index():
     q, k, v = inputs(b, h, 2, n, d, seed=31)
     index = random_index(b, h, n, seed=5)
     check(q[:, :, n - nq:], k, v, index, d ** -0.5, padding(b, n, seed=6), block_n=128)
+
+
+@pytest.mark.parametrize("d", [200, 256])
+def test_head_dim_256(d):
+    """Head dim 256 (Gemma 2 and 3), and 200 zero-padded to it, fp16: the estimation runs the
+    PyTorch reference there (its kernels stop at 128), the attention kernel runs."""
+    b, h, hk, n = 1, 2, 1, 150
+    q, k, v = (t.half() for t in inputs(b, h, hk, n, d, seed=d))
+    index = estimate_index_ref(q.float(), k.float(), None, [2, 1], [30, 4], [100, 64], d ** -0.5)
+    check(q, k, v, index, d ** -0.5, padding(b, n, seed=d))
+    check(q[:, :, 70:], k, v, index, d ** -0.5, None, window=40)
 
 
 @pytest.mark.parametrize("d", [48, 80, 96])

@@ -54,7 +54,9 @@ def attention_impl(q: torch.Tensor) -> Callable:
 
 
 def estimate_impl(q: torch.Tensor) -> Callable:
-    if triton_reason(q) is None:
+    from .triton_common import MAX_HEAD_DIM  # the estimation kernels' (the attention kernel's is larger)
+
+    if triton_reason(q) is None and q.shape[-1] <= MAX_HEAD_DIM:
         mod = _triton_module("estimate_triton")
         if mod is not None:
             return mod.estimate_index_triton

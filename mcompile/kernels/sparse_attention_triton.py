@@ -51,8 +51,9 @@ pipelined (A-shape 500/3048 at 128K: 21.4 -> 20.0 ms; a 1000-column sink: 13.1 -
 Head dims: the kernel is built for 16, 32, 64 and 128. Other head dims up to 128 (80 and 96
 in real models) are zero-padded to the next one by the launcher: zero columns of q and k
 leave every q . k unchanged, and zero columns of v are sliced off the output; the copy costs
-O(N x D) memory and is logged once. Larger head dims (256) are outside ``capability`` and the
-dispatcher runs the PyTorch reference, with the reason logged.
+O(N x D) memory and is logged once. Head dim 256 (up to it, padded) runs 8 warps on 64-key
+tiles with two pipeline stages. Larger head dims are outside ``capability`` and the dispatcher
+runs the PyTorch reference, with the reason logged.
 """
 
 from __future__ import annotations
@@ -66,8 +67,19 @@ import triton.language as tl
 
 from ..index import BLOCK, SparseIndex, index_rows, num_blocks
 from .sparse_attention import sparse_attention_ref  # noqa: F401  (the reference this kernel matches)
-from .triton_common import (HEAD_DIMS, LOG2E, MAX_HEAD_DIM, NEG_INIT, interpreting,  # noqa: F401  (re-exported)
-                            pad_head_dim, padded_head_dim)
+from .triton_common import HEAD_DIMS as ESTIMATE_HEAD_DIMS
+from .triton_common import LOG2E, NEG_INIT, interpreting, pad_head_dim  # noqa: F401  (re-exported)
+
+# Head dims the attention kernel is built for: the estimation kernels' and 256 (Gemma 2 and 3),
+# which runs 8 warps on a 64-key tile so that the 64 x 256 fp32 accumulator fits the registers.
+HEAD_DIMS = ESTIMATE_HEAD_DIMS + (256,)
+MAX_HEAD_DIM = HEAD_DIMS[-1]
+WIDE_HEAD_DIM = 256  # at and above: 8 warps
+
+
+def padded_head_dim(d: int) -> int:
+    """The kernel head dim that serves head dim ``d`` (<= MAX_HEAD_DIM): the smallest in HEAD_DIMS >= d."""
+    return next(x for x in HEAD_DIMS if x >= d)
 
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -110,7 +122,7 @@ def fixed_config(d: int, dv: int, dtype: torch.dtype, block_n: int = 64) -> dict
     short runs (docs/BENCHMARKS.md, "Launch configurations")."""
     elem = 4 if dtype == torch.float32 else 2
     stages = next((s for s in (3, 2) if _kv_fits(s, block_n, d, dv, elem)), 1)
-    return {"BLOCK_N": block_n, "num_warps": 4, "num_stages": stages}
+    return {"BLOCK_N": block_n, "num_warps": 8 if max(d, dv) >= WIDE_HEAD_DIM else 4, "num_stages": stages}
 
 
 def _kv_fits(stages: int, block_n: int, d: int, dv: int, elem: int) -> bool:
@@ -120,7 +132,8 @@ def _kv_fits(stages: int, block_n: int, d: int, dv: int, elem: int) -> bool:
 
 def _prune_configs(configs, named_args, **kwargs):
     """Drop configs whose K/V pipeline overflows shared memory at this head dim, and 8 warps
-    on a 64x64 tile (two warpgroups on one 64-row wgmma leave each half idle)."""
+    on a 64x64 tile (two warpgroups on one 64-row wgmma leave each half idle) except at head dim
+    256, where 4 warps would spill the accumulator."""
     args = {**named_args, **kwargs}
     d, dv = args["HEAD_DIM"], args["HEAD_DV"]
     elem = 4 if args.get("DOT_PRECISION") == "ieee" else 2
@@ -129,7 +142,9 @@ def _prune_configs(configs, named_args, **kwargs):
         bn = c.kwargs["BLOCK_N"]
         if not _kv_fits(c.num_stages, bn, d, dv, elem):
             continue
-        if bn == 64 and c.num_warps == 8:
+        if bn == 64 and c.num_warps == 8 and max(d, dv) < WIDE_HEAD_DIM:
+            continue
+        if max(d, dv) >= WIDE_HEAD_DIM and c.num_warps == 4:  # the accumulator would spill
             continue
         kept.append(c)
     return kept or configs[:1]
@@ -438,6 +453,8 @@ def capability(q: torch.Tensor) -> Optional[str]:
         return f"q must be (B, H, N, D), got {q.dim()} dims"
     if q.shape[-1] > MAX_HEAD_DIM:
         return f"head dim {q.shape[-1]} (the kernel supports up to {MAX_HEAD_DIM})"
+    if q.shape[-1] > ESTIMATE_HEAD_DIMS[-1] and q.dtype == torch.float32:
+        return f"head dim {q.shape[-1]} in fp32 (its tiles exceed shared memory; fp16 and bf16 run it)"
     if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < MIN_CAPABILITY:
         major, minor = torch.cuda.get_device_capability(q.device)
         return f"compute capability {major}.{minor} (needs >= {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]})"
