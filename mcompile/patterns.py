@@ -40,7 +40,7 @@ _PARAMS = {
     PatternKind.A_SHAPE: ("sink", "local"),
     PatternKind.VERTICAL_SLASH: ("vertical", "slash"),
     PatternKind.BLOCK_SPARSE: ("blocks",),
-    PatternKind.BLOCK_MASS: ("recall", "samples"),
+    PatternKind.BLOCK_MASS: ("recall", "samples", "score"),
 }
 
 
@@ -58,6 +58,12 @@ RECALL_SCALE = 1000
 # at a third more of the tiles than the oracle's (docs/ACCURACY.md, "Block mass").
 DEFAULT_SAMPLES = 8
 _MAXIMUM = {"recall": RECALL_SCALE, "samples": 64}  # at most every row of a 64-query block
+# How a sampled row scores a key tile (kernels/block_mass.py): "mass", the softmax mass the row
+# puts on the tile's keys; "max", a softmax over the tiles of the row's largest logit in each
+# (one maximum per logit instead of an exponential and its sums). The op's int lists carry
+# "max" as a flag above the sample count (p1 = samples | SCORE_MAX).
+SCORES = ("mass", "max")
+SCORE_MAX = 128
 
 
 @dataclass(frozen=True)
@@ -70,7 +76,12 @@ class Pattern:
 
     def __post_init__(self):
         names = _PARAMS[self.kind]
-        for name, value in zip(names, (self.p0, self.p1)):
+        values = (self.p0, self.p1)
+        if self.kind == PatternKind.BLOCK_MASS and isinstance(self.p1, int) and not isinstance(self.p1, bool):
+            if self.p1 < 0 or self.p1 & ~(SCORE_MAX | (SCORE_MAX - 1)):
+                raise ValueError(f"block_mass's encoded samples and score must be in [0, {2 * SCORE_MAX}), got {self.p1}")
+            values = (self.p0, self.p1 & (SCORE_MAX - 1))
+        for name, value in zip(names, values):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"{self.kind.label}.{name} must be an int, got {value!r}")
             if value < _MINIMUM[name]:
@@ -80,8 +91,8 @@ class Pattern:
                     raise ValueError(f"{self.kind.label}.{name} must be <= {_MAXIMUM[name]}, got {value}")
                 raise ValueError(f"{self.kind.label}.{name} must be <= 2**31 - 1 (the index stores int32), got {value}")
 
-        if self.kind == PatternKind.BLOCK_MASS and self.p1 & (self.p1 - 1):
-            raise ValueError(f"block_mass.samples must be a power of two (1, 2, 4, ... 64), got {self.p1}")
+        if self.kind == PatternKind.BLOCK_MASS and values[1] & (values[1] - 1):
+            raise ValueError(f"block_mass.samples must be a power of two (1, 2, 4, ... 64), got {values[1]}")
 
     @property
     def recall(self) -> float:
@@ -90,7 +101,7 @@ class Pattern:
 
     def __getattr__(self, name: str):
         """The budgets by name (``pattern.vertical``, ``.slash``, ``.sink``, ``.local``, ``.blocks``,
-        ``.samples``), for the kind that has them; ``p0``/``p1`` are only their encoding in the
+        ``.samples``, ``.score``), for the kind that has them; ``p0``/``p1`` are only their encoding in the
         graph ops' int lists (``encode``)."""
         params = _PARAMS.get(self.__dict__.get("kind"), ())
         if name in params:
@@ -123,17 +134,27 @@ class Pattern:
 
     @classmethod
     def _block_mass(cls, spec: Mapping[str, Any]) -> "Pattern":
-        """``{"kind": "block_mass", "recall": 0.98, "samples": 8}``; samples may be left out."""
+        """``{"kind": "block_mass", "recall": 0.98, "samples": 8, "score": "max"}``; samples (8)
+        and score ("mass") may be left out."""
         recall = spec.get("recall")
         if isinstance(recall, bool) or not isinstance(recall, (int, float)) or not 0.0 < recall <= 1.0:
             raise ValueError(f"block_mass.recall must be a number in (0, 1], got {recall!r}")
         per_mille = round(recall * RECALL_SCALE)
         if abs(per_mille - recall * RECALL_SCALE) > 1e-6:
             raise ValueError(f"block_mass.recall is kept to 1/{RECALL_SCALE}, got {recall!r}")
-        return cls(PatternKind.BLOCK_MASS, per_mille, spec.get("samples", DEFAULT_SAMPLES))
+        samples = spec.get("samples", DEFAULT_SAMPLES)
+        if isinstance(samples, int) and not isinstance(samples, bool) and samples > _MAXIMUM["samples"]:
+            raise ValueError(f"block_mass.samples must be <= {_MAXIMUM['samples']}, got {samples}")
+        cls(PatternKind.BLOCK_MASS, per_mille, samples)  # the samples' own checks, before the score joins them
+        score = spec.get("score", "mass")
+        if score not in SCORES:
+            raise ValueError(f"block_mass.score must be one of {list(SCORES)}, got {score!r}")
+        return cls(PatternKind.BLOCK_MASS, per_mille, samples | (SCORE_MAX if score == "max" else 0))
 
     def _values(self) -> tuple:
-        return (self.recall, self.p1) if self.kind == PatternKind.BLOCK_MASS else (self.p0, self.p1)
+        if self.kind == PatternKind.BLOCK_MASS:
+            return self.recall, self.p1 & (SCORE_MAX - 1), "max" if self.p1 & SCORE_MAX else "mass"
+        return self.p0, self.p1
 
     def to_dict(self) -> dict:
         names = _PARAMS[self.kind]

@@ -33,8 +33,11 @@ def _structured(b, h, hk, n, d, seed=0):
 def test_pattern_parses_validates_and_describes():
     p = _mass(0.98)
     assert p.kind == PatternKind.BLOCK_MASS and p.recall == 0.98 and p.samples == 8
-    assert Pattern.from_dict(p.to_dict()) == p and p.describe() == "block_mass(recall=0.98, samples=8)"
+    assert Pattern.from_dict(p.to_dict()) == p and p.describe() == "block_mass(recall=0.98, samples=8, score=mass)"
     assert Pattern.from_dict({"kind": "block_mass", "recall": 1}).recall == 1.0
+    m = Pattern.from_dict({"kind": "block_mass", "recall": 0.99, "samples": 64, "score": "max"})
+    assert (m.recall, m.samples, m.score) == (0.99, 64, "max") and p.score == "mass"
+    assert Pattern.from_dict(m.to_dict()) == m and encode([m]) == ([4], [990], [64 | 128])
     for bad, message in [({"recall": 0.0}, r"recall must be a number in \(0, 1\]"),
                          ({"recall": 1.5}, r"recall must be a number in \(0, 1\]"),
                          ({"recall": "high"}, "recall must be a number"),
@@ -42,6 +45,9 @@ def test_pattern_parses_validates_and_describes():
                          ({"recall": 0.9, "samples": 65}, "samples must be <= 64"),
                          ({"recall": 0.9, "samples": 0}, "samples must be >= 1"),
                          ({"recall": 0.9, "samples": 6}, "samples must be a power of two"),
+                         ({"recall": 0.9, "samples": 200}, "samples must be <= 64, got 200"),
+                         ({"recall": 0.9, "samples": 8.0}, "samples must be an int"),
+                         ({"recall": 0.9, "score": "sum"}, r"score must be one of \['mass', 'max'\]"),
                          ({"recall": 0.9, "blocks": 4}, "unknown keys")]:
         with pytest.raises(ValueError, match=message):
             Pattern.from_dict({"kind": "block_mass", **bad})
@@ -77,6 +83,29 @@ def test_tile_mass_equals_a_direct_computation(b, h, hk, n, nq):
                     pr = torch.softmax(s, -1)
                     want += torch.nn.functional.pad(pr, (0, nb * BLOCK - n)).view(nb, BLOCK).sum(-1) / len(rows)
                 torch.testing.assert_close(est[bi, hi, m - m0], want, atol=1e-5, rtol=1e-5)
+
+
+def test_tile_max_score_equals_a_direct_computation():
+    """score="max": the mean over the sampled rows of a softmax over the causal tiles of each
+    row's largest allowed logit in the tile; padding and a prefix chunk included."""
+    b, h, hk, n, nq = 2, 2, 1, 200, 150
+    q, k, _ = qkv(b, h, hk, n, 16, seed=4)
+    q = q[:, :, n - nq:]
+    kp = padding_mask(b, n, left=(0, 70))  # batch 1: tile 0 and part of tile 1 padded out
+    est = tile_mass(q, k, kp, 0.25, torch.tensor([1]), samples=2, score="max")
+    p = n - nq
+    m0, nb = p // BLOCK, num_blocks(n)
+    for bi in range(b):
+        for m in range(m0, nb):
+            want = torch.zeros(nb)
+            rows = [min(max(m * BLOCK + o, p), n - 1) for o in (63, 31)]
+            for r in rows:
+                s = (q[bi, 1, r - p] @ k[bi, 0].T) * 0.25
+                s = s.masked_fill((torch.arange(n) > r) | ~kp[bi], float("-inf"))
+                top = torch.stack([s[t * BLOCK:(t + 1) * BLOCK].max() for t in range(nb)])
+                want += torch.softmax(top, -1).nan_to_num(0.0) / len(rows)
+            torch.testing.assert_close(est[bi, 0, m - m0], want, atol=1e-6, rtol=1e-5)
+    assert est[1, 0, :, 0].eq(0).all()  # a tile with no allowed key scores 0
 
 
 def test_selection_reaches_the_target_with_the_fewest_tiles():
@@ -212,7 +241,7 @@ def test_pattern_budgets_by_name():
     a = Pattern.from_dict({"kind": "a_shape", "sink": 64, "local": 1024})
     assert (a.sink, a.local) == (64, 1024)
     bm = Pattern.from_dict({"kind": "block_mass", "recall": 0.95, "samples": 16})
-    assert (bm.recall, bm.samples) == (0.95, 16) and encode([bm]) == ([4], [950], [16])
+    assert (bm.recall, bm.samples, bm.score) == (0.95, 16, "mass") and encode([bm]) == ([4], [950], [16])
     assert Pattern.from_dict({"kind": "block_sparse", "blocks": 8}).blocks == 8
     with pytest.raises(AttributeError, match=r"has no 'slash' \(its budgets: \['sink', 'local'\]\)"):
         a.slash

@@ -143,6 +143,34 @@ def test_estimate_scores_match_reference(n, nq, h, hk, d, padded):
     torch.testing.assert_close(slash, rs, rtol=1e-4, atol=1e-6)
 
 
+TILE_SCORE_CASES = [  # (N, Nq, H, Hk, D, dtype, padded, samples)
+    pytest.param(8192, 8192, 9, 3, 64, BF16, False, 8, id="smollm2-shape-bf16-8rows"),
+    pytest.param(8192, 3000, 8, 2, 128, FP16, False, 16, id="D128-fp16-chunk3000-16rows"),
+    pytest.param(5017, 5017, 4, 2, 64, FP32, True, 4, id="fp32-leftpad-N5017-4rows"),
+]
+
+
+@pytest.mark.parametrize("score", ["mass", "max"])
+@pytest.mark.parametrize("n, nq, h, hk, d, dtype, padded, samples", TILE_SCORE_CASES)
+def test_block_mass_tile_scores_match_reference(n, nq, h, hk, d, dtype, padded, samples, score):
+    """Block-mass's fused estimate on CUDA (both tile scores) equals block_mass.tile_mass run in
+    fp32 on the same inputs: whole prompts and a chunk after a prefix, padding, GQA."""
+    from mcompile.kernels.block_mass import tile_mass
+    from mcompile.kernels.block_mass_triton import tile_mass_triton
+
+    g = torch.Generator(device=DEVICE).manual_seed(n + samples)
+    q = torch.randn(1, h, nq, d, device=DEVICE, generator=g).to(dtype)
+    k = torch.randn(1, hk, n, d, device=DEVICE, generator=g).to(dtype)
+    kp = None
+    if padded:
+        kp = torch.ones(1, n, dtype=torch.bool, device=DEVICE)
+        kp[:, :77] = False
+    heads = torch.arange(h, device=DEVICE)
+    est = tile_mass_triton(q, k, kp, d ** -0.5, heads, samples, score=score)
+    ref = tile_mass(q.float(), k.float(), kp, d ** -0.5, heads, samples, score=score)
+    torch.testing.assert_close(est, ref, rtol=1e-3, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------
 # The graph ops after a cached prefix and at padded head dims (was benchmarks/gpu_check_prefix.py)
 # ------------------------------------------------------------------------------------------------

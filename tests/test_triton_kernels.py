@@ -611,6 +611,45 @@ def test_tile_mass_kernel_equals_reference(b, h, hk, n, nq, d, pad, samples, spl
     torch.testing.assert_close(est, ref, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("b,h,hk,n,nq,d,pad,samples,split,chunked,rows", [
+    (1, 2, 2, 200, 200, 16, False, 8, 32, False, 64), (2, 4, 2, 161, 100, 32, True, 4, 1, True, 128),
+    (1, 3, 1, 330, 330, 8, False, 32, 3, False, 64)])
+def test_tile_max_kernel_equals_reference(b, h, hk, n, nq, d, pad, samples, split, chunked, rows, monkeypatch):
+    """The "max" tile score of the fused estimate equals block_mass.tile_mass's: masked and
+    unmasked tiles (the unmasked ones take the scale per row), padding, a prefix chunk, GQA,
+    batch > 1, splits and chunks."""
+    from mcompile.kernels import block_mass_triton
+    from mcompile.kernels.block_mass import tile_mass
+    from mcompile.kernels.block_mass_triton import tile_mass_triton
+
+    if chunked:
+        monkeypatch.setattr(block_mass_triton, "TILE_SUM_BYTES", 1)
+    q, k, _ = inputs(b, h, hk, n, d, seed=n + samples + 1)
+    q = q[:, :, n - nq:]
+    kp = padding(b, n, seed=n) if pad else None
+    heads = torch.tensor([h - 1, 0])
+    est = tile_mass_triton(q, k, kp, d ** -0.5, heads, samples, split, score="max", rows=rows)
+    ref = tile_mass(q, k, kp, d ** -0.5, heads, samples, score="max")
+    torch.testing.assert_close(est, ref, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(ref, tile_mass(q, k, kp, d ** -0.5, heads, samples))  # a score of its own
+
+
+def test_estimate_index_triton_mixes_tile_scores_like_the_reference():
+    """A layer whose block-mass heads use both scores: each head's index as the reference builds it."""
+    from mcompile.patterns import Pattern, encode
+
+    b, h, hk, n, d = 2, 4, 2, 230, 16
+    q, k, _ = inputs(b, h, hk, n, d, seed=6)
+    pats = [Pattern.from_dict({"kind": "block_mass", "recall": r, "samples": 4, "score": sc})
+            for r, sc in ((0.6, "max"), (0.8, "mass"), (0.9, "max"), (0.7, "mass"))]
+    ref = estimate_index_ref(q, k, None, *encode(pats), d ** -0.5)
+    tri = est_triton.estimate_index_triton(q, k, None, *encode(pats), d ** -0.5)
+    for name in ("run_count", "block_count", "blocks"):
+        assert torch.equal(getattr(ref, name), getattr(tri, name)), name
+    alone = estimate_index_ref(q, k, None, *encode([pats[0]] * h), d ** -0.5)
+    assert torch.equal(ref.blocks[:, 0], alone.blocks[:, 0])  # a head's index does not depend on its neighbours'
+
+
 def _estimates(b, hm, m0, nb, seed):
     """Tile estimates as the estimate makes them (rows summing to 1 over causal tiles) with
     zeros, ties and a dominant tile."""

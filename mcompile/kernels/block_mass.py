@@ -15,6 +15,17 @@ computes exactly the kept tiles, so the computed share equals the kept share. A 
 more tiles than the index holds (``capacity``) in some block runs dense instead (its mass is
 diffuse: the kernel would compute nearly every tile anyway).
 
+The tile score of a sampled row is its softmax mass on the tile's keys ("mass"), or, with
+``score="max"``, a softmax over the tiles of the row's largest logit in each::
+
+    e_max[m, t] = mean_{sampled rows r of block m} softmax_t(max_{keys j in tile t} q_r . k_j / sqrt(d))
+
+which weighs a tile by its strongest key alone (a tile of 64 equal keys scores as one of them).
+On the GPU it costs one maximum per logit where the mass costs a scale, a subtraction, an
+exponential and a sum: the estimate's loop is bound by that per-logit arithmetic
+(block_mass_triton.py), so "max" can sample more rows at the same cost. On real heads it loses
+no recall at equal computed share and raises the worst head (docs/ACCURACY.md, "Tile scores").
+
 Why sampled rows (measured on SmolLM2 + YaRN x16, real text, 10 layers, docs/ACCURACY.md): the
 last 64 queries (vertical-slash's estimate) miss what earlier queries look at (the default's
 worst head recalls 0.54-0.64 at 8K-16K); strided antidiagonal sums (XAttention) and mean-pooled
@@ -47,10 +58,14 @@ def sample_offsets(samples: int, device=None) -> torch.Tensor:
 
 
 def tile_mass(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch.Tensor], scale: float,
-              heads: torch.Tensor, samples: int) -> torch.Tensor:
+              heads: torch.Tensor, samples: int, score: str = "mass") -> torch.Tensor:
     """Estimated tile masses (B, Hm, M, NB) fp32 of query heads ``heads`` for the M query blocks
     that hold queries (``m0 = (N - Nq) // BLOCK`` on); q (B, H, Nq, D) may be a chunk after a
-    cached prefix (positions N - Nq .. N - 1), k (B, Hk, N, D), key_padding (B, N)."""
+    cached prefix (positions N - Nq .. N - 1), k (B, Hk, N, D), key_padding (B, N).
+    ``score`` "max": each sampled row's softmax over the tiles of its largest logit in each
+    (module docstring) instead of its softmax mass on each tile."""
+    if score not in ("mass", "max"):
+        raise ValueError(f"score must be 'mass' or 'max', got {score!r}")
     b, h, nq, d = q.shape
     hk, n = k.shape[1], k.shape[2]
     group = h // hk
@@ -80,7 +95,13 @@ def tile_mass(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch.Tens
         allowed = (keys[None, :] <= rp[:, None])[None, None]
         if allowed_keys is not None:
             allowed = allowed & allowed_keys
-        prob = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1).nan_to_num_(0.0)
+        s = s.masked_fill(~allowed, float("-inf"))
+        if score == "max":
+            s = torch.nn.functional.pad(s, (0, nb * BLOCK - n), value=float("-inf"))
+            top = s.view(b, hm, c1 - c0, s_rows, nb, BLOCK).amax(-1)
+            out[:, :, c0:c1] = torch.softmax(top, -1).nan_to_num_(0.0).mean(3)
+            continue
+        prob = torch.softmax(s, -1).nan_to_num_(0.0)
         prob = torch.nn.functional.pad(prob, (0, nb * BLOCK - n))
         out[:, :, c0:c1] = prob.view(b, hm, c1 - c0, s_rows, nb, BLOCK).sum(-1).mean(3)
     return out

@@ -15,7 +15,9 @@ Three kernels:
    pass over its tiles with a running row max ``m`` and sum of exp ``l`` (base 2, as flash
    attention keeps them); for every tile it stores ``log2(sum_j exp2(s_j - m)) + m``, the log of
    the tile's unnormalised mass, which does not depend on the max at the time; at the end the
-   split's ``m`` and ``l``. One exponential per logit (a first pass for the row statistics would
+   split's ``m`` and ``l``. With ``SCORE_MAX`` (block_mass's "max" score) it stores the tile's
+   largest logit and keeps ``m`` and ``l`` over those: one maximum per logit and one exponential
+   per row and tile. One exponential per logit (a first pass for the row statistics would
    double them), and no mask on the tiles that lie wholly before the group's first sampled row:
    the per-logit mask arithmetic, not the exponentials, bounds this loop (packed half-precision
    exponentials did not speed it up; dropping the mask took 27% off at 128K). Splitting the keys
@@ -97,7 +99,7 @@ def _tile_sums_kernel(Q, K, KP, Heads, V, Mx, Lx,
                       stride_kb, stride_kh, stride_kn, stride_kd, stride_kpb, stride_kpn,
                       N, P, M, M0, NB, GROUP, HM, SPLITS, RG, G0, RC, qk_scale,
                       HEAD_DIM: tl.constexpr, SAMPLES: tl.constexpr, GROUPS: tl.constexpr, SPLIT_TILES: tl.constexpr,
-                      HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                      HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr, SCORE_MAX: tl.constexpr):
     ROWS_: tl.constexpr = GROUPS * SAMPLES
     local = tl.program_id(0)  # row group within the launch's chunk
     pid = G0 + local
@@ -126,15 +128,28 @@ def _tile_sums_kernel(Q, K, KP, Heads, V, Mx, Lx,
             if t >= full_end:
                 s = _logits(q, k_base, kp_base, t * 64 + c, pos, row_ok, N, stride_kn, stride_kd, stride_kpn,
                             qk_scale, HEAD_DIM, HAS_PADDING, DOT_PRECISION)
+                if SCORE_MAX:
+                    top = tl.max(s, 1)
             else:  # t * 64 + 63 below every valid row's position, the tile inside the sequence
                 k = tl.load(k_base + (t * 64 + c).to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd)
-                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            tile_sum = tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
-            l_i = l_i * tl.math.exp2(m_i - m_new) + tile_sum
-            m_i = m_new
-            # log2 of the tile's unnormalised mass: exact whatever the row max turns out to be
-            tl.store(v_base + t * RC, tl.math.log2(tile_sum) + m_new)  # t * RC < NB * RC: int32
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+                if SCORE_MAX:
+                    top = tl.max(s, 1) * qk_scale  # the scale is positive: one product per row, not per logit
+                else:
+                    s = s * qk_scale
+            if SCORE_MAX:
+                # the tile's log2 score is its largest logit; the row statistics run over tiles
+                m_new = tl.maximum(m_i, top)
+                l_i = l_i * tl.math.exp2(m_i - m_new) + tl.math.exp2(top - m_new)
+                m_i = m_new
+                tl.store(v_base + t * RC, top)
+            else:
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                tile_sum = tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
+                l_i = l_i * tl.math.exp2(m_i - m_new) + tile_sum
+                m_i = m_new
+                # log2 of the tile's unnormalised mass: exact whatever the row max turns out to be
+                tl.store(v_base + t * RC, tl.math.log2(tile_sum) + m_new)  # t * RC < NB * RC: int32
         out = (bh.to(tl.int64) * SPLITS + split) * RG * ROWS_ + pid * ROWS_ + r
         tl.store(Mx + out, m_i)
         tl.store(Lx + out, l_i)
@@ -233,8 +248,9 @@ def _select_kernel(Est, Recall, Tiles, Counts, M, M0, NB, HM, CAP, stride_tb, st
 
 
 def tile_mass_triton(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch.Tensor], scale: float,
-                     heads: torch.Tensor, samples: int, split: int = SPLIT, *, rows: Optional[int] = None,
-                     num_warps: Optional[int] = None, num_stages: Optional[int] = None) -> torch.Tensor:
+                     heads: torch.Tensor, samples: int, split: int = SPLIT, *, score: str = "mass",
+                     rows: Optional[int] = None, num_warps: Optional[int] = None,
+                     num_stages: Optional[int] = None) -> torch.Tensor:
     """Same contract and result as ``block_mass.tile_mass`` (up to fp32 rounding); ``samples`` a
     power of two up to ``rows``; ``split`` key tiles per program; ``rows`` sampled rows per
     program (64 or 128), ``num_warps`` and ``num_stages`` the tile-sums launch (None: ROWS,
@@ -244,6 +260,8 @@ def tile_mass_triton(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[tor
     hk, n = k.shape[1], k.shape[2]
     if rows not in (64, 128):
         raise ValueError(f"rows must be 64 or 128, got {rows}")
+    if score not in ("mass", "max"):
+        raise ValueError(f"score must be 'mass' or 'max', got {score!r}")
     if samples < 1 or samples > rows or samples & (samples - 1):
         raise ValueError(f"samples must be a power of two in [1, {rows}], got {samples}")
     if d > MAX_HEAD_DIM or k.shape[-1] != d:
@@ -251,7 +269,7 @@ def tile_mass_triton(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[tor
     if d not in HEAD_DIMS:
         dp = padded_head_dim(d)
         return tile_mass_triton(pad_head_dim(q, dp), pad_head_dim(k, dp), key_padding, scale, heads, samples, split,
-                                rows=rows, num_warps=num_warps, num_stages=num_stages)
+                                score=score, rows=rows, num_warps=num_warps, num_stages=num_stages)
     nb = num_blocks(n)
     p = n - nq
     m0 = p // BLOCK
@@ -284,7 +302,7 @@ def tile_mass_triton(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[tor
         _tile_sums_kernel[(g1 - g0, splits, b * hm)](
             q, k, kp, heads32, v, mx, lx, *q.stride(), *k.stride(), *kp_strides, n, p, m, m0, nb, h // hk, hm,
             splits, row_groups, g0, chunk * rows, float(scale) * LOG2E, HEAD_DIM=d, HAS_PADDING=has_padding,
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **meta, **launch)
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SCORE_MAX=score == "max", **meta, **launch)
         _tile_mass_kernel[((g1 - g0) * groups, b * hm)](v, mx, lx, est, m, m0, nb, splits, row_groups, g0, chunk * rows,
                                                         CHUNK=MASS_CHUNK, **meta,
                                                         **({} if interpreting() else dict(num_warps=4)))

@@ -29,7 +29,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..index import BLOCK, SENTINEL, SparseIndex, column_counts, index_rows, num_blocks, runs_to_diag_prefix
-from ..patterns import LAST_Q, LOCAL_DIAGONALS, RECALL_SCALE, SINK_COLUMNS, PatternKind
+from ..patterns import LAST_Q, LOCAL_DIAGONALS, RECALL_SCALE, SCORE_MAX, SINK_COLUMNS, PatternKind
 from .block_mass import select_tiles, tile_mass
 
 SCORE_BYTES = 1 << 30  # cap on one chunk's fp32 score tensor during estimation
@@ -209,7 +209,7 @@ def assemble_index(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch
     Nq <= N (a chunk after a cached prefix; the index is over N, index.py).
 
     ``vs_scores(q, k, key_padding, scale, heads)`` computes the vertical-slash scores and
-    ``mass_scores(q, k, key_padding, scale, heads, samples)`` block-mass's tile estimates and
+    ``mass_scores(q, k, key_padding, scale, heads, samples, score)`` block-mass's tile estimates and
     ``mass_select`` its selection (block_mass.select_tiles's contract); the rest
     is shared by every implementation. Per-head tables are built on the host from the pattern
     lists: no host sync, no loop over heads. ``capacity`` (R, C, KB) sizes the index when the
@@ -291,8 +291,20 @@ def _block_mass_into(q, k, key_padding, scale: float, heads: Sequence[int], p0, 
     every = len(heads) == h
     sel = slice(None) if every else _device_ints(heads, dev).long()
     recall = _device_ints([p0[i] for i in heads], dev).float() / RECALL_SCALE
-    est = mass_scores(q, k, key_padding, scale, torch.arange(h, device=dev) if every else sel,
-                      max(p1[i] for i in heads))
+    samples = max(p1[i] & (SCORE_MAX - 1) for i in heads)
+    scores = ["max" if p1[i] & SCORE_MAX else "mass" for i in heads]
+    if len(set(scores)) == 1:
+        est = mass_scores(q, k, key_padding, scale, torch.arange(h, device=dev) if every else sel, samples,
+                          score=scores[0])
+    else:  # heads of both scores in one layer: each score's heads estimated apart
+        parts = {sc: [j for j, x in enumerate(scores) if x == sc] for sc in set(scores)}
+        est = None
+        for sc, pos in parts.items():
+            part = mass_scores(q, k, key_padding, scale, _device_ints([heads[j] for j in pos], dev).long(), samples,
+                              score=sc)
+            if est is None:
+                est = part.new_zeros(part.shape[0], len(heads), *part.shape[2:])
+            est[:, _device_ints(pos, dev).long()] = part
     out = (blocks[:, :, m0:nb], block_count[:, :, m0:nb]) if every else None
     tiles, counts, dense = mass_select(est, recall, m0, kb_cap, out=out)
     if not every:

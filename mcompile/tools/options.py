@@ -10,15 +10,19 @@ from ..patterns import Pattern, PatternKind, budget_names
 
 
 def _number(text: str):
+    """An int, a float, or the text itself (block_mass's score: ``block_mass:0.98,16,max``)."""
     try:
         return int(text)
     except ValueError:
-        return float(text)
+        try:
+            return float(text)
+        except ValueError:
+            return text
 
 
 def pattern_arg(text: str) -> dict:
     """``vertical_slash:256,512`` / ``a_shape:128,1024`` / ``block_sparse:8`` /
-    ``block_mass:0.98`` or ``block_mass:0.98,16`` / ``dense`` (the budgets in the order
+    ``block_mass:0.98`` or ``block_mass:0.98,16`` or ``block_mass:0.98,16,max`` / ``dense`` (the budgets in the order
     ``patterns.budget_names`` gives), or a pattern as JSON; validated by ``Pattern.from_dict``."""
     text = text.strip()
     try:
@@ -31,7 +35,7 @@ def pattern_arg(text: str) -> dict:
             names = budget_names(PatternKind[kind.upper()])
             values = [_number(x.strip()) for x in params.split(",")] if params else []
             if len(values) > len(names):
-                raise ValueError(f"{kind} takes at most {len(names)} numbers ({', '.join(names) or 'none'}), "
+                raise ValueError(f"{kind} takes at most {len(names)} values ({', '.join(names) or 'none'}), "
                                  f"got {len(values)}")
             spec = {"kind": kind, **dict(zip(names, values))}
         Pattern.from_dict(spec)
