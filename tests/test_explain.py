@@ -232,7 +232,7 @@ _GENERATE_BATCH_RAN: list = []
 def test_continuous_batching_says_why(impl):
     """generate_batch runs a paged cache Dynamo does not trace: the attention's graph starts
     after the cache update, and the mask over the packed requests is one of its inputs."""
-    from transformers import GenerationConfig
+    from transformers import ContinuousBatchingConfig, GenerationConfig
 
     if _GENERATE_BATCH_RAN and torch.__version__ < "2.13":
         pytest.skip("torch 2.11 crashes (segfault in Dynamo's fake-tensor conversion) on a second generate_batch "
@@ -243,8 +243,12 @@ def test_continuous_batching_says_why(impl):
     model.compile(backend=user, dynamic=True)  # dynamic: q, k and v arrive with symbolic head counts too
     config = GenerationConfig(max_new_tokens=1, do_sample=False, eos_token_id=None, pad_token_id=0)
     prompts = [[i % 120 + 3 for i in range(n)] for n in (70, 100)]
+    # a small cache: the default one is sized from free memory, and its packed mask (8192 query
+    # rows over every cached slot, fp32) took 14 GB, two of which do not fit a CI worker pair
+    cb = ContinuousBatchingConfig(max_batch_tokens=256, num_blocks=16, use_cuda_graph=False)
     with torch.no_grad():
-        out = model.generate_batch(prompts, generation_config=config, progress_bar=False, warmup=False)
+        out = model.generate_batch(prompts, generation_config=config, continuous_batching_config=cb,
+                                   progress_bar=False, warmup=False)
     assert all(len(o.generated_tokens) == 1 for o in out.values())
     sites = [s for r in user.reports for s in r.sites]
     assert sites and not any(s.rewritten for s in sites)
