@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/kernels.py                       # synthetic, Llama-3-8B shapes
     PYTHONPATH=. python benchmarks/kernels.py --lengths 32768 131072 --budgets 500,3048
+    PYTHONPATH=. python benchmarks/kernels.py --lengths 131072 --inputs clustered --patterns default block_mass:0.99,16,max
     MCOMPILE_SMOLLM2_DIR=<gguf dir> PYTHONPATH=. python benchmarks/kernels.py --real 32768 131072
 
 Rows (one per input, length and budget): kept density of the index (fraction of causal pairs,
@@ -265,13 +266,15 @@ def flex_ms(q, k, v, scale, index):
 # One row
 # ------------------------------------------------------------------------------------------------
 
-def measure(label, q, k, v, budgets, args, check=False):
+def measure(label, q, k, v, pattern, args, check=False):
+    """One row: ``pattern`` (a patterns.Pattern) on every head of q/k/v."""
     from mcompile.kernels import estimate_triton
     from mcompile.kernels import sparse_attention_triton as attn
+    from mcompile.patterns import encode
 
     b, h, n, d = q.shape
     scale = d ** -0.5
-    kinds, p0, p1 = [int(PatternKind.VERTICAL_SLASH)] * h, [budgets[0]] * h, [budgets[1]] * h
+    kinds, p0, p1 = encode([pattern] * h)
 
     def estimate():
         return estimate_triton.estimate_index_triton(q, k, None, kinds, p0, p1, scale)
@@ -294,7 +297,7 @@ def measure(label, q, k, v, budgets, args, check=False):
     flex, flex_density = flex_ms(q, k, v, scale, index) if n <= args.flex_max else (float("nan"), float("nan"))
     total = est + kern
     row = {
-        "input": label, "n": n, "heads": h, "kv_heads": k.shape[1], "head_dim": d, "budgets": list(budgets),
+        "input": label, "n": n, "heads": h, "kv_heads": k.shape[1], "head_dim": d, "pattern": pattern.to_dict(),
         "density": kept / causal, "computed_density": computed / causal, "recall": recall, "recall_min": recall_min,
         "runs_per_head": index.run_count.float().mean().item(), "estimate_ms": est, "kernel_ms": kern,
         "cudnn_ms": cudnn, "flash_ms": flash, "flex_ms": flex, "flex_block_density": flex_density,
@@ -302,13 +305,14 @@ def measure(label, q, k, v, budgets, args, check=False):
         "kernel_tflops": computed * d * 4 / (kern * 1e-3) / 1e12,
         "cudnn_tflops": causal * d * 4 / (cudnn * 1e-3) / 1e12, "block_n": block_n, "check": ok,
     }
-    print(f"  {label:<14} {n:>8} {budgets[0]:>5}/{budgets[1]:<5} {row['density']:7.2%} {recall:6.3f} {est:8.2f} "
+    short = "/".join(str(x) for x in pattern.to_dict().values() if not isinstance(x, str) or x in ("mass", "max"))
+    print(f"  {label:<14} {n:>8} {short:>11} {row['density']:7.2%} {recall:6.3f} {est:8.2f} "
           f"{kern:9.2f} {cudnn:9.2f} {flash:9.2f} {flex:9.2f} {row['speedup_vs_cudnn']:7.2f}x {row['estimate_share']:6.1%} "
           f"{row['kernel_tflops']:6.0f} {row['cudnn_tflops']:6.0f}", flush=True)
     return row
 
 
-HEADER = (f"  {'input':<14} {'N':>8} {'budgets':>11} {'density':>7} {'recall':>6} {'est ms':>8} {'kernel ms':>9} "
+HEADER = (f"  {'input':<14} {'N':>8} {'pattern':>11} {'density':>7} {'recall':>6} {'est ms':>8} {'kernel ms':>9} "
           f"{'cuDNN ms':>9} {'flash ms':>9} {'flex ms':>9} {'speedup':>8} {'est %':>6} {'TF/s':>6} {'cuDNN':>6}")
 
 
@@ -317,7 +321,9 @@ def main():
     p.add_argument("--lengths", type=int, nargs="*", default=[32768, 131072, 524288, 1048576])
     p.add_argument("--inputs", nargs="*", default=["clustered", "gaussian"], choices=["clustered", "gaussian"])
     p.add_argument("--gaussian-max", type=int, default=131072, help="longest Gaussian (degenerate) case")
-    p.add_argument("--budgets", nargs="*", default=["1000,6096"], help="vertical,slash pairs")
+    p.add_argument("--budgets", nargs="*", default=None, help="vertical,slash pairs (default 1000,6096 unless --patterns)")
+    p.add_argument("--patterns", nargs="*", default=[], help="patterns as `mcompile demo --pattern` takes them "
+                   "(block_mass:0.99,8,max, a_shape:128,4096, JSON) or `default` (the package's default pattern)")
     p.add_argument("--real", type=int, nargs="*", default=[], help="lengths for captured SmolLM2 + YaRN Q/K/V")
     p.add_argument("--real-layers", type=int, nargs="*", default=[2, 15, 28])
     p.add_argument("--flash-max", type=int, default=524288)
@@ -328,7 +334,15 @@ def main():
         sys.exit("this benchmark needs a CUDA GPU")
     import triton
 
-    budgets = [tuple(int(x) for x in b.split(",")) for b in args.budgets]
+    from mcompile.config import MInferenceConfig
+    from mcompile.patterns import Pattern
+    from mcompile.tools.options import pattern_arg
+
+    budgets = args.budgets if args.budgets is not None else ([] if args.patterns else ["1000,6096"])
+    patterns = [Pattern.from_dict({"kind": "vertical_slash", "vertical": int(b.split(",")[0]),
+                                   "slash": int(b.split(",")[1])}) for b in budgets]
+    patterns += [MInferenceConfig().default_pattern if x == "default" else Pattern.from_dict(pattern_arg(x))
+                 for x in args.patterns]
     t0 = time.time()
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}", flush=True)
     print(HEADER, flush=True)
@@ -342,8 +356,8 @@ def main():
             make = clustered_qk if label == "clustered" else gaussian_qk
             q, k = make(n, shape["h"], shape["hk"], shape["d"])
             v = torch.randn(1, shape["hk"], n, shape["d"], device="cuda", dtype=torch.bfloat16)
-            for bud in budgets:
-                rows.append(measure(label, q, k, v, bud, args, check=first))
+            for pattern in patterns:
+                rows.append(measure(label, q, k, v, pattern, args, check=first))
                 first = False
             del q, k, v
             torch.cuda.empty_cache()
@@ -351,8 +365,8 @@ def main():
         store = real_qkv(args.real, args.real_layers)
         for n, layers in store.items():
             for layer, (q, k, v) in sorted(layers.items()):
-                for bud in budgets:
-                    rows.append(measure(f"smollm2 L{layer}", q, k, v, bud, args, check=first))
+                for pattern in patterns:
+                    rows.append(measure(f"smollm2 L{layer}", q, k, v, pattern, args, check=first))
                     first = False
     print(f"total {time.time() - t0:.0f} s", flush=True)
     if args.out:
