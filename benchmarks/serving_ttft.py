@@ -1,0 +1,112 @@
+"""Time to first token under continuous batching: transformers' ``generate_batch`` (chunked
+prefill over a paged cache) with dense paged attention against ``mcompile.serving.sparse_batching``.
+
+    MCOMPILE_SMOLLM2_DIR=<gguf dir> python -m benchmarks.serving_ttft --out r.json     # CUDA, transformers >= 5.25
+    python -m benchmarks.serving_ttft --smoke                                           # CPU, tiny model
+
+SmolLM2-135M (real weights, RoPE stretched by YaRN x16, bf16), four prompts of real text
+(``--lengths``, 32K-128K by default) submitted together; each run generates ``--new-tokens``
+tokens per request. Per request: the time from the call to its first generated token (the
+timestamps transformers records), and the whole call's wall time. Runs, in this order: a warm-up
+(one short sparse batch: Triton compiles), dense (transformers' own ``sdpa`` over the paged
+cache), sparse (``sparse_batching`` at the package's defaults), and with ``--cover`` sparse with
+budgets covering every key, whose tokens must equal dense's (the sparse path's exactness).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from torch._dynamo.utils import counters
+
+
+def run(model, prompts, new_tokens, chunk, options=None):
+    """({request: (ttft_s, tokens)}, wall_s, counters) of one generate_batch call; sparse when
+    ``options`` is given."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    from mcompile.serving import sparse_batching
+
+    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    cb = ContinuousBatchingConfig(max_batch_tokens=chunk, use_cuda_graph=False, auto_switch_to_flash=False)
+    counters["mcompile"].clear()
+    scope = sparse_batching(options=options) if options is not None else torch.no_grad()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.no_grad(), scope:
+        out = model.generate_batch(prompts, generation_config=config, continuous_batching_config=cb,
+                                   progress_bar=False, warmup=False, record_timestamps=True)
+    wall = time.perf_counter() - t0
+    per = {k: ((o.timestamps[0] - t0) if o.timestamps else float("nan"), list(o.generated_tokens))
+           for k, o in sorted(out.items())}
+    return per, wall, dict(counters["mcompile"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536, 98304, 131072])
+    p.add_argument("--new-tokens", type=int, default=4)
+    p.add_argument("--chunk", type=int, default=8192, help="max_batch_tokens (transformers' default 8192)")
+    p.add_argument("--cover", action="store_true", help="also run budgets covering every key (tokens = dense)")
+    p.add_argument("--smoke", action="store_true", help="tiny random Llama on the CPU")
+    p.add_argument("--out", default="")
+    args = p.parse_args()
+    import transformers
+
+    if args.smoke:
+        from mcompile.tools.models import tiny_llama
+
+        model = tiny_llama("sdpa", layers=2)
+        lengths, chunk = [300, 420, 260, 512], 128
+        prompts = [[(7 * i + j) % 120 + 3 for i in range(n)] for j, n in enumerate(lengths)]
+        sparse = {"dense_below": 0, "pattern_db": None}
+        warm = None
+    else:
+        from mcompile.tools.data import haystack
+        from mcompile.tools.models import load_smollm2
+
+        model, tok = load_smollm2(dtype=torch.bfloat16, device="cuda", yarn_factor=max(16, max(args.lengths) / 8192))
+        lengths, chunk = args.lengths, args.chunk
+        prompts = [haystack(tok, n, offset=20000 + 7919 * j) for j, n in enumerate(lengths)]
+        sparse = {}
+        warm = [prompts[0][:32768]]
+    cover = {**sparse, "default_pattern": {"kind": "vertical_slash", "vertical": max(lengths), "slash": max(lengths)}}
+    print(f"device {torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke else 'cpu'}, "
+          f"torch {torch.__version__}, transformers {transformers.__version__}; prompts {lengths}, chunk {chunk}",
+          flush=True)
+    results = {"lengths": lengths, "chunk": chunk, "new_tokens": args.new_tokens, "runs": {}}
+
+    def save():
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1)
+
+    if warm:
+        run(model, warm, 1, chunk, sparse)
+        run(model, warm, 1, chunk)
+    cases = [("dense", None), ("sparse", sparse)] + ([("cover", cover)] if args.cover else [])
+    for name, options in cases:
+        per, wall, ctr = run(model, prompts, args.new_tokens, chunk, options)
+        results["runs"][name] = {"ttft_s": [t for t, _ in per.values()], "tokens": [x for _, x in per.values()],
+                                 "wall_s": wall, "counters": ctr}
+        print(f"{name:7s} TTFT per request (s): " + " ".join(f"{t:7.2f}" for t, _ in per.values()) +
+              f" | wall {wall:7.2f} s | {ctr}", flush=True)
+        save()
+    dense = results["runs"]["dense"]
+    for name in results["runs"]:
+        r = results["runs"][name]
+        r["ttft_vs_dense"] = [d / s for d, s in zip(dense["ttft_s"], r["ttft_s"])]
+        r["tokens_equal_dense"] = r["tokens"] == dense["tokens"]
+        print(f"{name:7s} TTFT vs dense: " + " ".join(f"{x:5.2f}x" for x in r["ttft_vs_dense"]) +
+              f"; tokens equal dense: {r['tokens_equal_dense']}", flush=True)
+    save()
+    if args.cover and not results["runs"]["cover"]["tokens_equal_dense"]:
+        raise SystemExit("covering budgets did not reproduce dense's tokens")
+
+
+if __name__ == "__main__":
+    main()
