@@ -26,9 +26,10 @@ Under ``model.compile(...)`` the function runs outside the compiled graphs (it i
 ``torch.compiler.disable``d, as the paged cache's update is): the graphs end before attention
 and resume after it, and the layers' other work stays compiled.
 
-Engines can call ``ops.estimate_index`` and ``ops.sparse_attention`` the same way on one request's
-chunk and its gathered keys: index planning (``estimate_index``: the index over all N keys for the
-chunk's queries) is separate from the kernel, and both take q (1, H, Nq, D), k/v (1, Hk, N, D).
+Engines call ``paged_prefill`` with their own layout: packed chunks (T, H, D), a paged cache
+(pages, page size, Hk, D) and block tables, as vLLM keeps them. Index planning (``plan_request``:
+the index over all N keys for a chunk's queries) is separate from the kernel
+(``request_attention`` with the plan), and both take q (1, H, Nq, D), k/v (1, Hk, N, D).
 """
 
 from __future__ import annotations
@@ -72,28 +73,87 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         log.debug("mcompile: packed attention falls back to %s: %s", getattr(fallback, "__name__", "sdpa"), reason)
         counters["mcompile"]["packed_fallback"] += 1
         return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    h, d = query.shape[1], query.shape[3]
+    d = query.shape[3]
     scale = float(scaling) if scaling is not None else d ** -0.5
     window = int(kwargs.get("sliding_window") or getattr(module, "sliding_window", None) or 0)
-    pattern = Pattern(PatternKind.A_SHAPE, 0, window) if window else config.default_pattern
-    kinds, p0, p1 = encode([pattern] * h)
-    scaling_args = (0, 0.0) if window else (config.budget_length, config.budget_exponent)
     out = query.new_zeros(*query.shape[:3], value.shape[-1])  # rows past the last request stay zero
     cq, ck = lengths
     for i in range(len(cq) - 1):
         q = query[:, :, cq[i]:cq[i + 1]]
-        k, v = key[:, :, ck[i]:ck[i + 1]], value[:, :, ck[i]:ck[i + 1]]
-        nq, n = q.shape[2], k.shape[2]
+        if q.shape[2]:
+            k, v = key[:, :, ck[i]:ck[i + 1]], value[:, :, ck[i]:ck[i + 1]]
+            out[:, :, cq[i]:cq[i + 1]] = request_attention(q, k, v, scale, config, window)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def request_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, config: MInferenceConfig,
+                      window: int = 0, index: Optional[tuple] = None) -> torch.Tensor:
+    """One request: its chunk q (1, H, Nq, D), the last Nq of its keys k/v (1, Hk, N, D) (cached
+    prefix + chunk). Dense when ``ops.runs_dense`` says so; otherwise ``index`` (a plan from
+    ``plan_request``) or one estimated here, then the sparse kernel."""
+    if ops.runs_dense(q.shape[2], k.shape[2], config.dense_below):
+        return ops.dense_attention(q, k, v, None, scale, window)
+    if index is None:
+        index = plan_request(q, k, scale, config, window)
+    counters["mcompile"]["packed_sparse"] += 1
+    return ops.sparse_attention(q, k, v, *index, None, scale, window)
+
+
+def plan_request(q: torch.Tensor, k: torch.Tensor, scale: float, config: MInferenceConfig, window: int = 0) -> tuple:
+    """The index (``ops.estimate_index``'s tuple) of one request's chunk over all its keys:
+    ``config.default_pattern`` for every head, or the band of a sliding window."""
+    pattern = Pattern(PatternKind.A_SHAPE, 0, window) if window else config.default_pattern
+    scaling_args = (0, 0.0) if window else (config.budget_length, config.budget_exponent)
+    return ops.estimate_index(q, k, None, *encode([pattern] * q.shape[1]), scale, *scaling_args)
+
+
+def gather_pages(cache: torch.Tensor, pages: torch.Tensor, length: int) -> torch.Tensor:
+    """One request's first ``length`` entries of a paged cache, (1, Hk, length, D): ``cache``
+    (num_pages, page_size, Hk, D) (vLLM's layout), ``pages`` its block table row (page ids in
+    order). A copy: the kernels read contiguous keys."""
+    page = cache.shape[1]
+    used = pages[: -(-length // page)].long()
+    return cache[used].flatten(0, 1)[:length].transpose(0, 1).unsqueeze(0)
+
+
+def paged_prefill(query: torch.Tensor, cu_seqlens_q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  block_table: torch.Tensor, context_lens: torch.Tensor, scale: Optional[float] = None,
+                  options: Optional[dict] = None, window: int = 0, plans: Optional[list] = None) -> torch.Tensor:
+    """Attention of a packed batch of request chunks over a paged KV cache, as a serving engine
+    lays them out; each request sparse or dense as ``request_attention`` decides.
+
+    query (T, H, D): the chunks of R requests one after another, request i's rows
+    ``[cu_seqlens_q[i], cu_seqlens_q[i + 1])``; k_cache / v_cache (num_pages, page_size, Hk, D);
+    block_table (R, max_pages) int: request i's pages in order; context_lens (R,): request i's
+    keys, its chunk's included (the chunk's keys are written to the cache before the call), so
+    its queries sit at positions ``context_lens[i] - Nq_i ..``. ``window``: a sliding window of
+    that many keys (0: none). ``plans``: per request an index from ``plan_request`` (None:
+    estimated here), so that index planning can run apart from the kernel (on another stream,
+    or once for several layers that share a pattern). Returns (T, H, Dv). The lengths are read
+    from the device once."""
+    config = MInferenceConfig.from_options(options)
+    if query.dim() != 3 or k_cache.dim() != 4 or v_cache.shape[:3] != k_cache.shape[:3]:
+        raise ValueError(f"paged_prefill takes query (T, H, D) and caches (pages, page size, Hk, D), got "
+                         f"{tuple(query.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    cq, ctx = cu_seqlens_q.tolist(), context_lens.tolist()
+    if len(cq) != len(ctx) + 1 or block_table.shape[0] != len(ctx) or cq[-1] > query.shape[0]:
+        raise ValueError(f"paged_prefill: {len(cq)} query offsets, {len(ctx)} context lengths and "
+                         f"{block_table.shape[0]} block-table rows do not describe the same requests")
+    page = k_cache.shape[1]
+    scale = float(scale) if scale is not None else query.shape[-1] ** -0.5
+    out = query.new_zeros(*query.shape[:2], v_cache.shape[-1])
+    for i, n in enumerate(ctx):
+        nq = cq[i + 1] - cq[i]
         if nq == 0:
             continue
-        if ops.runs_dense(nq, n, config.dense_below):
-            o = ops.dense_attention(q, k, v, None, scale, window)
-        else:
-            index = ops.estimate_index(q, k, None, kinds, p0, p1, scale, *scaling_args)
-            o = ops.sparse_attention(q, k, v, *index, None, scale, window)
-            counters["mcompile"]["packed_sparse"] += 1
-        out[:, :, cq[i]:cq[i + 1]] = o
-    return out.transpose(1, 2).contiguous(), None
+        if nq > n or -(-n // page) > block_table.shape[1]:
+            raise ValueError(f"paged_prefill: request {i} has {nq} queries over {n} keys in "
+                             f"{block_table.shape[1]} pages of {page}")
+        q = query[cq[i]:cq[i + 1]].transpose(0, 1).unsqueeze(0)
+        k, v = gather_pages(k_cache, block_table[i], n), gather_pages(v_cache, block_table[i], n)
+        o = request_attention(q, k, v, scale, config, window, None if plans is None else plans[i])
+        out[cq[i]:cq[i + 1]] = o[0].transpose(0, 1)
+    return out
 
 
 def _request_lengths(module, query, key, dropout, kwargs) -> tuple[Optional[tuple[list, list]], Optional[str]]:
@@ -145,4 +205,5 @@ def sparse_batching(options: Optional[dict] = None) -> Iterator[None]:
             local.pop("sdpa", None)
 
 
-__all__ = ["packed_attention", "sparse_batching"]
+__all__ = ["gather_pages", "packed_attention", "paged_prefill", "plan_request", "request_attention",
+           "sparse_batching"]
