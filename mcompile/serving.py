@@ -149,8 +149,12 @@ def paged_prefill(query: torch.Tensor, cu_seqlens_q: torch.Tensor, k_cache: torc
         if nq > n or -(-n // page) > block_table.shape[1]:
             raise ValueError(f"paged_prefill: request {i} has {nq} queries over {n} keys in "
                              f"{block_table.shape[1]} pages of {page}")
+        pages = block_table[i, : -(-n // page)]
+        if bool(((pages < 0) | (pages >= k_cache.shape[0])).any()):  # -1 would read the last page
+            raise ValueError(f"paged_prefill: request {i}'s block table names pages outside the cache's "
+                             f"{k_cache.shape[0]}: {pages.tolist()}")
         q = query[cq[i]:cq[i + 1]].transpose(0, 1).unsqueeze(0)
-        k, v = gather_pages(k_cache, block_table[i], n), gather_pages(v_cache, block_table[i], n)
+        k, v = gather_pages(k_cache, pages, n), gather_pages(v_cache, pages, n)
         o = request_attention(q, k, v, scale, config, window, None if plans is None else plans[i])
         out[cq[i]:cq[i + 1]] = o[0].transpose(0, 1)
     return out

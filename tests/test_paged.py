@@ -97,6 +97,7 @@ def test_paged_prefill_runs_the_index_it_is_given():
     (dict(query=torch.zeros(10, H * D)), r"query \(T, H, D\)"),
     (dict(context_lens=torch.tensor([100, 200, 257, 190, 161])), "request 0 has 120 queries over 100 keys"),
     (dict(context_lens=torch.tensor([3000, 200, 257, 190, 161])), "request 0 has 120 queries over 3000 keys"),
+    (dict(context_lens=torch.tensor([300, 200, 257, 190, 180])), "request 4's block table names pages outside"),
 ])
 def test_paged_prefill_rejects_inconsistent_layouts(bad, match):
     _, query, cu, k_cache, v_cache, table, ctx = _layout()
