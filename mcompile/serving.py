@@ -90,7 +90,8 @@ def request_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
                       window: int = 0, index: Optional[tuple] = None) -> torch.Tensor:
     """One request: its chunk q (1, H, Nq, D), the last Nq of its keys k/v (1, Hk, N, D) (cached
     prefix + chunk). Dense when ``ops.runs_dense`` says so; otherwise ``index`` (a plan from
-    ``plan_request``) or one estimated here, then the sparse kernel."""
+    ``plan_request``) or one estimated here, then the sparse kernel (counted in
+    ``counters["mcompile"]["packed_sparse"]``)."""
     if ops.runs_dense(q.shape[2], k.shape[2], config.dense_below):
         return ops.dense_attention(q, k, v, None, scale, window)
     if index is None:
@@ -140,21 +141,25 @@ def paged_prefill(query: torch.Tensor, cu_seqlens_q: torch.Tensor, k_cache: torc
         raise ValueError(f"paged_prefill: {len(cq)} query offsets, {len(ctx)} context lengths and "
                          f"{block_table.shape[0]} block-table rows do not describe the same requests")
     page = k_cache.shape[1]
+    need = [-(-n // page) for n in ctx]  # pages each request's keys fill
+    for i, n in enumerate(ctx):
+        if cq[i + 1] - cq[i] > n or need[i] > block_table.shape[1]:
+            raise ValueError(f"paged_prefill: request {i} has {cq[i + 1] - cq[i]} queries over {n} keys in "
+                             f"{block_table.shape[1]} pages of {page}")
+    used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] < torch.tensor(
+        need, device=block_table.device)[:, None]
+    outside = used & ((block_table < 0) | (block_table >= k_cache.shape[0]))  # -1 would read the last page
+    if bool(outside.any()):  # one host read for every request
+        i = int(outside.any(1).nonzero()[0])
+        raise ValueError(f"paged_prefill: request {i}'s block table names pages outside the cache's "
+                         f"{k_cache.shape[0]}: {block_table[i, :need[i]].tolist()}")
     scale = float(scale) if scale is not None else query.shape[-1] ** -0.5
     out = query.new_zeros(*query.shape[:2], v_cache.shape[-1])
     for i, n in enumerate(ctx):
-        nq = cq[i + 1] - cq[i]
-        if nq == 0:
+        if cq[i + 1] == cq[i]:
             continue
-        if nq > n or -(-n // page) > block_table.shape[1]:
-            raise ValueError(f"paged_prefill: request {i} has {nq} queries over {n} keys in "
-                             f"{block_table.shape[1]} pages of {page}")
-        pages = block_table[i, : -(-n // page)]
-        if bool(((pages < 0) | (pages >= k_cache.shape[0])).any()):  # -1 would read the last page
-            raise ValueError(f"paged_prefill: request {i}'s block table names pages outside the cache's "
-                             f"{k_cache.shape[0]}: {pages.tolist()}")
         q = query[cq[i]:cq[i + 1]].transpose(0, 1).unsqueeze(0)
-        k, v = gather_pages(k_cache, pages, n), gather_pages(v_cache, pages, n)
+        k, v = gather_pages(k_cache, block_table[i], n), gather_pages(v_cache, block_table[i], n)
         o = request_attention(q, k, v, scale, config, window, None if plans is None else plans[i])
         out[cq[i]:cq[i + 1]] = o[0].transpose(0, 1)
     return out

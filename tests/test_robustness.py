@@ -6,7 +6,8 @@ with its reason reported (issue 7). The matrix, and where each row is tested:
 | fp32, fp16, bf16                       | sparse                       | test_dtypes (here); test_ops half precision;    |
 |                                        |                              | Triton fp16 in test_triton_kernels, bf16 on GPU |
 | head dim 64, 80, 96, 128               | sparse (Triton pads 80/96)   | test_head_dims; test_triton_kernels padded dims |
-| head dim 256                           | sparse, PyTorch path on CUDA | test_head_dims; test_triton_kernels capability  |
+| head dim 256                           | sparse (Triton attention in  | test_head_dims; test_triton_kernels capability, |
+|                                        | fp16/bf16, PyTorch estimate) | estimate dispatch; test_gpu D256                |
 | dropout > 0 in training                | dense: "dropout"             | test_dense_with_reason[dropout-*]               |
 | non-causal (encoder)                   | dense: "non-causal"          | test_dense_with_reason[encoder]                 |
 | sliding window                         | sparse, exact (the window is | tests/test_sliding_window.py; test_backend      |
@@ -129,8 +130,9 @@ def test_dtypes(dtype):
 
 @pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
 def test_head_dims(head_dim):
-    """Every head dim is rewritten; on CPU the PyTorch path runs (the Triton kernels pad 80/96
-    and leave 256 to the PyTorch path on CUDA: test_triton_kernels)."""
+    """Every head dim is rewritten; on CPU the PyTorch path runs (on CUDA the Triton attention
+    kernel pads 80/96 and runs 256 in half precision, the estimation kernels stop at 128:
+    test_triton_kernels, test_gpu)."""
     model = tiny_llama("sdpa", layers=1, heads=2, kv_heads=1, head_dim=head_dim)
     ids = _ids(1, 100)
     out = _logits(torch.compile(model, backend="minference", options=COVER), ids)

@@ -688,3 +688,17 @@ def test_estimate_index_triton_builds_the_block_mass_index_of_the_reference():
     tri = est_triton.estimate_index_triton(q, k, None, *encode(pats), d ** -0.5)
     for name in ("run_count", "block_count", "blocks"):
         assert torch.equal(getattr(ref, name), getattr(tri, name)), name
+
+
+def test_estimate_dispatch_names_the_head_dim_it_cannot_run(monkeypatch):
+    """A head dim the attention kernel runs but the estimation kernels do not (256): the PyTorch
+    estimate runs, with the reason (logged once on CUDA)."""
+    from mcompile.kernels import dispatch
+    from mcompile.kernels.estimate import estimate_index_ref
+
+    monkeypatch.setattr(dispatch, "triton_reason", lambda q: None)  # as on a GPU that runs the kernels
+    wide, usual = torch.zeros(1, 2, 8, 256, device="meta"), torch.zeros(1, 2, 8, 64, device="meta")
+    assert dispatch.estimate_reason(wide) == "head dim 256 (the estimation kernels support up to 128)"
+    assert dispatch.estimate_impl(wide) is estimate_index_ref
+    assert dispatch.estimate_reason(usual) is None
+    assert dispatch.estimate_impl(usual) is est_triton.estimate_index_triton

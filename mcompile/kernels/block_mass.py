@@ -46,6 +46,7 @@ from typing import Optional
 import torch
 
 from ..index import BLOCK, SENTINEL, num_blocks
+from ..patterns import SCORES
 
 SCORE_BYTES = 1 << 30  # cap on one chunk's fp32 score tensor
 LOCAL_TILES = 1  # tiles before the diagonal every block keeps: each row sees at least 64 keys before it
@@ -64,8 +65,8 @@ def tile_mass(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch.Tens
     cached prefix (positions N - Nq .. N - 1), k (B, Hk, N, D), key_padding (B, N).
     ``score`` "max": each sampled row's softmax over the tiles of its largest logit in each
     (module docstring) instead of its softmax mass on each tile."""
-    if score not in ("mass", "max"):
-        raise ValueError(f"score must be 'mass' or 'max', got {score!r}")
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {list(SCORES)}, got {score!r}")
     b, h, nq, d = q.shape
     hk, n = k.shape[1], k.shape[2]
     group = h // hk

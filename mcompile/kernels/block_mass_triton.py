@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 
 from ..index import BLOCK, SENTINEL, num_blocks
+from ..patterns import SCORES
 from .block_mass import LOCAL_TILES
 from .triton_common import HEAD_DIMS, LOG2E, MAX_HEAD_DIM, NEG_INIT, interpreting, pad_head_dim, padded_head_dim
 
@@ -260,8 +261,8 @@ def tile_mass_triton(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[tor
     hk, n = k.shape[1], k.shape[2]
     if rows not in (64, 128):
         raise ValueError(f"rows must be 64 or 128, got {rows}")
-    if score not in ("mass", "max"):
-        raise ValueError(f"score must be 'mass' or 'max', got {score!r}")
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {list(SCORES)}, got {score!r}")
     if samples < 1 or samples > rows or samples & (samples - 1):
         raise ValueError(f"samples must be a power of two in [1, {rows}], got {samples}")
     if d > MAX_HEAD_DIM or k.shape[-1] != d:

@@ -41,7 +41,7 @@ def triton_reason(q: torch.Tensor) -> Optional[str]:
 
 @functools.lru_cache(maxsize=None)
 def _log_once(reason: str) -> None:
-    log.info("mcompile: PyTorch sparse attention path: %s", reason)
+    log.info("mcompile: PyTorch path: %s", reason)
 
 
 def attention_impl(q: torch.Tensor) -> Callable:
@@ -53,11 +53,24 @@ def attention_impl(q: torch.Tensor) -> Callable:
     return sparse_attention_ref
 
 
-def estimate_impl(q: torch.Tensor) -> Callable:
-    from .triton_common import MAX_HEAD_DIM  # the estimation kernels' (the attention kernel's is larger)
+def estimate_reason(q: torch.Tensor) -> Optional[str]:
+    """None when the Triton estimation kernels run q, else why not (they stop at a smaller head
+    dim than the attention kernel)."""
+    reason = triton_reason(q)
+    if reason is not None:
+        return reason
+    mod = _triton_module("estimate_triton")
+    if mod is None:
+        return "the estimation kernels could not be imported"
+    if q.shape[-1] > mod.MAX_HEAD_DIM:
+        return f"head dim {q.shape[-1]} (the estimation kernels support up to {mod.MAX_HEAD_DIM})"
+    return None
 
-    if triton_reason(q) is None and q.shape[-1] <= MAX_HEAD_DIM:
-        mod = _triton_module("estimate_triton")
-        if mod is not None:
-            return mod.estimate_index_triton
+
+def estimate_impl(q: torch.Tensor) -> Callable:
+    reason = estimate_reason(q)
+    if reason is None:
+        return _triton_module("estimate_triton").estimate_index_triton
+    if q.device.type == "cuda":
+        _log_once(f"estimation: {reason}")
     return estimate_index_ref
