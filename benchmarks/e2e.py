@@ -79,11 +79,20 @@ SMOKE_DENSE_BELOW = 256  # --smoke: the check length (128) runs dense, 256 and 5
 
 
 def causal_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention function: causal SDPA without a mask (prefill, no padding)."""
+    """transformers attention function: causal SDPA without a mask, for unpadded prompts: a
+    prefill (as many queries as keys) or a one-token decode step (the query sees every key)."""
     if attention_mask is not None:
-        raise ValueError(f"{ATTN_IMPL} takes no attention_mask (prefill of unpadded prompts only)")
-    out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
-                                         enable_gqa=query.shape[1] != key.shape[1])
+        raise ValueError(f"{ATTN_IMPL} takes no attention_mask (unpadded prompts only)")
+    n_q, n_k = query.shape[2], key.shape[2]
+    if n_q != 1 and n_q != n_k:
+        raise ValueError(f"{ATTN_IMPL}: {n_q} queries over {n_k} keys (a chunk after a cached prefix) is "
+                         "not supported: SDPA's is_causal aligns the mask top-left")
+    causal = n_q != 1
+    if causal:  # a branch, not is_causal=causal: under dynamic shapes that is a SymBool SDPA refuses
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+                                             enable_gqa=query.shape[1] != key.shape[1])
+    else:
+        out = F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -1,0 +1,105 @@
+"""The float8 KV cache (mcompile.kv_cache): rounding bound, what each update returns, memory, and
+generation with it under the minference backend (CPU)."""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicSlidingWindowLayer
+
+from mcompile.kv_cache import FP8_MAX, FP8Cache, FP8Layer, dequantize, fp8_scale, quantize
+from mcompile.tools.models import tiny_llama
+
+COVER = {"dense_below": 0, "compiler": "aot_eager",
+         "default_pattern": {"kind": "vertical_slash", "vertical": 4096, "slash": 4096}}
+
+
+def _ids(b, n, seed=0):
+    return torch.randint(0, 128, (b, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_round_trip_within_e4m3_rounding(dtype):
+    x = torch.randn(2, 3, 97, 16, generator=torch.Generator().manual_seed(0)).to(dtype)
+    x[:, 1, :, 5] *= 40  # an outlier channel gets its own scale
+    scale = fp8_scale(x)
+    assert scale.shape == (1, 3, 1, 16)
+    back = dequantize(quantize(x, scale), scale, torch.float32)
+    # e4m3: 3 mantissa bits (relative rounding <= 2^-4); subnormal spacing 2^-9 of the scale
+    bound = x.float().abs() * 2 ** -4 + scale * 2 ** -9
+    assert ((back - x.float()).abs() <= bound * 1.0001).all()
+
+
+def test_out_of_range_values_clamp_not_nan():
+    scale = torch.ones(1, 1, 1, 4)
+    q = quantize(torch.tensor([[[[1e6, -1e6, 3.0, 0.0]]]]), scale)
+    assert not torch.isnan(q.float()).any()
+    assert q.float().flatten().tolist() == [FP8_MAX, -FP8_MAX, 3.0, 0.0]
+
+
+def test_prefill_returns_its_states_decode_returns_the_cache():
+    layer = FP8Layer()
+    k, v = torch.randn(1, 2, 50, 8), torch.randn(1, 2, 50, 8)
+    k_out, v_out = layer.update(k, v)
+    assert k_out is k and v_out is v  # the prefill attends to exact K/V
+    assert layer.keys.dtype == torch.float8_e4m3fn and layer.get_seq_length() == 50
+    k1, v1 = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8)
+    k_all, v_all = layer.update(k1, v1)
+    assert k_all.shape == (1, 2, 51, 8) and k_all.dtype == torch.float32
+    ref = torch.cat([k, k1], dim=-2)
+    assert (k_all - ref).abs().max() <= 0.1 * ref.abs().max()
+    assert not torch.equal(k_all[..., :50, :], k)  # rounded: the cache really is float8
+    assert layer.get_seq_length() == 51
+
+
+def test_cache_layers_and_memory():
+    model = tiny_llama(layers=3, model_type="mistral", sliding_window=64, layer_types=None)
+    cache = FP8Cache(model.config)
+    kinds = {type(layer) for layer in cache.layers}
+    assert len(cache.layers) == 3 and kinds <= {FP8Layer, DynamicSlidingWindowLayer}
+    model = tiny_llama(layers=2)
+    ids = _ids(1, 120)
+    fp8, bf = FP8Cache(model.config), DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, past_key_values=fp8, use_cache=True)
+        model(ids, past_key_values=bf, use_cache=True)
+    kv = sum(l.keys.numel() + l.values.numel() for l in bf.layers)
+    assert fp8.get_seq_length() == 120
+    assert fp8.memory_bytes() == kv + 2 * 2 * 2 * 16 * 4  # one byte per element, + scales (2 layers, K and V)
+
+
+def test_first_logits_exact_decode_close():
+    """The prefill with the FP8 cache gives the logits of the bf16 cache exactly; the decode
+    logits differ only by the K/V rounding."""
+    model = tiny_llama(layers=2)
+    ids = _ids(2, 90)
+    with torch.no_grad():
+        fp8, ref = FP8Cache(model.config), DynamicCache(config=model.config)
+        a = model(ids, past_key_values=fp8, use_cache=True).logits
+        b = model(ids, past_key_values=ref, use_cache=True).logits
+        assert torch.equal(a, b)
+        nxt = a[:, -1:].argmax(-1)
+        a = model(nxt, past_key_values=fp8, use_cache=True).logits
+        b = model(nxt, past_key_values=ref, use_cache=True).logits
+    err = ((a - b).abs().max() / b.abs().max()).item()
+    assert 0 < err < 0.05
+
+
+def test_generate_compiled_sparse_prefill_with_fp8_cache():
+    """generate() after model.compile(backend="minference"): the prefill is rewritten, the decode
+    reads the FP8 cache, the tokens equal eager generation with the same cache, and a new prompt
+    length compiles no new graph."""
+    model = tiny_llama("sdpa")
+    prompts = [_ids(1, n, seed=n) for n in (90, 170)]
+    with torch.no_grad():
+        refs = [model.generate(p, max_new_tokens=6, do_sample=False, past_key_values=FP8Cache(model.config))
+                for p in prompts]
+        model.compile(backend="minference", dynamic=True, options=COVER)
+        graphs, outs = [], []
+        for p in prompts:
+            outs.append(model.generate(p, max_new_tokens=6, do_sample=False, past_key_values=FP8Cache(model.config)))
+            graphs.append(counters["stats"]["unique_graphs"])
+    for r, o in zip(refs, outs):
+        assert torch.equal(r, o)
+    assert graphs[0] == graphs[1]
+    assert counters["mcompile"]["rewritten"] >= 2
