@@ -24,16 +24,23 @@ import torch
 from torch._dynamo.utils import counters
 
 
-def run(model, prompts, new_tokens, chunk, options=None):
+ALLOC_STATS = ("num_alloc_retries", "num_device_alloc", "num_device_free")
+
+
+def run(model, prompts, new_tokens, chunk, options=None, memory_percent=None):
     """({request: (ttft_s, tokens)}, wall_s, counters) of one generate_batch call; sparse when
-    ``options`` is given."""
+    ``options`` is given. The counters include the CUDA allocator's retries (a full cache made it
+    free cached blocks and synchronise) and device allocations during the call."""
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
     from mcompile.serving import sparse_batching
 
     config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-    cb = ContinuousBatchingConfig(max_batch_tokens=chunk, use_cuda_graph=False, auto_switch_to_flash=False)
+    cb = ContinuousBatchingConfig(max_batch_tokens=chunk, use_cuda_graph=False, auto_switch_to_flash=False,
+                                  max_memory_percent=memory_percent)
     counters["mcompile"].clear()
+    gpu = torch.cuda.is_available()
+    before = torch.cuda.memory_stats() if gpu else {}
     scope = sparse_batching(options=options) if options is not None else contextlib.nullcontext()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -44,7 +51,11 @@ def run(model, prompts, new_tokens, chunk, options=None):
     wall = time.perf_counter() - t0
     per = {k: ((o.timestamps[0] - t0) if o.timestamps else float("nan"), list(o.generated_tokens))
            for k, o in sorted(out.items())}
-    return per, wall, dict(counters["mcompile"])
+    ctr = dict(counters["mcompile"])
+    if gpu:
+        after = torch.cuda.memory_stats()
+        ctr.update({name: after.get(name, 0) - before.get(name, 0) for name in ALLOC_STATS})
+    return per, wall, ctr
 
 
 def profile_run(model, prompts, chunk, options, results) -> None:
@@ -78,6 +89,9 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=4)
     p.add_argument("--chunk", type=int, default=8192, help="max_batch_tokens (transformers' default 8192)")
     p.add_argument("--cover", action="store_true", help="also run budgets covering every key (tokens = dense)")
+    p.add_argument("--memory-percent", type=float, nargs="*", default=[],
+                   help="also run dense and sparse with the paged cache given this share of free GPU memory "
+                        "(ContinuousBatchingConfig.max_memory_percent; transformers' default 0.9)")
     p.add_argument("--profile", action="store_true", help="one more sparse run under torch.profiler")
     p.add_argument("--smoke", action="store_true", help="tiny random Llama on the CPU")
     p.add_argument("--out", default="")
@@ -117,17 +131,20 @@ def main() -> None:
         run(model, warm, 1, chunk)
         if args.cover:
             run(model, warm, 1, chunk, cover)
-    cases = [("dense", None), ("sparse", sparse)] + ([("cover", cover)] if args.cover else [])
-    for name, options in cases:
-        per, wall, ctr = run(model, prompts, args.new_tokens, chunk, options)
+    cases = [("dense", None, None), ("sparse", sparse, None)] + ([("cover", cover, None)] if args.cover else [])
+    for pct in args.memory_percent:
+        cases += [(f"dense@{pct}", None, pct), (f"sparse@{pct}", sparse, pct)]
+    for name, options, pct in cases:
+        per, wall, ctr = run(model, prompts, args.new_tokens, chunk, options, pct)
         results["runs"][name] = {"ttft_s": [t for t, _ in per.values()], "tokens": [x for _, x in per.values()],
                                  "wall_s": wall, "counters": ctr}
         print(f"{name:7s} TTFT per request (s): " + " ".join(f"{t:7.2f}" for t, _ in per.values()) +
               f" | wall {wall:7.2f} s | {ctr}", flush=True)
         save()
-    dense = results["runs"]["dense"]
     for name in results["runs"]:
         r = results["runs"][name]
+        pct = name.partition("@")[2]
+        dense = results["runs"]["dense@" + pct if pct else "dense"]  # same cache size
         r["ttft_vs_dense"] = [d / s for d, s in zip(dense["ttft_s"], r["ttft_s"])]
         r["tokens_equal_dense"] = r["tokens"] == dense["tokens"]
         print(f"{name:7s} TTFT vs dense: " + " ".join(f"{x:5.2f}x" for x in r["ttft_vs_dense"]) +
