@@ -129,8 +129,6 @@ def main() -> None:
     if warm:
         run(model, warm, 1, chunk, sparse)
         run(model, warm, 1, chunk)
-        if args.cover:
-            run(model, warm, 1, chunk, cover)
     cases = [("dense", None, None), ("sparse", sparse, None)] + ([("cover", cover, None)] if args.cover else [])
     for pct in args.memory_percent:
         cases += [(f"dense@{pct}", None, pct), (f"sparse@{pct}", sparse, pct)]
