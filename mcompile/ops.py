@@ -38,8 +38,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
-from torch.backends.cuda import SDPAParams
-from torch.nn.attention.bias import causal_lower_right
 
 from .index import BLOCK, SparseIndex, computed_fraction, index_rows
 from .kernels import dispatch
@@ -194,11 +192,6 @@ def _dense_attention(q, k, v, key_padding, scale, window=0):
     if key_padding is None and nq == n and not window:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
         return out.contiguous()
-    if key_padding is None and not window and _flash_takes(q, k, v, gqa):
-        # A chunk after a cached prefix: PyTorch's flash kernel aligns causal bottom-right with no mask
-        # (an explicit mask would keep SDPA off flash and cuDNN: 3x slower in chunked serving).
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(nq, n), scale=scale, enable_gqa=gqa)
-        return out.contiguous()
     p = n - nq
     out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
     step = max(BLOCK, DENSE_MASK_ENTRIES // max(1, q.shape[0] * n))
@@ -220,13 +213,6 @@ def _dense_attention(q, k, v, key_padding, scale, window=0):
             o = torch.where(mask.any(-1, keepdim=True), o, 0)  # no unpadded key -> zeros
         out[:, :, r0:r1] = o
     return out
-
-
-def _flash_takes(q, k, v, gqa: bool) -> bool:
-    """Whether PyTorch's flash-attention kernel runs q/k/v (CUDA, fp16/bf16, its head dims, GQA)."""
-    if not q.is_cuda:
-        return False
-    return torch.backends.cuda.can_use_flash_attention(SDPAParams(q, k, v, None, 0.0, True, gqa))
 
 
 @dense_attention.register_fake
