@@ -182,7 +182,8 @@ def _request_lengths(module, query, key, dropout, kwargs) -> tuple[Optional[tupl
         return None, f"arguments this path does not apply: {unknown}"
     if cu_q.dim() != 1 or cu_q.shape != cu_k.shape:
         return None, "per-request lengths of different shapes"
-    cq, ck = cu_q.tolist(), cu_k.tolist()  # one host read each: the loop over requests needs them
+    both = torch.cat([cu_q, cu_k.to(cu_q)]).tolist()  # one host read: the loop over requests needs them
+    cq, ck = both[:len(both) // 2], both[len(both) // 2:]
     if cq[-1] > query.shape[2] or ck[-1] > key.shape[2]:
         return None, "per-request lengths past the packed tensors"
     return (cq, ck), None
