@@ -30,13 +30,8 @@ def smollm2():
     return load_smollm2()
 
 
-# The longest tests (real weights, the interpreter's subprocess, multi-process and serving runs)
-# go first, so that pytest-xdist's two workers do not end on one of them while the other idles.
-HEAVY_FILES = ("test_smollm2.py", "test_triton_interpreter.py", "test_serving.py", "test_distributed.py")
 
-
-def pytest_collection_modifyitems(config, items):
-    def heavy(item) -> bool:
-        return item.get_closest_marker("slow") is not None or item.fspath.basename in HEAVY_FILES
-
-    items.sort(key=lambda item: not heavy(item))  # stable: the order within each group is kept
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Each xdist worker gets one intra-op thread: two workers with two threads each on CI's two
+    # cores oversubscribe them.
+    torch.set_num_threads(1)
