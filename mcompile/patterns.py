@@ -40,7 +40,7 @@ _PARAMS = {
     PatternKind.A_SHAPE: ("sink", "local"),
     PatternKind.VERTICAL_SLASH: ("vertical", "slash"),
     PatternKind.BLOCK_SPARSE: ("blocks",),
-    PatternKind.BLOCK_MASS: ("recall", "samples", "score"),
+    PatternKind.BLOCK_MASS: ("recall", "samples", "score", "neighbours"),
 }
 
 
@@ -64,6 +64,11 @@ _MAXIMUM = {"recall": RECALL_SCALE, "samples": 64}  # at most every row of a 64-
 # "max" as a flag above the sample count (p1 = samples | SCORE_MAX).
 SCORES = ("mass", "max")
 SCORE_MAX = 128
+# ``neighbours``: 1 makes a block's estimate the mean of its own and its two neighbouring blocks'
+# (each renormalised over the block's causal tiles): the rows of three blocks for the sampling of
+# one (docs/ACCURACY.md, "Rows shared with the neighbouring blocks"). A flag above the score's.
+NEIGHBOURS = 256
+_FLAGS = SCORE_MAX | NEIGHBOURS
 
 
 @dataclass(frozen=True)
@@ -78,8 +83,9 @@ class Pattern:
         names = _PARAMS[self.kind]
         values = (self.p0, self.p1)
         if self.kind == PatternKind.BLOCK_MASS and isinstance(self.p1, int) and not isinstance(self.p1, bool):
-            if self.p1 < 0 or self.p1 & ~(SCORE_MAX | (SCORE_MAX - 1)):
-                raise ValueError(f"block_mass's encoded samples and score must be in [0, {2 * SCORE_MAX}), got {self.p1}")
+            if self.p1 < 0 or self.p1 & ~(_FLAGS | (SCORE_MAX - 1)):
+                raise ValueError(f"block_mass's encoded samples, score and neighbours must be in [0, {2 * NEIGHBOURS}), "
+                                 f"got {self.p1}")
             values = (self.p0, self.p1 & (SCORE_MAX - 1))
         for name, value in zip(names, values):
             if not isinstance(value, int) or isinstance(value, bool):
@@ -101,7 +107,7 @@ class Pattern:
 
     def __getattr__(self, name: str):
         """The budgets by name (``pattern.vertical``, ``.slash``, ``.sink``, ``.local``, ``.blocks``,
-        ``.samples``, ``.score``), for the kind that has them; ``p0``/``p1`` are only their encoding in the
+        ``.samples``, ``.score``, ``.neighbours``), for the kind that has them; ``p0``/``p1`` are only their encoding in the
         graph ops' int lists (``encode``)."""
         params = _PARAMS.get(self.__dict__.get("kind"), ())
         if name in params:
@@ -134,8 +140,8 @@ class Pattern:
 
     @classmethod
     def _block_mass(cls, spec: Mapping[str, Any]) -> "Pattern":
-        """``{"kind": "block_mass", "recall": 0.98, "samples": 8, "score": "max"}``; samples (8)
-        and score ("mass") may be left out."""
+        """``{"kind": "block_mass", "recall": 0.98, "samples": 8, "score": "max", "neighbours": 1}``;
+        samples (8), score ("mass") and neighbours (0) may be left out."""
         recall = spec.get("recall")
         if isinstance(recall, bool) or not isinstance(recall, (int, float)) or not 0.0 < recall <= 1.0:
             raise ValueError(f"block_mass.recall must be a number in (0, 1], got {recall!r}")
@@ -149,20 +155,30 @@ class Pattern:
         score = spec.get("score", "mass")
         if score not in SCORES:
             raise ValueError(f"block_mass.score must be one of {list(SCORES)}, got {score!r}")
-        return cls(PatternKind.BLOCK_MASS, per_mille, samples | (SCORE_MAX if score == "max" else 0))
+        neighbours = spec.get("neighbours", 0)
+        if isinstance(neighbours, bool) or neighbours not in (0, 1):
+            raise ValueError(f"block_mass.neighbours must be 0 or 1, got {neighbours!r}")
+        return cls(PatternKind.BLOCK_MASS, per_mille,
+                   samples | (SCORE_MAX if score == "max" else 0) | (NEIGHBOURS if neighbours else 0))
 
     def _values(self) -> tuple:
         if self.kind == PatternKind.BLOCK_MASS:
-            return self.recall, self.p1 & (SCORE_MAX - 1), "max" if self.p1 & SCORE_MAX else "mass"
+            return (self.recall, self.p1 & (SCORE_MAX - 1), "max" if self.p1 & SCORE_MAX else "mass",
+                    int(bool(self.p1 & NEIGHBOURS)))
         return self.p0, self.p1
 
+    def _named(self) -> dict:
+        """The budgets by name; block-mass's ``neighbours`` only when set (it came later)."""
+        named = dict(zip(_PARAMS[self.kind], self._values()))
+        if named.get("neighbours") == 0:
+            del named["neighbours"]
+        return named
+
     def to_dict(self) -> dict:
-        names = _PARAMS[self.kind]
-        return {"kind": self.kind.label, **dict(zip(names, self._values()))}
+        return {"kind": self.kind.label, **self._named()}
 
     def describe(self) -> str:
-        names = _PARAMS[self.kind]
-        args = ", ".join(f"{n}={v:g}" if isinstance(v, float) else f"{n}={v}" for n, v in zip(names, self._values()))
+        args = ", ".join(f"{n}={v:g}" if isinstance(v, float) else f"{n}={v}" for n, v in self._named().items())
         return f"{self.kind.label}({args})" if args else self.kind.label
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mcompile.index import BLOCK, SENTINEL, block_mask_rows, kept_fraction, num_blocks
-from mcompile.kernels.block_mass import LOCAL_TILES, sample_offsets, select_tiles, tile_mass
+from mcompile.kernels.block_mass import LOCAL_TILES, sample_offsets, select_tiles, share_neighbours, tile_mass
 from mcompile.kernels.estimate import estimate_index_ref
 from mcompile.patterns import Pattern, PatternKind, encode
 
@@ -48,9 +48,64 @@ def test_pattern_parses_validates_and_describes():
                          ({"recall": 0.9, "samples": 200}, "samples must be <= 64, got 200"),
                          ({"recall": 0.9, "samples": 8.0}, "samples must be an int"),
                          ({"recall": 0.9, "score": "sum"}, r"score must be one of \['mass', 'max'\]"),
+                         ({"recall": 0.9, "neighbours": 2}, "neighbours must be 0 or 1"),
+                         ({"recall": 0.9, "neighbours": True}, "neighbours must be 0 or 1"),
                          ({"recall": 0.9, "blocks": 4}, "unknown keys")]:
         with pytest.raises(ValueError, match=message):
             Pattern.from_dict({"kind": "block_mass", **bad})
+
+
+def test_neighbours_option_round_trips():
+    n = Pattern.from_dict({"kind": "block_mass", "recall": 0.99, "samples": 4, "score": "max", "neighbours": 1})
+    assert (n.samples, n.score, n.neighbours) == (4, "max", 1) and encode([n]) == ([4], [990], [4 | 128 | 256])
+    assert Pattern.from_dict(n.to_dict()) == n
+    assert n.describe() == "block_mass(recall=0.99, samples=4, score=max, neighbours=1)"
+    assert "neighbours" not in _mass(0.9).to_dict() and _mass(0.9).neighbours == 0
+
+
+@pytest.mark.parametrize("m0,m_rows", [(0, 5), (3, 4), (7, 1)])
+def test_share_neighbours_equals_a_direct_computation(m0, m_rows):
+    """Each block's estimate: the mean over blocks m-1, m, m+1 (those that hold queries) of their
+    estimates restricted to block m's causal tiles and renormalised there."""
+    nb = m0 + m_rows
+    est = torch.rand(2, 3, m_rows, nb, generator=torch.Generator().manual_seed(m0))
+    out = share_neighbours(est, m0)
+    for j in range(m_rows):
+        parts = []
+        for i in (j - 1, j, j + 1):
+            if 0 <= i < m_rows:
+                e = est[:, :, i].clone()
+                e[..., m0 + j + 1:] = 0
+                parts.append(e / e.sum(-1, keepdim=True))
+        torch.testing.assert_close(out[:, :, j], sum(parts) / len(parts))
+        assert out[:, :, j, m0 + j + 1:].eq(0).all()
+
+
+def test_neighbours_heads_select_from_the_shared_estimate():
+    """In a layer mixing heads with and without neighbours (a chunk after a cached prefix), each
+    head's tiles are select_tiles of its own estimate, shared or not, and the sparse attention over
+    that index equals dense attention with its mask."""
+    q, k, v = _structured(1, 4, 2, 1500, 16, seed=3)
+    q = q[:, :, 1500 - 700:]
+    spec = {"kind": "block_mass", "recall": 0.9, "samples": 4, "score": "max"}
+    pats = [Pattern.from_dict({**spec, "neighbours": x}) for x in (1, 0, 0, 1)]
+    index = estimate_index_ref(q, k, None, *encode(pats), 0.25)
+    n, m0 = 1500, (1500 - 700) // BLOCK
+    est = tile_mass(q, k, None, 0.25, torch.arange(4), 4, score="max")
+    for h, x in enumerate((1, 0, 0, 1)):
+        e = share_neighbours(est[:, h:h + 1], m0) if x else est[:, h:h + 1]
+        tiles, counts, _ = select_tiles(e, torch.tensor([0.9]), m0, num_blocks(n))
+        for j in range(counts.shape[-1]):
+            c = int(counts[0, 0, j])
+            assert index.blocks[0, h, m0 + j, :c].tolist() == tiles[0, 0, j, :c].tolist()
+    plain = estimate_index_ref(q, k, None, *encode([Pattern.from_dict(spec)] * 4), 0.25)
+    for h, x in enumerate((1, 0, 0, 1)):  # the option changes the heads that have it, and only those
+        same = torch.equal(index.blocks[0, h], plain.blocks[0, h]) and torch.equal(index.block_count[0, h],
+                                                                                   plain.block_count[0, h])
+        assert same != bool(x)
+    out = torch.ops.mcompile.sparse_attention(q, k, v, *index, None, 0.25)
+    ref = masked_dense(torch.nn.functional.pad(q, (0, 0, n - 700, 0)), k, v, index, 0.25)[:, :, n - 700:]
+    torch.testing.assert_close(out, ref.to(out.dtype), atol=1e-5, rtol=1e-5)
 
 
 def test_sample_offsets_spread_over_the_block():

@@ -108,6 +108,30 @@ def tile_mass(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch.Tens
     return out
 
 
+def share_neighbours(est: torch.Tensor, m0: int) -> torch.Tensor:
+    """Block-mass's ``neighbours=1``: each query block's estimate (B, Hm, M, NB) of blocks m0.. becomes
+    the mean of its own and its neighbours' (blocks m-1 and m+1 where they hold queries), each first
+    restricted to block m's causal tiles and renormalised to sum 1 there, so that every block's
+    sampled rows weigh alike. A row's far attention (sinks, columns, retrieved spans) is mostly
+    shared with the next block's rows; its diagonal tiles are forced anyway."""
+    b, hm, m_rows, nb = est.shape
+    dev = est.device
+    rows = torch.arange(m0, m0 + m_rows, device=dev)
+    causal = torch.arange(nb, device=dev)[None, :] <= rows[:, None]  # (M, NB) block m's causal tiles
+
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        x = x.masked_fill(~causal, 0.0)
+        return x / x.sum(-1, keepdim=True).clamp(min=torch.finfo(x.dtype).tiny)
+
+    own = norm(est)
+    total, count = own.clone(), torch.ones(m_rows, 1, device=dev)
+    if m_rows > 1:
+        total[:, :, 1:] += norm(torch.cat([est[:, :, :1], est[:, :, :-1]], 2))[:, :, 1:]  # block m-1's rows
+        total[:, :, :-1] += norm(torch.cat([est[:, :, 1:], est[:, :, -1:]], 2))[:, :, :-1]  # block m+1's rows
+        count = count + (rows > m0).float()[:, None] + (rows < m0 + m_rows - 1).float()[:, None]
+    return total / count
+
+
 def select_tiles(est: torch.Tensor, recall: torch.Tensor, m0: int, capacity: int, out: Optional[tuple] = None) -> tuple:
     """From estimates (B, Hm, M, NB) of query blocks m0.., the kept tiles per block:
     (tiles (B, Hm, M, capacity) int32 ascending SENTINEL-padded, counts (B, Hm, M) int32,
