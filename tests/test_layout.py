@@ -111,6 +111,7 @@ def test_runtime_never_imports_the_tools():
     ("block_mass:0.98", {"kind": "block_mass", "recall": 0.98}),
     ("block_mass:0.98,16", {"kind": "block_mass", "recall": 0.98, "samples": 16}),
     ("block_mass:0.98,16,max", {"kind": "block_mass", "recall": 0.98, "samples": 16, "score": "max"}),
+    ("block_mass:0.99,4,max,1", {"kind": "block_mass", "recall": 0.99, "samples": 4, "score": "max", "neighbours": 1}),
     ("dense", {"kind": "dense"}),
     ('{"kind": "block_mass", "recall": 0.9}', {"kind": "block_mass", "recall": 0.9}),
 ])
@@ -123,7 +124,7 @@ def test_pattern_arg(text, want):
 
 
 @pytest.mark.parametrize("text,match", [("spiral:3", "unknown pattern kind"), ("a_shape:128", r"a_shape needs \['local'\]"),
-                                        ("block_mass:0.9,8,max,1", "takes at most 3 values"),
+                                        ("block_mass:0.9,8,max,1,2", "takes at most 4 values"),
                                         ("block_mass:0.9,8,1", "score must be one of"),
                                         ("block_sparse:x", "blocks must be an int, got 'x'"),
                                         ("block_mass:1.5", r"recall must be a number in \(0, 1\]"),
