@@ -87,12 +87,10 @@ def causal_sdpa(module, query, key, value, attention_mask, scaling=None, dropout
     if n_q != 1 and n_q != n_k:
         raise ValueError(f"{ATTN_IMPL}: {n_q} queries over {n_k} keys (a chunk after a cached prefix) is "
                          "not supported: SDPA's is_causal aligns the mask top-left")
-    causal = n_q != 1
-    if causal:  # a branch, not is_causal=causal: under dynamic shapes that is a SymBool SDPA refuses
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
-                                             enable_gqa=query.shape[1] != key.shape[1])
-    else:
-        out = F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    sdpa = functools.partial(F.scaled_dot_product_attention, query, key, value, scale=scaling,
+                             enable_gqa=query.shape[1] != key.shape[1])
+    # a branch, not is_causal=(n_q != 1): under dynamic shapes that is a SymBool SDPA refuses
+    out = sdpa(is_causal=True) if n_q != 1 else sdpa()
     return out.transpose(1, 2).contiguous(), None
 
 

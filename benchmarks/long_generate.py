@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 
 from benchmarks import e2e  # the model, attention registration and cases of the TTFT benchmark
-from mcompile.kv_cache import FP8Cache
+from mcompile.kv_cache import FP8Cache, cache_bytes
 
 GIB = 2 ** 30
-PATTERNS = {"ashape": "ashape", "dense": "dense", "dense-mem": "dense-mem"}
+PATTERNS = ("ashape", "dense", "dense-mem")  # e2e.py's cases of those names
 CACHES = ("fp8", "bf16")
 
 
@@ -82,7 +82,7 @@ def answer(model, ids, cache, new_tokens, keep_one):
 def run_case(model, case, tokens, args, out_rows, check_ref):
     pattern, kind = parse(case)
     sinks = {"attention": [], "memory": []}
-    backend, keep_one = e2e.case_backend(PATTERNS[pattern], args.dense_below, sinks)
+    backend, keep_one = e2e.case_backend(pattern, args.dense_below, sinks)
     torch._dynamo.reset()
     model._compiled_call_impl = None
     graphs0 = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -104,8 +104,7 @@ def run_case(model, case, tokens, args, out_rows, check_ref):
             break
         row.update(ttft_s=ttft, decode_ms=statistics.median(steps) * 1e3, decode_ms_max=max(steps) * 1e3,
                    new_tokens=len(steps), tokens=toks, peak_prefill_gib=peak_prefill, peak_gib=peak,
-                   cache_gib=(cache.memory_bytes() if isinstance(cache, FP8Cache) else
-                              sum(l.keys.numel() * l.keys.element_size() * 2 for l in cache.layers)) / GIB,
+                   cache_gib=cache_bytes(cache) / GIB,
                    cached_tokens=cache.get_seq_length())
         if n == args.check_length:
             if check_ref.get("logits") is None:

@@ -60,7 +60,7 @@ def run(model, prompts, new_tokens, chunk, options=None, memory_percent=None):
 
 def profile_run(model, prompts, chunk, options, results) -> None:
     """One more sparse prefill (one new token) under torch.profiler: device time by kernel against
-    the wall time, and host time in mcompile's functions: is the chunked path device- or host-bound?"""
+    the wall time: is the chunked path device- or host-bound?"""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
@@ -74,13 +74,10 @@ def profile_run(model, prompts, chunk, options, results) -> None:
         rows.append({"name": e.key[:120], "calls": e.count, "device_ms": dev / 1e3, "cpu_total_ms": e.cpu_time_total / 1e3})
     device = sum(r["device_ms"] for r in rows)
     top = sorted(rows, key=lambda r: -r["device_ms"])[:15]
-    host = sorted((r for r in rows if "mcompile" in r["name"]), key=lambda r: -r["cpu_total_ms"])[:10]
-    results["profile"] = {"wall_s": wall, "device_ms": device, "top_device": top, "mcompile_host": host}
+    results["profile"] = {"wall_s": wall, "device_ms": device, "top_device": top}
     print(f"profile: wall {wall:.2f} s, device busy {device / 1e3:.2f} s", flush=True)
     for r in top:
         print(f"  {r['device_ms']:9.1f} ms {r['calls']:6d}x  {r['name'][:100]}", flush=True)
-    for r in host:
-        print(f"  host {r['cpu_total_ms']:9.1f} ms {r['calls']:6d}x  {r['name'][:100]}", flush=True)
 
 
 def main() -> None:

@@ -87,12 +87,13 @@ class FP8Cache(DynamicCache):
             return
         self.layers = [FP8Layer() if type(layer) is DynamicLayer else layer for layer in self.layers]
 
-    def memory_bytes(self) -> int:
-        """Bytes held by the cached keys and values (scales included)."""
-        total = 0
-        for layer in self.layers:
-            for name in ("keys", "values", "key_scale", "value_scale"):
-                t = getattr(layer, name, None)
-                if isinstance(t, torch.Tensor):
-                    total += t.numel() * t.element_size()
-        return total
+
+def cache_bytes(cache) -> int:
+    """Bytes a transformers cache holds in its layers' keys and values (and FP8Layer's scales)."""
+    total = 0
+    for layer in cache.layers:
+        for name in ("keys", "values", "key_scale", "value_scale"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total

@@ -30,7 +30,6 @@ def smollm2():
     return load_smollm2()
 
 
-
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Each xdist worker gets one intra-op thread: two workers with two threads each on CI's two
     # cores oversubscribe them.

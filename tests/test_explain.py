@@ -94,6 +94,9 @@ def test_default_pattern_is_block_mass_and_reported():
     assert e.rewritten == 2 and "block_mass(recall=0.99, samples=8, score=max)" in str(e)
     assert "chunked_mlp model.layers.0.mlp" in str(e) and "L['" not in str(e)  # module paths as users name them
     assert all(e.density(site, 4096) is None for site in e.sites)
+    shared = {"kind": "block_mass", "recall": 0.99, "samples": 4, "score": "max", "neighbours": 1}
+    e = mcompile.explain(model, ids, options={"dense_below": 0, "default_pattern": shared})
+    assert e.rewritten == 2 and "block_mass(recall=0.99, samples=4, score=max, neighbours=1)" in str(e)
     assert ids.shape[1] < mcompile.MInferenceConfig().dense_below
 
 

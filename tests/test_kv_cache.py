@@ -7,7 +7,7 @@ from torch._dynamo.utils import counters
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
-from mcompile.kv_cache import FP8_MAX, FP8Cache, FP8Layer, dequantize, fp8_scale, quantize
+from mcompile.kv_cache import FP8_MAX, FP8Cache, FP8Layer, cache_bytes, dequantize, fp8_scale, quantize
 from mcompile.tools.models import tiny_llama
 
 COVER = {"dense_below": 0, "compiler": "aot_eager",
@@ -65,7 +65,8 @@ def test_cache_layers_and_memory():
         model(ids, past_key_values=bf, use_cache=True)
     kv = sum(l.keys.numel() + l.values.numel() for l in bf.layers)
     assert fp8.get_seq_length() == 120
-    assert fp8.memory_bytes() == kv + 2 * 2 * 2 * 16 * 4  # one byte per element, + scales (2 layers, K and V)
+    assert cache_bytes(bf) == 4 * kv  # fp32 model
+    assert cache_bytes(fp8) == kv + 2 * 2 * 2 * 16 * 4  # one byte per element, + scales (2 layers, K and V)
 
 
 def test_first_logits_exact_decode_close():
