@@ -678,6 +678,41 @@ def test_select_kernel_equals_reference(b, hm, m0, nb, cap):
         assert torch.equal(x, y), name
 
 
+@pytest.mark.parametrize("b,hm,m0,nb", [(2, 4, 9, 21), (1, 4, 0, 19), (1, 4, 5, 6), (1, 4, 0, 1), (2, 4, 7, 8)])
+def test_share_kernel_equals_reference(b, hm, m0, nb):
+    """block-mass's neighbours on the GPU: each shared head's rows equal share_neighbours' (first
+    and last rows with one neighbour, a single row with none, rows longer than the chunk, a
+    zero row), the other heads' rows copied; the selection from them equals the reference's."""
+    from mcompile.kernels.block_mass import select_tiles, share_neighbours
+    from mcompile.kernels.block_mass_triton import select_tiles_triton, share_neighbours_triton
+
+    est = _estimates(b, hm, m0, nb, seed=nb)
+    est[:, 0, 0] = 0.0  # a row whose sampled rows saw no key
+    shared = torch.tensor([True, False, True, True])
+    got = share_neighbours_triton(est, m0, shared, chunk=8)
+    want = torch.where(shared.view(1, -1, 1, 1), share_neighbours(est, m0), est)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    recall = torch.tensor([0.5, 0.9, 0.95, 1.0])
+    got = select_tiles_triton(est, recall, m0, nb, chunk=8, shared=shared)
+    want = select_tiles(est, recall, m0, nb, shared=shared)
+    for name, x, y in zip(("tiles", "counts", "dense"), got, want):
+        assert torch.equal(x, y), name
+
+
+def test_estimate_index_triton_with_neighbours_equals_the_reference():
+    """A layer of block-mass heads with and without neighbours, GQA, batch 2: the same index."""
+    from mcompile.patterns import Pattern, encode
+
+    b, h, hk, n, d = 2, 4, 2, 300, 16
+    q, k, _ = inputs(b, h, hk, n, d, seed=6)
+    pats = [Pattern.from_dict({"kind": "block_mass", "recall": r, "samples": 4, "score": "max", "neighbours": nb})
+            for r, nb in ((0.8, 1), (0.9, 0), (0.95, 1), (0.99, 1))]
+    ref = estimate_index_ref(q, k, None, *encode(pats), d ** -0.5)
+    tri = est_triton.estimate_index_triton(q, k, None, *encode(pats), d ** -0.5)
+    for name in ("run_count", "block_count", "blocks"):
+        assert torch.equal(getattr(ref, name), getattr(tri, name)), name
+
+
 def test_estimate_index_triton_builds_the_block_mass_index_of_the_reference():
     from mcompile.patterns import Pattern, encode
 

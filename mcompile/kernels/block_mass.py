@@ -132,7 +132,8 @@ def share_neighbours(est: torch.Tensor, m0: int) -> torch.Tensor:
     return total / count
 
 
-def select_tiles(est: torch.Tensor, recall: torch.Tensor, m0: int, capacity: int, out: Optional[tuple] = None) -> tuple:
+def select_tiles(est: torch.Tensor, recall: torch.Tensor, m0: int, capacity: int, out: Optional[tuple] = None,
+                 shared: Optional[torch.Tensor] = None) -> tuple:
     """From estimates (B, Hm, M, NB) of query blocks m0.., the kept tiles per block:
     (tiles (B, Hm, M, capacity) int32 ascending SENTINEL-padded, counts (B, Hm, M) int32,
     dense (B, Hm) bool: heads with a block needing more than ``capacity`` tiles).
@@ -143,8 +144,11 @@ def select_tiles(est: torch.Tensor, recall: torch.Tensor, m0: int, capacity: int
     free tiles at or above a threshold, the largest free estimate ``tau`` such that the free
     estimates ``>= tau`` sum to what the forced tiles leave (the fewest largest tiles, ties at
     ``tau`` kept together). Tiles whose estimate is 0 are never chosen, except at recall 1,
-    which keeps every causal tile.
+    which keeps every causal tile. ``shared`` (Hm,) bool: heads whose estimate is first
+    ``share_neighbours``'d (block-mass's ``neighbours=1``).
     """
+    if shared is not None:
+        est = torch.where(shared.view(1, -1, 1, 1), share_neighbours(est, m0), est)
     b, hm, m_rows, nb = est.shape
     dev = est.device
     rows = torch.arange(m0, m0 + m_rows, device=dev)  # query block of each estimate row

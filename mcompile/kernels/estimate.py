@@ -30,7 +30,7 @@ import torch
 
 from ..index import BLOCK, SENTINEL, SparseIndex, column_counts, index_rows, num_blocks, runs_to_diag_prefix
 from ..patterns import LAST_Q, LOCAL_DIAGONALS, NEIGHBOURS, RECALL_SCALE, SCORE_MAX, SINK_COLUMNS, PatternKind
-from .block_mass import select_tiles, share_neighbours, tile_mass
+from .block_mass import select_tiles, tile_mass
 
 SCORE_BYTES = 1 << 30  # cap on one chunk's fp32 score tensor during estimation
 
@@ -305,12 +305,10 @@ def _block_mass_into(q, k, key_padding, scale: float, heads: Sequence[int], p0, 
             if est is None:
                 est = part.new_zeros(part.shape[0], len(heads), *part.shape[2:])
             est[:, _device_ints(pos, dev).long()] = part
-    shared = [bool(p1[i] & NEIGHBOURS) for i in heads]
-    if any(shared):
-        smooth = share_neighbours(est, m0)
-        est = smooth if all(shared) else torch.where(_device_ints(shared, dev).bool()[None, :, None, None], smooth, est)
+    shared = [int(bool(p1[i] & NEIGHBOURS)) for i in heads]
+    shared = _device_ints(shared, dev).bool() if any(shared) else None
     out = (blocks[:, :, m0:nb], block_count[:, :, m0:nb]) if every else None
-    tiles, counts, dense = mass_select(est, recall, m0, kb_cap, out=out)
+    tiles, counts, dense = mass_select(est, recall, m0, kb_cap, out=out, shared=shared)
     if not every:
         blocks[:, sel, m0:nb] = tiles
     block_count[:, sel, m0:nb] = torch.where(dense[..., None], 0, counts.clamp(max=kb_cap))
