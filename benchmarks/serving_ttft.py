@@ -2,6 +2,7 @@
 prefill over a paged cache) with dense paged attention against ``mcompile.serving.sparse_batching``.
 
     MCOMPILE_SMOLLM2_DIR=<gguf dir> python -m benchmarks.serving_ttft --out r.json     # CUDA, transformers >= 5.25
+    python -m benchmarks.serving_ttft --model llama8b --out r.json                      # GPU-bound shape
     python -m benchmarks.serving_ttft --smoke                                           # CPU, tiny model
 
 SmolLM2-135M (real weights, RoPE stretched by YaRN x16, bf16), four prompts of real text
@@ -11,6 +12,12 @@ timestamps transformers records), and the whole call's wall time. Runs, in this 
 (one short sparse batch: Triton compiles), dense (transformers' own ``sdpa`` over the paged
 cache), sparse (``sparse_batching`` at the package's defaults), and with ``--cover`` sparse with
 budgets covering every key, whose tokens must equal dense's (the sparse path's exactness).
+
+``--model llama8b``: Llama-3-8B's shape with random bf16 weights (benchmarks/e2e.py's), prompts
+of random tokens, sparse runs with e2e.py's A-shape (1000 sink / 6096 local keys, scaled by
+length as there): random weights have no structure for an estimate to find, so this measures
+the serving path's kernel work and overhead on a model whose GPU time dominates (SmolLM2-135M's
+steps are mostly host work, dense's included).
 """
 
 from __future__ import annotations
@@ -91,6 +98,7 @@ def main() -> None:
                         "(ContinuousBatchingConfig.max_memory_percent; transformers' default 0.9)")
     p.add_argument("--profile", action="store_true", help="one more sparse run under torch.profiler")
     p.add_argument("--smoke", action="store_true", help="tiny random Llama on the CPU")
+    p.add_argument("--model", choices=["smollm2", "llama8b"], default="smollm2")
     p.add_argument("--out", default="")
     args = p.parse_args()
     import transformers
@@ -103,6 +111,20 @@ def main() -> None:
         prompts = [[(7 * i + j) % 120 + 3 for i in range(n)] for j, n in enumerate(lengths)]
         sparse = {"dense_below": 0, "pattern_db": None}
         warm = None
+    elif args.model == "llama8b":
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        from benchmarks import e2e
+
+        config = LlamaConfig(**e2e.LLAMA8B, max_position_embeddings=max(args.lengths), tie_word_embeddings=False)
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+        lengths, chunk = args.lengths, args.chunk
+        g = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(100, 120000, (n,), generator=g).tolist() for n in lengths]
+        sparse = {"default_pattern": e2e.ASHAPE, "budget_length": e2e.BUDGET_LENGTH}
+        warm = prompts
     else:
         from mcompile.tools.data import haystack
         from mcompile.tools.models import load_smollm2

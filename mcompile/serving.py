@@ -44,7 +44,7 @@ from torch._dynamo.utils import counters
 
 from . import ops
 from .config import MInferenceConfig
-from .patterns import Pattern, PatternKind, encode
+from .patterns import Pattern, PatternKind, encode, scale_lists
 
 log = logging.getLogger(__name__)
 # Earlier releases update the paged cache inside their ``paged|sdpa`` attention function, which
@@ -87,25 +87,35 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
 
 
 def request_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, config: MInferenceConfig,
-                      window: int = 0, index: Optional[tuple] = None) -> torch.Tensor:
-    """One request: its chunk q (1, H, Nq, D), the last Nq of its keys k/v (1, Hk, N, D) (cached
+                      window: int = 0, index: Optional[tuple] = None, prompt_length: Optional[int] = None
+                      ) -> torch.Tensor:
+    """One request: its chunk q (B, H, Nq, D), the last Nq of its keys k/v (B, Hk, N, D) (cached
     prefix + chunk). Dense when ``ops.runs_dense`` says so; otherwise ``index`` (a plan from
     ``plan_request``) or one estimated here, then the sparse kernel (counted in
-    ``counters["mcompile"]["packed_sparse"]``)."""
-    if ops.runs_dense(q.shape[2], k.shape[2], config.dense_below):
+    ``counters["mcompile"]["packed_sparse"]``). ``prompt_length``: the whole prompt's length
+    where the caller knows it (context parallelism): ``dense_below`` and the budgets' scaling
+    then follow it, as for the prompt prefilled at once, instead of the keys seen so far."""
+    nk = k.shape[2] if prompt_length is None else max(prompt_length, k.shape[2])
+    if ops.runs_dense(q.shape[2], k.shape[2], 0) or nk < config.dense_below:
         return ops.dense_attention(q, k, v, None, scale, window)
     if index is None:
-        index = plan_request(q, k, scale, config, window)
+        index = plan_request(q, k, scale, config, window, prompt_length)
     counters["mcompile"]["packed_sparse"] += 1
     return ops.sparse_attention(q, k, v, *index, None, scale, window)
 
 
-def plan_request(q: torch.Tensor, k: torch.Tensor, scale: float, config: MInferenceConfig, window: int = 0) -> tuple:
+def plan_request(q: torch.Tensor, k: torch.Tensor, scale: float, config: MInferenceConfig, window: int = 0,
+                 prompt_length: Optional[int] = None) -> tuple:
     """The index (``ops.estimate_index``'s tuple) of one request's chunk over all its keys:
-    ``config.default_pattern`` for every head, or the band of a sliding window."""
-    pattern = Pattern(PatternKind.A_SHAPE, 0, window) if window else config.default_pattern
-    scaling_args = (0, 0.0) if window else (config.budget_length, config.budget_exponent)
-    return ops.estimate_index(q, k, None, *encode([pattern] * q.shape[1]), scale, *scaling_args)
+    ``config.default_pattern`` for every head (budgets scaled to ``prompt_length``, by default
+    to the keys), or the band of a sliding window."""
+    if window:
+        return ops.estimate_index(q, k, None, *encode([Pattern(PatternKind.A_SHAPE, 0, window)] * q.shape[1]), scale)
+    kinds, p0, p1 = encode([config.default_pattern] * q.shape[1])
+    if prompt_length is None:
+        return ops.estimate_index(q, k, None, kinds, p0, p1, scale, config.budget_length, config.budget_exponent)
+    p0, p1 = scale_lists(kinds, p0, p1, max(prompt_length, k.shape[2]), config.budget_length, config.budget_exponent)
+    return ops.estimate_index(q, k, None, kinds, p0, p1, scale)
 
 
 def gather_pages(cache: torch.Tensor, pages: torch.Tensor, length: int) -> torch.Tensor:
