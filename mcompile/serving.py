@@ -20,7 +20,9 @@ every cached key and runs the sparse kernel. Every other call goes to the origin
 counts in ``counters["mcompile"]["packed_fallback"]``): no per-request lengths, gradients,
 dropout, a non-causal module, or an argument that changes the attention's value (anything
 outside ``KNOWN_KWARGS``: soft-capping, attention sinks). Patterns: ``default_pattern`` for every
-head, or a sliding window's band. The lengths are read from the device once per call.
+head, or a sliding window's band. The lengths are read from the device once per step
+(``LengthReader``), and block-mass and A-shape requests skip the sparse op's density check
+(``SETTLES_DENSITY``): without host reads per layer the host queues work ahead of the GPU.
 
 Under ``model.compile(...)`` the function runs outside the compiled graphs (it is
 ``torch.compiler.disable``d, as the paged cache's update is): the graphs end before attention
@@ -44,7 +46,7 @@ from torch._dynamo.utils import counters
 
 from . import ops
 from .config import MInferenceConfig
-from .patterns import Pattern, PatternKind, encode, scale_lists
+from .patterns import Pattern, PatternKind, encode, scale_lists, scaled_budgets
 
 log = logging.getLogger(__name__)
 # Earlier releases update the paged cache inside their ``paged|sdpa`` attention function, which
@@ -65,10 +67,11 @@ KNOWN_KWARGS = frozenset({
 @torch.compiler.disable  # per-request sizes are data (cu_seq_lens): run eagerly, as the paged cache's update does
 def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
-                     *, fallback: Callable, config: MInferenceConfig, **kwargs):
+                     *, fallback: Callable, config: MInferenceConfig, reader: Optional["LengthReader"] = None,
+                     **kwargs):
     """transformers' attention-function signature: q (1, H, Q, D), k/v (1, Hk, K, D) of the packed
     requests; returns ((1, Q, H, Dv), None). See the module docstring."""
-    lengths, reason = _request_lengths(module, query, key, dropout, kwargs)
+    lengths, reason = _request_lengths(module, query, key, dropout, kwargs, reader)
     if reason is not None:
         log.debug("mcompile: packed attention falls back to %s: %s", getattr(fallback, "__name__", "sdpa"), reason)
         counters["mcompile"]["packed_fallback"] += 1
@@ -98,10 +101,36 @@ def request_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     nk = k.shape[2] if prompt_length is None else max(prompt_length, k.shape[2])
     if ops.runs_dense(q.shape[2], k.shape[2], 0) or nk < config.dense_below:
         return ops.dense_attention(q, k, v, None, scale, window)
+    if not window and q.is_cuda and k.shape[2] >= ops.FRACTION_CHECK_MIN:  # where the op's check would run
+        pattern = scaled_budgets(config.default_pattern, nk, config.budget_length, config.budget_exponent)
+        share = static_share(pattern, q.shape[2], k.shape[2])
+        if share is not None and share > ops.DENSE_ABOVE_FRACTION:
+            counters["mcompile"]["dense_by_fraction"] += 1
+            return ops.dense_attention(q, k, v, None, scale)
     if index is None:
         index = plan_request(q, k, scale, config, window, prompt_length)
     counters["mcompile"]["packed_sparse"] += 1
+    if window or config.default_pattern.kind in SETTLES_DENSITY:
+        return ops.sparse_attention_unchecked(q, k, v, index, scale, window)
     return ops.sparse_attention(q, k, v, *index, None, scale, window)
+
+
+# Patterns whose index settles the dense-or-sparse question without the op's density check (a
+# host read per request and layer, which stalls the host behind the GPU): block-mass runs a
+# diffuse head dense inside its index; A-shape's share is known from its budgets (static_share).
+SETTLES_DENSITY = frozenset({PatternKind.BLOCK_MASS, PatternKind.A_SHAPE})
+
+
+def static_share(pattern: Pattern, nq: int, nk: int) -> Optional[float]:
+    """The share of a chunk's causal pairs (``nq`` queries, the last of ``nk`` keys) an A-shape
+    index computes, counted in whole 64-key tiles as the kernel computes them; None for
+    patterns whose share depends on the input."""
+    if pattern.kind != PatternKind.A_SHAPE:
+        return None
+    tile = 64
+    causal = nq * (nk - nq) + nq * (nq + 1) / 2
+    kept = nq * min(nk, -(-pattern.sink // tile) * tile + -(-pattern.local // tile) * tile + tile)
+    return min(1.0, kept / causal)
 
 
 def plan_request(q: torch.Tensor, k: torch.Tensor, scale: float, config: MInferenceConfig, window: int = 0,
@@ -175,9 +204,37 @@ def paged_prefill(query: torch.Tensor, cu_seqlens_q: torch.Tensor, k_cache: torc
     return out
 
 
-def _request_lengths(module, query, key, dropout, kwargs) -> tuple[Optional[tuple[list, list]], Optional[str]]:
-    """((cumulative query lengths, cumulative key lengths), None) read from the device once, or
-    (None, why this call goes to the original function)."""
+class LengthReader:
+    """Continuous batching's per-request lengths on the host, read from the device once per step
+    rather than once per layer: every layer of a step gets the same two tensors, unchanged, and a
+    host read stalls the host until the GPU has caught up. The lengths read last are reused while
+    the very same tensor objects arrive at the same version (an in-place write bumps it); tensors
+    whose version is not tracked (made under ``torch.inference_mode``) are read every time."""
+
+    def __init__(self):
+        self._key: Optional[tuple] = None  # (cu_q, its version, cu_k, its version): held, so never reused ids
+        self._value: list = []
+
+    def read(self, cu_q: torch.Tensor, cu_k: torch.Tensor) -> list:
+        try:
+            key = (cu_q, cu_q._version, cu_k, cu_k._version)
+        except RuntimeError:  # an inference tensor: no version counter
+            key = None
+        last = self._key
+        if key is not None and last is not None and key[0] is last[0] and key[2] is last[2] \
+                and key[1] == last[1] and key[3] == last[3]:
+            counters["mcompile"]["packed_lengths_reused"] += 1
+            return self._value
+        value = torch.cat([cu_q, cu_k.to(cu_q)]).tolist()  # one host read: the loop over requests needs them
+        self._key, self._value = key, value
+        return value
+
+
+def _request_lengths(module, query, key, dropout, kwargs, lengths: Optional[LengthReader] = None
+                     ) -> tuple[Optional[tuple[list, list]], Optional[str]]:
+    """((cumulative query lengths, cumulative key lengths), None) read from the device once
+    (``lengths``: reused across the layers of a step), or (None, why this call goes to the
+    original function)."""
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if not (isinstance(cu_q, torch.Tensor) and isinstance(cu_k, torch.Tensor)):
         return None, "no per-request lengths (not a continuous-batching call)"
@@ -192,7 +249,7 @@ def _request_lengths(module, query, key, dropout, kwargs) -> tuple[Optional[tupl
         return None, f"arguments this path does not apply: {unknown}"
     if cu_q.dim() != 1 or cu_q.shape != cu_k.shape:
         return None, "per-request lengths of different shapes"
-    both = torch.cat([cu_q, cu_k.to(cu_q)]).tolist()  # one host read: the loop over requests needs them
+    both = lengths.read(cu_q, cu_k) if lengths is not None else LengthReader().read(cu_q, cu_k)
     cq, ck = both[:len(both) // 2], both[len(both) // 2:]
     if cq[-1] > query.shape[2] or ck[-1] > key.shape[2]:
         return None, "per-request lengths past the packed tensors"
@@ -215,7 +272,8 @@ def sparse_batching(options: Optional[dict] = None) -> Iterator[None]:
     local = ALL_ATTENTION_FUNCTIONS._local_mapping
     had, before = "sdpa" in local, local.get("sdpa")
     original = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    ALL_ATTENTION_FUNCTIONS["sdpa"] = functools.partial(packed_attention, fallback=original, config=config)
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = functools.partial(packed_attention, fallback=original, config=config,
+                                                        reader=LengthReader())
     try:
         yield
     finally:

@@ -51,6 +51,7 @@ def test_generate_batch_with_covering_budgets_equals_dense(model_type):
     assert sparse == dense
     assert counters["mcompile"]["packed_sparse"] >= 2 * sum(-(-n // 128) for n in LENGTHS) // 2
     assert counters["mcompile"]["packed_fallback"] == 0
+    assert counters["mcompile"]["packed_lengths_reused"] > 0  # the second layer of a step reads nothing
     if model_type != "llama":
         return
     with sparse_batching(SPARSE):
@@ -148,3 +149,42 @@ def test_compiled_model_serves_sparse_batches():
     with sparse_batching(COVER):
         assert _generate(model) == dense
     assert counters["mcompile"]["packed_sparse"] > 0
+
+
+def test_length_reader_reads_once_per_step_and_again_after_any_change():
+    """The lengths of a step are read once and reused while the same tensors arrive unchanged; an
+    in-place write, new tensors, or tensors without a version counter are read again."""
+    from mcompile.serving import LengthReader
+
+    reader = LengthReader()
+    cu_q, cu_k = torch.tensor([0, 3, 5], dtype=torch.int32), torch.tensor([0, 9, 20], dtype=torch.int32)
+    counters.clear()
+    assert reader.read(cu_q, cu_k) == [0, 3, 5, 0, 9, 20]
+    assert reader.read(cu_q, cu_k) == [0, 3, 5, 0, 9, 20]
+    assert counters["mcompile"]["packed_lengths_reused"] == 1
+    cu_q[1:].copy_(torch.tensor([4, 6]))  # the next step writes the same buffer
+    assert reader.read(cu_q, cu_k) == [0, 4, 6, 0, 9, 20]
+    cu_k[2] = 21
+    assert reader.read(cu_q, cu_k) == [0, 4, 6, 0, 9, 21]
+    assert reader.read(cu_q.clone(), cu_k) == [0, 4, 6, 0, 9, 21]
+    assert counters["mcompile"]["packed_lengths_reused"] == 1
+    with torch.inference_mode():
+        iq, ik = torch.tensor([0, 2]), torch.tensor([0, 7])
+        assert reader.read(iq, ik) == [0, 2, 0, 7]
+        iq[1] = 3
+        assert reader.read(iq, ik) == [0, 3, 0, 7]  # no version counter: read every time
+    assert counters["mcompile"]["packed_lengths_reused"] == 1
+
+
+def test_static_share_of_an_a_shape_chunk():
+    """A-shape's share of a chunk's causal pairs is known on the host (no density read): whole
+    tiles of sink and local keys against the causal pairs; None for input-dependent patterns."""
+    from mcompile.patterns import Pattern, PatternKind
+    from mcompile.serving import static_share
+
+    ashape = Pattern(PatternKind.A_SHAPE, 64, 128)
+    assert static_share(ashape, 1024, 131072) < 0.01
+    assert static_share(ashape, 256, 256) == 1.0  # the band covers the whole short prompt
+    share = static_share(ashape, 8192, 65536)
+    assert share == pytest.approx(8192 * (64 + 128 + 64) / (8192 * (65536 - 8192) + 8192 * 8193 / 2))
+    assert static_share(Pattern(PatternKind.BLOCK_MASS, 990, 8), 8192, 65536) is None
