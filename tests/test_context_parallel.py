@@ -1,7 +1,7 @@
 """Context parallelism (``mcompile.context_parallel``): the sequence split over 2 gloo processes on
 the CPU, each rank running the model on its share with sparse attention over the keys before its
 queries; the logits equal one process's sparse prefill of the whole prompt (the backend's), for
-both layouts and for the default pattern and A-shape."""
+both layouts and for the default pattern and A-shape, eager or compiled with the backend."""
 
 import functools
 import os
@@ -69,6 +69,11 @@ def _rank(rank: int, port: int, path: str):
                 torch._dynamo.utils.counters.clear()
                 out[layout, name] = cp.prefill(model, _ids(), options=options, layout=layout)
                 out[layout, name, "sparse"] = torch._dynamo.utils.counters["mcompile"]["packed_sparse"]
+        # Compiled with the backend: the model's other work compiles, attention runs between the graphs.
+        import mcompile
+
+        backend = functools.partial(mcompile.minference_backend, options={"compiler": "aot_eager"})
+        out["compiled"] = cp.prefill(torch.compile(model, backend=backend), _ids(), options=CASES["default"])
         torch.save(out, os.path.join(path, f"out{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
@@ -103,5 +108,6 @@ def test_context_parallel_prefill_equals_one_process(tmp_path):
             # each rank answered its 2 ranges (zigzag) or 1 range (contiguous) sparse in both layers
             assert out[layout, "ashape", "sparse"] == 2 * (2 if layout == "zigzag" else 1)
             assert out[layout, "below", "sparse"] == 0
+        torch.testing.assert_close(out["compiled"], out["zigzag", "default"], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(one["below"], dense, atol=2e-5, rtol=2e-5)
     assert (one["ashape"] - dense).abs().max() > 1e-3  # A-shape dropped keys: not dense against dense
