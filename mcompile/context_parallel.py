@@ -106,6 +106,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
     config = MInferenceConfig.from_options(options)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         raise RuntimeError("mcompile.context_parallel is for inference: run it under torch.no_grad()")
+    if k.shape[2] != q.shape[2] or v.shape[2] != q.shape[2]:
+        raise ValueError(f"mcompile.context_parallel: q, k and v must be the same share of the sequence "
+                         f"(no KV cache: prefill with use_cache=False), got {q.shape[2]}, {k.shape[2]}, {v.shape[2]}")
     n = q.shape[2] * world
     ranges = shard_ranges(n, world, rank, layout)
     scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
