@@ -237,16 +237,6 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: to
         return dispatch.attention_impl(q)(q, k, v, index, scale, key_padding, window=window)
 
 
-def sparse_attention_unchecked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: tuple, scale: float,
-                               window: int = 0) -> torch.Tensor:
-    """``sparse_attention`` without its density check, so without its host read: for callers
-    whose index settles density itself (block-mass runs a diffuse head dense inside its index; a
-    static pattern's share is known on the host). Not an op: eager callers only (serving)."""
-    _check_inputs(q, k, v, window=window)
-    with _no_autocast(q):
-        return dispatch.attention_impl(q)(q, k, v, SparseIndex(*index), scale, None, window=window)
-
-
 @sparse_attention.register_fake
 def _(q, k, v, runs, run_count, diag_prefix, columns, column_count, blocks, block_count,
       key_padding, scale, window=0):

@@ -21,8 +21,7 @@ counts in ``counters["mcompile"]["packed_fallback"]``): no per-request lengths, 
 dropout, a non-causal module, or an argument that changes the attention's value (anything
 outside ``KNOWN_KWARGS``: soft-capping, attention sinks). Patterns: ``default_pattern`` for every
 head, or a sliding window's band. The lengths are read from the device once per step
-(``LengthReader``), and block-mass and A-shape requests skip the sparse op's density check
-(``SETTLES_DENSITY``): without host reads per layer the host queues work ahead of the GPU.
+(``LengthReader``), not once per layer.
 
 Under ``model.compile(...)`` the function runs outside the compiled graphs (it is
 ``torch.compiler.disable``d, as the paged cache's update is): the graphs end before attention
@@ -46,7 +45,7 @@ from torch._dynamo.utils import counters
 
 from . import ops
 from .config import MInferenceConfig
-from .patterns import Pattern, PatternKind, encode, scale_lists, scaled_budgets
+from .patterns import Pattern, PatternKind, encode, scale_lists
 
 log = logging.getLogger(__name__)
 # Earlier releases update the paged cache inside their ``paged|sdpa`` attention function, which
@@ -98,52 +97,25 @@ def request_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     ``counters["mcompile"]["packed_sparse"]``). ``prompt_length``: the whole prompt's length
     where the caller knows it (context parallelism): ``dense_below`` and the budgets' scaling
     then follow it, as for the prompt prefilled at once, instead of the keys seen so far."""
-    nk = k.shape[2] if prompt_length is None else max(prompt_length, k.shape[2])
-    if ops.runs_dense(q.shape[2], k.shape[2], 0) or nk < config.dense_below:
+    n = k.shape[2] if prompt_length is None else max(prompt_length, k.shape[2])
+    if ops.runs_dense(q.shape[2], k.shape[2], 0) or n < config.dense_below:
         return ops.dense_attention(q, k, v, None, scale, window)
-    if not window and q.is_cuda and k.shape[2] >= ops.FRACTION_CHECK_MIN:  # where the op's check would run
-        pattern = scaled_budgets(config.default_pattern, nk, config.budget_length, config.budget_exponent)
-        share = static_share(pattern, q.shape[2], k.shape[2])
-        if share is not None and share > ops.DENSE_ABOVE_FRACTION:
-            counters["mcompile"]["dense_by_fraction"] += 1
-            return ops.dense_attention(q, k, v, None, scale)
     if index is None:
-        index = plan_request(q, k, scale, config, window, prompt_length)
+        index = plan_request(q, k, scale, config, window, n)
     counters["mcompile"]["packed_sparse"] += 1
-    if window or config.default_pattern.kind in SETTLES_DENSITY:
-        return ops.sparse_attention_unchecked(q, k, v, index, scale, window)
     return ops.sparse_attention(q, k, v, *index, None, scale, window)
-
-
-# Patterns whose index settles the dense-or-sparse question without the op's density check (a
-# host read per request and layer, which stalls the host behind the GPU): block-mass runs a
-# diffuse head dense inside its index; A-shape's share is known from its budgets (static_share).
-SETTLES_DENSITY = frozenset({PatternKind.BLOCK_MASS, PatternKind.A_SHAPE})
-
-
-def static_share(pattern: Pattern, nq: int, nk: int) -> Optional[float]:
-    """The share of a chunk's causal pairs (``nq`` queries, the last of ``nk`` keys) an A-shape
-    index computes, counted in whole 64-key tiles as the kernel computes them; None for
-    patterns whose share depends on the input."""
-    if pattern.kind != PatternKind.A_SHAPE:
-        return None
-    tile = 64
-    causal = nq * (nk - nq) + nq * (nq + 1) / 2
-    kept = nq * min(nk, -(-pattern.sink // tile) * tile + -(-pattern.local // tile) * tile + tile)
-    return min(1.0, kept / causal)
 
 
 def plan_request(q: torch.Tensor, k: torch.Tensor, scale: float, config: MInferenceConfig, window: int = 0,
                  prompt_length: Optional[int] = None) -> tuple:
     """The index (``ops.estimate_index``'s tuple) of one request's chunk over all its keys:
-    ``config.default_pattern`` for every head (budgets scaled to ``prompt_length``, by default
-    to the keys), or the band of a sliding window."""
-    if window:
-        return ops.estimate_index(q, k, None, *encode([Pattern(PatternKind.A_SHAPE, 0, window)] * q.shape[1]), scale)
-    kinds, p0, p1 = encode([config.default_pattern] * q.shape[1])
-    if prompt_length is None:
-        return ops.estimate_index(q, k, None, kinds, p0, p1, scale, config.budget_length, config.budget_exponent)
-    p0, p1 = scale_lists(kinds, p0, p1, max(prompt_length, k.shape[2]), config.budget_length, config.budget_exponent)
+    ``config.default_pattern`` for every head, its budgets scaled to ``prompt_length`` (by
+    default the keys), or the band of a sliding window."""
+    pattern = Pattern(PatternKind.A_SHAPE, 0, window) if window else config.default_pattern
+    kinds, p0, p1 = encode([pattern] * q.shape[1])
+    if not window:
+        n = k.shape[2] if prompt_length is None else max(prompt_length, k.shape[2])
+        p0, p1 = scale_lists(kinds, p0, p1, n, config.budget_length, config.budget_exponent)
     return ops.estimate_index(q, k, None, kinds, p0, p1, scale)
 
 
@@ -209,7 +181,10 @@ class LengthReader:
     rather than once per layer: every layer of a step gets the same two tensors, unchanged, and a
     host read stalls the host until the GPU has caught up. The lengths read last are reused while
     the very same tensor objects arrive at the same version (an in-place write bumps it); tensors
-    whose version is not tracked (made under ``torch.inference_mode``) are read every time."""
+    whose version is not tracked (made under ``torch.inference_mode``) are read every time.
+    Continuous batching slices new views of its buffers every step, so a step's first layer
+    always reads; a writer that bypasses the version counter (``.data``, NumPy views) must not
+    reuse the same tensor objects across steps."""
 
     def __init__(self):
         self._key: Optional[tuple] = None  # (cu_q, its version, cu_k, its version): held, so never reused ids

@@ -1,4 +1,8 @@
-"""Shared test utilities: reference attention with a materialised mask, random inputs."""
+"""Shared test utilities: reference attention with a materialised mask, random inputs, gloo groups."""
+
+import contextlib
+import os
+import socket
 
 import torch
 import torch.nn.functional as F
@@ -49,3 +53,23 @@ def exception_notes(exc: BaseException) -> str:
         notes.extend(getattr(exc, "__notes__", []))
         exc = exc.__cause__ or exc.__context__
     return "\n".join(notes)
+
+
+def free_port() -> int:
+    """A free TCP port on this machine for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, port: int):
+    """The default process group over gloo (CPU) for this process, destroyed on exit; the
+    environment variables transformers' ``tp_plan`` reads are set too."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()

@@ -5,7 +5,6 @@ both layouts and for the default pattern and A-shape, eager or compiled with the
 
 import functools
 import os
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,8 @@ import torch.multiprocessing as mp
 
 from mcompile import context_parallel as cp
 from mcompile.tools.models import tiny_llama
+
+from .helpers import free_port, gloo_group
 
 WAYS = 2
 N = 512  # zigzag over 2 ranks: 4 chunks of 128 positions (two query blocks each)
@@ -55,13 +56,36 @@ def test_attention_needs_an_initialised_group():
         cp.attention(q, q, q)
 
 
+def test_what_context_parallelism_does_not_take_is_refused_with_its_reason():
+    """One rank (a world of 1, gloo): a cache, dropout, soft-capping, a non-causal module and
+    padded prompts each get a clear error, and the attention itself runs (counted)."""
+    model = tiny_llama("sdpa", layers=1, heads=4, kv_heads=2, head_dim=16)
+    module = model.model.layers[0].self_attn
+    q, k = torch.randn(1, 4, 128, 16), torch.randn(1, 2, 128, 16)
+    with gloo_group(0, 1, free_port()):
+        with pytest.raises(ValueError, match="use_cache=False"):
+            cp.attention(q, torch.randn(1, 2, 256, 16), torch.randn(1, 2, 256, 16))
+        call = functools.partial(cp._attention_function, module, q, k, k, None, options=None, group=None,
+                                 layout="zigzag")
+        with pytest.raises(ValueError, match="dropout"):
+            call(dropout=0.1)
+        with pytest.raises(ValueError, match="'softcap' is not supported"):
+            call(softcap=30.0)
+        torch._dynamo.utils.counters.clear()
+        assert call()[0].shape == (1, 128, 4, 16)
+        assert torch._dynamo.utils.counters["mcompile"]["context_parallel_attention"] == 1
+        module.is_causal = False
+        with pytest.raises(ValueError, match="not causal"):
+            call()
+        with pytest.raises(ValueError, match="padded positions"):
+            cp.prefill(model, _ids(), attention_mask=torch.ones(2, N).index_fill_(1, torch.tensor([0]), 0))
+
+
 def _rank(rank: int, port: int, path: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=WAYS)
-    torch.set_num_threads(1)
-    try:
+    with gloo_group(rank, WAYS, port):
         from transformers import AutoModelForCausalLM
 
+        torch.set_num_threads(1)
         model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
         out = {}
         for layout in cp.LAYOUTS:
@@ -75,14 +99,6 @@ def _rank(rank: int, port: int, path: str):
         backend = functools.partial(mcompile.minference_backend, options={"compiler": "aot_eager"})
         out["compiled"] = cp.prefill(torch.compile(model, backend=backend), _ids(), options=CASES["default"])
         torch.save(out, os.path.join(path, f"out{rank}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
@@ -91,7 +107,7 @@ def test_context_parallel_prefill_equals_one_process(tmp_path):
 
     model = tiny_llama("sdpa", layers=2, heads=4, kv_heads=2, head_dim=16)
     model.save_pretrained(tmp_path)
-    mp.start_processes(_rank, args=(_free_port(), str(tmp_path)), nprocs=WAYS, start_method="spawn")
+    mp.start_processes(_rank, args=(free_port(), str(tmp_path)), nprocs=WAYS, start_method="spawn")
     with torch.no_grad():
         dense = model(_ids()).logits
         one = {}

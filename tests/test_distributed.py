@@ -5,7 +5,6 @@ each rank's shard (``passes/rewrite.head_shard``)."""
 
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -14,6 +13,8 @@ import torch.multiprocessing as mp
 from mcompile.pattern_db import HeadEntry, ModelFingerprint, PatternDB, save
 from mcompile.patterns import Pattern, PatternKind
 from mcompile.tools.models import tiny_llama
+
+from .helpers import free_port, gloo_group
 
 WAYS = 2
 N = 300
@@ -46,10 +47,7 @@ def _run(model, db_path):
 
 
 def _rank(rank: int, port: int, path: str):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WAYS), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=WAYS)
-    try:
+    with gloo_group(rank, WAYS, port):
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(os.path.join(path, "model"), tp_plan="auto",
@@ -58,14 +56,6 @@ def _rank(rank: int, port: int, path: str):
         torch.save(out, os.path.join(path, f"out{rank}.pt"))
         with open(os.path.join(path, f"sources{rank}.json"), "w") as f:
             json.dump(sources, f)
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
@@ -75,7 +65,7 @@ def test_tensor_parallel_ranks_equal_one_process(tmp_path):
     fingerprint = ModelFingerprint.from_config(model.config)
     save(PatternDB(fingerprint, tuple(tuple(HeadEntry(p) for p in HEAD_PATTERNS) for _ in range(2))),
          tmp_path / "db.json")
-    mp.start_processes(_rank, args=(_free_port(), str(tmp_path)), nprocs=WAYS, start_method="spawn")
+    mp.start_processes(_rank, args=(free_port(), str(tmp_path)), nprocs=WAYS, start_method="spawn")
     one, _ = _run(model, str(tmp_path / "db.json"))
     with torch.no_grad():
         dense = model(_ids()).logits

@@ -174,17 +174,3 @@ def test_length_reader_reads_once_per_step_and_again_after_any_change():
         iq[1] = 3
         assert reader.read(iq, ik) == [0, 3, 0, 7]  # no version counter: read every time
     assert counters["mcompile"]["packed_lengths_reused"] == 1
-
-
-def test_static_share_of_an_a_shape_chunk():
-    """A-shape's share of a chunk's causal pairs is known on the host (no density read): whole
-    tiles of sink and local keys against the causal pairs; None for input-dependent patterns."""
-    from mcompile.patterns import Pattern, PatternKind
-    from mcompile.serving import static_share
-
-    ashape = Pattern(PatternKind.A_SHAPE, 64, 128)
-    assert static_share(ashape, 1024, 131072) < 0.01
-    assert static_share(ashape, 256, 256) == 1.0  # the band covers the whole short prompt
-    share = static_share(ashape, 8192, 65536)
-    assert share == pytest.approx(8192 * (64 + 128 + 64) / (8192 * (65536 - 8192) + 8192 * 8193 / 2))
-    assert static_share(Pattern(PatternKind.BLOCK_MASS, 990, 8), 8192, 65536) is None
