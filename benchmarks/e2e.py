@@ -105,6 +105,24 @@ def register_attention():
 CASES = ["dense", "dense-mem", "ashape", "ashape-est", "vs", "default"]
 
 
+def _top_level_split(text: str) -> list:
+    """Split on the commas outside JSON brackets and strings (a case option's value may be a pattern
+    as JSON: ``default@default_pattern={"kind":"block_mass","recall":0.98}``)."""
+    items, depth, quoted, start = [], 0, False, 0
+    for i, ch in enumerate(text):
+        if ch == '"':
+            quoted = not quoted
+        elif not quoted and ch in "{[":
+            depth += 1
+        elif not quoted and ch in "}]":
+            depth -= 1
+        elif not quoted and depth == 0 and ch == ",":
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return items
+
+
 def parse_case(case: str) -> tuple:
     """``"ashape@rope_once=false,mlp_chunk=32768"`` -> ("ashape", {"rope_once": False, "mlp_chunk": 32768}):
     a case with extra minference options, for A/B runs in one process."""
@@ -112,7 +130,7 @@ def parse_case(case: str) -> tuple:
     if name not in CASES:
         raise ValueError(f"unknown case {name!r} (cases: {CASES})")
     options = {}
-    for item in filter(None, extra.split(",")):
+    for item in filter(None, _top_level_split(extra)):
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"case option {item!r} is not KEY=VALUE")
