@@ -53,16 +53,23 @@ def new_cache(kind, config):
     return FP8Cache(config) if kind == "fp8" else DynamicCache(config=config)
 
 
-def answer(model, ids, cache, new_tokens, keep_one):
-    """(ttft_s, [decode step s], tokens, first decode logits, peak GiB after the prefill, peak GiB)."""
+def answer(model, ids, cache, new_tokens, keep_one, chunk=0):
+    """(ttft_s, [decode step s], tokens, first decode logits, peak GiB after the prefill, peak GiB).
+    ``chunk`` > 0: the prompt is prefilled ``chunk`` tokens at a time, each chunk attending to the
+    cached keys before it (the activations then scale with the chunk, not the prompt)."""
     kw = {"past_key_values": cache, "use_cache": True, **({"logits_to_keep": 1} if keep_one else {})}
     gpu = torch.cuda.is_available()
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     e2e.sync()
     t0 = time.perf_counter()
+    # the chunks are cut outside inference mode, as the whole prompt is: one kind of input tensor
+    chunks = ids.split(chunk, dim=1) if 0 < chunk < ids.shape[1] else (ids,)
     with torch.inference_mode():
-        nxt = model(ids, **kw).logits[:, -1].argmax(-1, keepdim=True)
+        for part in chunks:
+            out = model(part, **kw)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        del out
         e2e.sync()
         ttft = time.perf_counter() - t0
         peak_prefill = torch.cuda.max_memory_allocated() / GIB if gpu else None
@@ -88,13 +95,16 @@ def run_case(model, case, tokens, args, out_rows, check_ref):
     graphs0 = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     model.compile(backend=backend, dynamic=True)
     t = time.perf_counter()
-    answer(model, tokens[:, :args.check_length], new_cache(kind, model.config), 2, keep_one)  # compiles both graphs
+    # compiles the prefill and decode graphs, and with --prefill-chunk the graph of a chunk after cached keys
+    answer(model, tokens[:, :args.check_length], new_cache(kind, model.config), 2, keep_one,
+           3 * args.check_length // 4 if args.prefill_chunk else 0)  # a chunk unlike its prefix in length: no duck-sized graph
     compile_s = time.perf_counter() - t
     for n in [args.check_length] + sorted(args.lengths if pattern != "dense" else args.dense_lengths):
-        row = {"case": case, "length": n}
+        row = {"case": case, "length": n, "prefill_chunk": args.prefill_chunk if n > args.check_length else 0}
         cache = new_cache(kind, model.config)
         try:
-            ttft, steps, toks, first, peak_prefill, peak = answer(model, tokens[:, :n], cache, args.new_tokens, keep_one)
+            ttft, steps, toks, first, peak_prefill, peak = answer(model, tokens[:, :n], cache, args.new_tokens, keep_one,
+                                                                  args.prefill_chunk if n > args.check_length else 0)
         except torch.OutOfMemoryError as exc:
             row["error"] = f"out of memory: {str(exc).splitlines()[0][:160]}"
             print(f"  {case:14} N={n:8d}  {row['error'][:110]}", flush=True)
@@ -136,6 +146,9 @@ def main():
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--check-length", type=int, default=4096)
     p.add_argument("--dense-below", type=int, default=e2e.DEFAULT_DENSE_BELOW)
+    p.add_argument("--prefill-chunk", type=int, default=0,
+                   help="prefill prompts longer than --check-length this many tokens at a time against "
+                        "the cache (0: the whole prompt in one forward)")
     p.add_argument("--smoke", action="store_true", help="tiny random Llama on the CPU, fp32")
     p.add_argument("--out", default=None)
     args = p.parse_args()
