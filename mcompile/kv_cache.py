@@ -40,8 +40,10 @@ def fp8_scale(x: torch.Tensor) -> torch.Tensor:
 
 def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x / scale`` in float8 e4m3, clamped to its range (e4m3fn has no infinity: an overflow would
-    be NaN)."""
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    be NaN), laid out contiguously: a prefill's K/V are transposed views, and a cache whose layout
+    changed between the prefill and the first concatenation would make the compiled decode step
+    recompile on its strides."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8, memory_format=torch.contiguous_format)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -104,3 +104,17 @@ def test_generate_compiled_sparse_prefill_with_fp8_cache():
         assert torch.equal(r, o)
     assert graphs[0] == graphs[1]
     assert counters["mcompile"]["rewritten"] >= 2
+
+
+def test_cache_contiguous_one_decode_graph():
+    """The prefill's K/V are transposed views; stored as they come, the cache would change layout at
+    its first concatenation and the compiled decode step would compile twice (once per layout)."""
+    x = torch.randn(1, 5, 2, 8).transpose(1, 2)  # (B, H, N, D) as the projections give it
+    assert quantize(x, fp8_scale(x)).is_contiguous()
+    model = tiny_llama("sdpa")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        model.compile(backend="minference", dynamic=True, options=COVER)
+        before = counters["stats"]["unique_graphs"]
+        model.generate(_ids(1, 90), max_new_tokens=4, do_sample=False, past_key_values=FP8Cache(model.config))
+    assert counters["stats"]["unique_graphs"] - before == 2  # the prefill and the decode step
