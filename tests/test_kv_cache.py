@@ -118,3 +118,26 @@ def test_cache_contiguous_one_decode_graph():
         before = counters["stats"]["unique_graphs"]
         model.generate(_ids(1, 90), max_new_tokens=4, do_sample=False, past_key_values=FP8Cache(model.config))
     assert counters["stats"]["unique_graphs"] - before == 2  # the prefill and the decode step
+
+
+def test_generate_chunked_prefill_compiled():
+    """generate(prefill_chunk_size=...) over the FP8 cache: each chunk after the first attends to the
+    cached keys through a rewritten (sparse) attention, the tokens equal eager generation chunked the
+    same way, and the graphs stop growing: a chunk the size of its offset may get one graph of its own
+    (Dynamo's duck sizing), after that a new prompt length compiles nothing."""
+    model = tiny_llama("sdpa")
+    prompts = [_ids(1, 300), _ids(1, 420, seed=1), _ids(1, 530, seed=2)]
+    kw = {"max_new_tokens": 5, "do_sample": False, "prefill_chunk_size": 128}
+    torch._dynamo.reset()
+    with torch.no_grad():
+        refs = [model.generate(p, past_key_values=FP8Cache(model.config), **kw) for p in prompts]
+        model.compile(backend="minference", dynamic=True, options=COVER)
+        rewritten = counters["mcompile"]["rewritten"]
+        outs = [model.generate(prompts[0], past_key_values=FP8Cache(model.config), **kw)]
+        assert counters["mcompile"]["rewritten"] - rewritten > 2  # the chunk graphs too, not the prefill's alone
+        outs.append(model.generate(prompts[1], past_key_values=FP8Cache(model.config), **kw))
+        graphs = counters["stats"]["unique_graphs"]
+        outs.append(model.generate(prompts[2], past_key_values=FP8Cache(model.config), **kw))
+    for out, ref in zip(outs, refs):
+        assert torch.equal(out, ref)
+    assert counters["stats"]["unique_graphs"] == graphs
