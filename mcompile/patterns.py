@@ -65,8 +65,9 @@ _MAXIMUM = {"recall": RECALL_SCALE, "samples": 64}  # at most every row of a 64-
 SCORES = ("mass", "max")
 SCORE_MAX = 128
 # ``neighbours``: 1 makes a block's estimate the mean of its own and its two neighbouring blocks'
-# (each renormalised over the block's causal tiles): the rows of three blocks for the sampling of
-# one (docs/ACCURACY.md, "Rows shared with the neighbouring blocks"). A flag above the score's.
+# (each renormalised over the block's causal tiles), never below its own: the rows of three blocks
+# for the sampling of one (docs/ACCURACY.md, "Rows shared with the neighbouring blocks"). A flag
+# above the score's.
 NEIGHBOURS = 256
 _FLAGS = SCORE_MAX | NEIGHBOURS
 

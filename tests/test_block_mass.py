@@ -66,7 +66,8 @@ def test_neighbours_option_round_trips():
 @pytest.mark.parametrize("m0,m_rows", [(0, 5), (3, 4), (7, 1)])
 def test_share_neighbours_equals_a_direct_computation(m0, m_rows):
     """Each block's estimate: the mean over blocks m-1, m, m+1 (those that hold queries) of their
-    estimates restricted to block m's causal tiles and renormalised there."""
+    estimates restricted to block m's causal tiles and renormalised there, and never below the
+    block's own renormalised estimate."""
     nb = m0 + m_rows
     est = torch.rand(2, 3, m_rows, nb, generator=torch.Generator().manual_seed(m0))
     out = share_neighbours(est, m0)
@@ -77,8 +78,23 @@ def test_share_neighbours_equals_a_direct_computation(m0, m_rows):
                 e = est[:, :, i].clone()
                 e[..., m0 + j + 1:] = 0
                 parts.append(e / e.sum(-1, keepdim=True))
-        torch.testing.assert_close(out[:, :, j], sum(parts) / len(parts))
+        own = parts[0] if j == 0 else parts[1]
+        torch.testing.assert_close(out[:, :, j], torch.maximum(sum(parts) / len(parts), own))
         assert out[:, :, j, m0 + j + 1:].eq(0).all()
+
+
+def test_share_neighbours_keeps_a_blocks_own_peak():
+    """The last block looks at a far tile its neighbour does not (a question over a passage, the
+    block before it the passage's text): sharing must not lower that tile below the block's own
+    estimate, or a lower target drops it (the mean alone halved it and lost a needle)."""
+    nb = 6
+    est = torch.zeros(1, 1, 2, nb)
+    est[0, 0, 0, :5] = torch.tensor([0.3, 0.0, 0.0, 0.5, 0.2])  # block 4: sink, tile 3, local
+    est[0, 0, 1] = torch.tensor([0.4, 0.3, 0.0, 0.0, 0.15, 0.15])  # block 5: tile 1 is its own
+    out = share_neighbours(est, 4)
+    assert out[0, 0, 1, 1] == pytest.approx(0.3)  # the mean alone: 0.15, below the neighbour's tile 3 (0.25)
+    tiles, counts, _ = select_tiles(out, torch.tensor([0.75]), 4, nb)
+    assert tiles[0, 0, 1, :counts[0, 0, 1]].tolist() == [0, 1, 4, 5]  # sink, its own tile, local, diagonal
 
 
 def test_neighbours_heads_select_from_the_shared_estimate():

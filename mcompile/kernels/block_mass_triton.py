@@ -252,7 +252,8 @@ def _select_kernel(Est, Recall, Tiles, Counts, M, M0, NB, HM, CAP, stride_tb, st
 def _share_kernel(Est, Out, Shared, M, M0, NB, HM, CHUNK: tl.constexpr):
     """``block_mass.share_neighbours`` for one estimate row of a head in ``Shared``: the mean of
     its own and its neighbouring rows' estimates, each restricted to this row's causal tiles and
-    normalised to sum 1 there. Rows of other heads are copied."""
+    normalised to sum 1 there, and never below its own normalised estimate. Rows of other heads
+    are copied."""
     row = tl.program_id(0)
     bh = tl.program_id(1)
     ncausal = tl.minimum(M0 + row + 1, NB)  # the row's causal tiles are [0, ncausal)
@@ -283,10 +284,10 @@ def _share_kernel(Est, Out, Shared, M, M0, NB, HM, CHUNK: tl.constexpr):
         for c0 in range(0, NB, CHUNK):
             t = c0 + c
             inside = t < ncausal
-            e = tl.load(own + t, mask=inside, other=0.0) * w_own
-            e += tl.load(prev + t, mask=t < n_prev, other=0.0) * w_prev
+            e_own = tl.load(own + t, mask=inside, other=0.0) * w_own
+            e = e_own + tl.load(prev + t, mask=t < n_prev, other=0.0) * w_prev
             e += tl.load(nxt + t, mask=t < n_next, other=0.0) * w_next
-            tl.store(out + t, e / count, mask=t < NB)
+            tl.store(out + t, tl.maximum(e / count, e_own), mask=t < NB)
     else:
         for c0 in range(0, NB, CHUNK):
             t = c0 + c
