@@ -100,11 +100,12 @@ def run_case(model, case, tokens, args, out_rows, check_ref):
            3 * args.check_length // 4 if args.prefill_chunk else 0)  # a chunk unlike its prefix in length: no duck-sized graph
     compile_s = time.perf_counter() - t
     for n in [args.check_length] + sorted(args.lengths if pattern != "dense" else args.dense_lengths):
-        row = {"case": case, "length": n, "prefill_chunk": args.prefill_chunk if n > args.check_length else 0}
+        chunk = args.prefill_chunk if n > args.check_length else 0
+        row = {"case": case, "length": n, "prefill_chunk": chunk}
         cache = new_cache(kind, model.config)
         try:
             ttft, steps, toks, first, peak_prefill, peak = answer(model, tokens[:, :n], cache, args.new_tokens, keep_one,
-                                                                  args.prefill_chunk if n > args.check_length else 0)
+                                                                  chunk)
         except torch.OutOfMemoryError as exc:
             row["error"] = f"out of memory: {str(exc).splitlines()[0][:160]}"
             print(f"  {case:14} N={n:8d}  {row['error'][:110]}", flush=True)
