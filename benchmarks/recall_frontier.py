@@ -5,6 +5,9 @@ set of layers its Q/K are captured (``mcompile.tools.capture``) and, on 64-row q
 the second half of the prompt, the exact attention is compared with:
 
 - the tile oracle: per query block, the fewest 64x64 tiles whose true mass reaches the target;
+- the column oracle: per query block, the fewest key columns (a key for all 64 rows of the block)
+  whose true mass, averaged over the block's rows, reaches the target: the finest selection a
+  kernel that computes 64 query rows at a time can make;
 - the key oracle: per query row, the fewest keys whose true mass reaches the target;
 - each policy's index, built by the package's own estimation (``estimate_index_ref`` on the
   device the run uses): recall (true mass on kept keys, mean over rows), and the share of the
@@ -90,21 +93,25 @@ def fewest(mass: torch.Tensor, target: float) -> torch.Tensor:
 
 
 def oracles(q, k, blocks, scale):
-    """{'tile@t': (H,), 'key@t': (H,)}: computed share of the sampled rows' causal pairs."""
+    """{'tile@t': (H,), 'col@t': (H,), 'key@t': (H,)}: computed share of the sampled rows' causal pairs."""
     n, h = k.shape[2], q.shape[1]
     nb = (n + BLOCK - 1) // BLOCK
     tiles = {t: torch.zeros(h, device=q.device) for t in TARGETS}
     keys = {t: torch.zeros(h, device=q.device) for t in TARGETS}
+    cols = {t: torch.zeros(h, device=q.device) for t in TARGETS}
     causal = 0.0
     for m in blocks:
         p = exact_rows(q, k, m, scale)  # (H, 64, N)
         tm = torch.nn.functional.pad(p, (0, nb * BLOCK - n)).view(h, BLOCK, nb, BLOCK).sum(-1).mean(1)
+        cm = p.mean(1)  # (H, N) each key's mass averaged over the block's rows
         for t in TARGETS:
             count = fewest(tm, t).float()
             tiles[t] += (count - 1) * BLOCK * BLOCK + BLOCK * (BLOCK + 1) / 2  # the diagonal tile is half causal
             keys[t] += fewest(p, t).float().sum(-1)
+            cols[t] += fewest(cm, t).float() * BLOCK  # a column costs its 64 rows (the diagonal's upper half too)
         causal += BLOCK * m * BLOCK + BLOCK * (BLOCK + 1) / 2
     return {**{f"tile@{t}": (tiles[t] / causal).tolist() for t in TARGETS},
+            **{f"col@{t}": (cols[t] / causal).tolist() for t in TARGETS},
             **{f"key@{t}": (keys[t] / causal).tolist() for t in TARGETS}}
 
 
@@ -202,8 +209,9 @@ def run(args) -> list[dict]:
                 row["policies"][spec] = measure_policy(q, k, v, spec, blocks, scale, timed)
             results.append(row)
             mean = lambda xs: sum(xs) / len(xs)
-            print(f"N={n} L{layer:2d} tile@0.95 {mean(row['oracles']['tile@0.95']):.3f} key@0.95 "
-                  f"{mean(row['oracles']['key@0.95']):.3f} | " + " | ".join(
+            print(f"N={n} L{layer:2d} tile@0.95 {mean(row['oracles']['tile@0.95']):.3f} col@0.95 "
+                  f"{mean(row['oracles']['col@0.95']):.3f} key@0.95 {mean(row['oracles']['key@0.95']):.3f} | "
+                  + " | ".join(
                       f"{s}: r {mean(r['recall']):.3f}/{min(r['recall']):.2f} k {mean(r['kept']):.3f}"
                       for s, r in row["policies"].items()), flush=True)
 
@@ -245,7 +253,8 @@ def summary(results: list[dict]) -> list[dict]:
         at = [r for r in results if r["length"] == n]
         flat = lambda get: [x for r in at for x in get(r)]
         mean = lambda xs: sum(xs) / len(xs)
-        oracle = {key: mean(flat(lambda r: r["oracles"][key])) for key in at[0]["oracles"]}
+        common = [key for key in at[0]["oracles"] if all(key in r["oracles"] for r in at)]  # older runs lack col@
+        oracle = {key: mean(flat(lambda r: r["oracles"][key])) for key in common}
         specs = [spec for spec in at[0]["policies"] if all(spec in r["policies"] for r in at)]
         for spec in specs:
             recall = flat(lambda r: r["policies"][spec]["recall"])
@@ -283,7 +292,9 @@ def plot(results: list[dict], path: str) -> None:
         for t in TARGETS:
             ax.scatter(100 * at[0][f"tile@{t}"], t, marker="s", color="black")
             ax.scatter(100 * at[0][f"key@{t}"], t, marker="^", color="grey")
-        ax.set_title(f"N={n}: recall vs computed (square: tile oracle, triangle: key oracle)", fontsize=9)
+            if f"col@{t}" in at[0]:
+                ax.scatter(100 * at[0][f"col@{t}"], t, marker="D", color="tab:brown")
+        ax.set_title(f"N={n}: recall vs computed (oracles: square tile, diamond column, triangle key)", fontsize=9)
         ax.set_xlabel("computed share of causal pairs (%)")
         ax.set_ylabel("recall (mean over heads)")
         ax.legend(fontsize=7)
@@ -314,14 +325,15 @@ def main() -> None:
     if args.plot:
         plot(results, args.plot)
     print(f"{'N':>7} {'policy':<14} {'recall':>7} {'worst':>6} {'kept':>7} {'kept/tile@.95':>13} {'tile@.95':>8} "
-          f"{'key@.95':>8} {'kept/tile@same':>14}")
+          f"{'col@.95':>8} {'key@.95':>8} {'kept/tile@same':>14}")
     for r in summary(results):
         speed = f" {r['layer_ms']:8.2f} ms {r['speedup_vs_cudnn']:5.2f}x" if "layer_ms" in r else ""
         if "kernel_ms" in r:
             speed += f" kernel {r['kernel_ms']:7.2f} ms at {r['kernel_rate_vs_cudnn']:.2f} of cuDNN's rate"
         same = r.get("kept_over_tile_oracle@same_recall")
         print(f"{r['length']:>7} {r['policy']:<14} {r['recall']:7.3f} {r['worst']:6.2f} {100 * r['kept']:6.1f}% "
-              f"{r['kept_over_tile_oracle@0.95']:13.2f} {100 * r['tile@0.95']:7.1f}% {100 * r['key@0.95']:7.1f}% "
+              f"{r['kept_over_tile_oracle@0.95']:13.2f} {100 * r['tile@0.95']:7.1f}% "
+              f"{'-' if 'col@0.95' not in r else format(100 * r['col@0.95'], '7.1f') + '%':>8} {100 * r['key@0.95']:7.1f}% "
               f"{'-' if same is None else format(same, '.2f'):>14}{speed}")
 
 
