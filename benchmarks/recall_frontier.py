@@ -26,6 +26,16 @@ S sampled rows per block; ``mass:R,S,1`` with the neighbouring blocks' rows shar
 the sources benchmarks/peer_minference.py vendors; CUDA only; computed = what its kernel
 scores, whole 64-wide tiles included). Prints one line per layer as it goes and a table at the
 end.
+
+Selections below the tile, which no index of the package expresses yet (``measure_columns``:
+recall and kept share only, no kernel): ``cols:R[,S]``: per query block the sink, diagonal and
+previous tiles whole, then the fewest single key columns (a key for the block's 64 rows) whose
+mass, averaged over S sampled rows of the block (block-mass's rows, 8 by default), reaches R of
+the estimated total; ``prune:R,S,D``: the tiles block-mass's mass score keeps at R, then in the
+chosen free tiles the keys of smallest estimated mass dropped up to D of the estimated total (a
+tile keeping more than half its keys stays whole). ``kept`` counts a column as 64 pairs;
+``columns`` is the share of kept pairs held in gathered columns (a kernel computes those at a
+lower rate than whole tiles).
 """
 
 from __future__ import annotations
@@ -46,7 +56,8 @@ from mcompile.patterns import DEFAULT_BUDGET_EXPONENT, DEFAULT_BUDGET_LENGTH, DE
     scaled_budgets
 
 TARGETS = (0.9, 0.95, 0.97, 0.98, 0.99)  # recall targets of the oracles
-TEXT_OFFSET = 20000  # tokens into the standard library's documentation (not the search's calibration text)
+TEXT_OFFSET = 20000
+CV_SHARE = 0.8  # cv: a tile goes to columns when half the rows' columns hold this share of the other half's mass  # tokens into the standard library's documentation (not the search's calibration text)
 
 
 def policy(spec: str, n: int) -> Pattern:
@@ -155,9 +166,85 @@ def measure_minference(q, k, v, spec: str, blocks, scale, timed: bool):
     return row
 
 
+def measure_columns(q, k, spec: str, blocks, scale) -> dict:
+    """Recall and kept share of a selection below the tile (module docstring: ``cols:``, ``prune:``),
+    estimated from the exact softmax of block-mass's sampled rows of each block."""
+    from mcompile.kernels.block_mass import sample_offsets
+
+    kind, _, args = spec.partition(":")
+    values = [float(x) for x in args.split(",")]
+    target, samples = values[0], int(values[1]) if len(values) > 1 else 8
+    drop = values[2] if kind in ("prune", "cv") else 0.0
+    n, h = k.shape[2], q.shape[1]
+    nb = (n + BLOCK - 1) // BLOCK
+    offs = sample_offsets(samples, q.device)
+    recall, pairs, gathered = torch.zeros(h), torch.zeros(h, dtype=torch.float64), torch.zeros(h, dtype=torch.float64)
+    causal = 0.0
+    tiles = torch.arange(nb, device=q.device)
+    for m in blocks:
+        p = torch.nn.functional.pad(exact_rows(q, k, m, scale), (0, nb * BLOCK - n))  # (H, 64, NB*64)
+        est = p[:, offs].mean(1)  # (H, L): the sampled rows' mean mass per key (future keys 0)
+        forced_t = (tiles == 0) | (tiles == m) | (tiles == m - 1)
+        forced = forced_t.repeat_interleave(BLOCK)
+        total = est.sum(-1, keepdim=True)
+        if kind == "cols":
+            keep = forced[None] | _largest_reaching(est.masked_fill(forced[None], 0.0),
+                                                    target * total - (est * forced).sum(-1, keepdim=True))
+            whole = forced_t[None].expand(h, nb)
+        else:
+            rows = p[:, offs]  # (H, S, L)
+            if kind == "cv":  # the default's tiles: the "max" score (each row's softmax over tiles of its peak)
+                peak = rows.view(h, -1, nb, BLOCK).amax(-1)
+                te = (peak / peak.sum(-1, keepdim=True).clamp(min=1e-30)).mean(1)
+            else:
+                te = est.view(h, nb, BLOCK).sum(-1)
+            chosen = _largest_reaching(te.masked_fill(forced_t[None], 0.0),
+                                       target * te.sum(-1, keepdim=True) - (te * forced_t).sum(-1, keepdim=True))
+            cand = chosen.repeat_interleave(BLOCK, -1)
+            dropped = _largest_reaching(-est.masked_fill(~cand, float("inf")), None, budget=drop * total, values=est)
+            keep = cand & ~dropped
+            whole = (keep.view(h, nb, BLOCK).sum(-1) > BLOCK // 2) | forced_t[None]
+            if kind == "cv":
+                # a tile goes to columns only if columns chosen from half the sampled rows hold most of
+                # the other half's mass on it (a vertical line); a slash (each row its own key) stays whole
+                half_a, half_b = rows[:, 0::2].mean(1), rows[:, 1::2].mean(1)
+                drop_a = _largest_reaching(-half_a.masked_fill(~cand, float("inf")), None,
+                                           budget=drop * half_a.sum(-1, keepdim=True), values=half_a)
+                keep_a = cand & ~drop_a
+                on_b = (half_b * keep_a).view(h, nb, BLOCK).sum(-1)
+                tile_b = (half_b * cand).view(h, nb, BLOCK).sum(-1)
+                whole = whole | (chosen & (on_b < CV_SHARE * tile_b))
+            keep = keep | whole.repeat_interleave(BLOCK, -1)
+        recall += (p * keep[:, None]).sum(-1).mean(-1).cpu()
+        n_whole = whole.sum(-1).double().cpu()
+        n_cols = (keep & ~whole.repeat_interleave(BLOCK, -1)).sum(-1).double().cpu()
+        pairs += n_whole * BLOCK * BLOCK + n_cols * BLOCK
+        gathered += n_cols * BLOCK
+        causal += BLOCK * m * BLOCK + BLOCK * (BLOCK + 1) / 2
+    return {"recall": (recall / len(blocks)).tolist(), "kept": (pairs / causal).tolist(),
+            "columns": (gathered / pairs).tolist()}
+
+
+def _largest_reaching(x: torch.Tensor, need: Optional[torch.Tensor], budget: Optional[torch.Tensor] = None,
+                      values: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per row of ``x`` (H, L): the largest entries whose sum first reaches ``need`` (H, 1); or, with
+    ``budget``, the largest entries of ``x`` whose ``values`` sum stays within ``budget`` (H, 1)."""
+    srt, order = x.sort(-1, descending=True)
+    if budget is None:
+        count = ((srt.cumsum(-1) - srt) < need).sum(-1, keepdim=True)
+    else:
+        vals = values.gather(-1, order).masked_fill(srt.isinf(), 0.0)
+        count = ((vals.cumsum(-1) <= budget) & ~srt.isinf()).sum(-1, keepdim=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(x.shape[-1], device=x.device).expand_as(order))
+    return ranks < count
+
+
 def measure_policy(q, k, v, spec: str, blocks, scale, timed: bool):
     if spec.startswith("minference:"):
         return measure_minference(q, k, v, spec, blocks, scale, timed)
+    if spec.startswith(("cols:", "prune:", "cv:")):
+        return measure_columns(q, k, spec, blocks, scale)
     n, h = k.shape[2], q.shape[1]
     pattern = policy(spec, n)
     kinds, p0, p1 = encode([pattern] * h)
@@ -268,6 +355,8 @@ def summary(results: list[dict]) -> list[dict]:
                 timing["kernel_ms"] = mean([r["policies"][spec]["kernel_ms"] for r in at])
                 timing["kernel_rate_vs_cudnn"] = mean([r["cudnn_ms"] * r["policies"][spec]["layer_computed"]
                                                        / r["policies"][spec]["kernel_ms"] for r in at])
+            if all("columns" in r["policies"][spec] for r in at):
+                timing["columns"] = mean(flat(lambda r: r["policies"][spec]["columns"]))
             same = tile_oracle_at(oracle, mean(recall))
             rows.append({"length": n, "policy": spec, "recall": mean(recall), "worst": min(recall), "kept": kept,
                          "kept_over_tile_oracle@0.95": kept / oracle["tile@0.95"],
@@ -294,7 +383,7 @@ def plot(results: list[dict], path: str) -> None:
             ax.scatter(100 * at[0][f"key@{t}"], t, marker="^", color="grey")
             if f"col@{t}" in at[0]:
                 ax.scatter(100 * at[0][f"col@{t}"], t, marker="D", color="tab:brown")
-        ax.set_title(f"N={n}: recall vs computed (oracles: square tile, diamond column, triangle key)", fontsize=9)
+        ax.set_title(f"N={n}; oracles: square tile, diamond column, triangle key", fontsize=8)
         ax.set_xlabel("computed share of causal pairs (%)")
         ax.set_ylabel("recall (mean over heads)")
         ax.legend(fontsize=7)
@@ -330,6 +419,8 @@ def main() -> None:
         speed = f" {r['layer_ms']:8.2f} ms {r['speedup_vs_cudnn']:5.2f}x" if "layer_ms" in r else ""
         if "kernel_ms" in r:
             speed += f" kernel {r['kernel_ms']:7.2f} ms at {r['kernel_rate_vs_cudnn']:.2f} of cuDNN's rate"
+        if "columns" in r:
+            speed += f" ({100 * r['columns']:.0f}% of it in gathered columns)"
         same = r.get("kept_over_tile_oracle@same_recall")
         print(f"{r['length']:>7} {r['policy']:<14} {r['recall']:7.3f} {r['worst']:6.2f} {100 * r['kept']:6.1f}% "
               f"{r['kept_over_tile_oracle@0.95']:13.2f} {100 * r['tile@0.95']:7.1f}% "

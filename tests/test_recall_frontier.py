@@ -1,0 +1,46 @@
+"""The benchmark's selections below the tile (benchmarks/recall_frontier.py ``measure_columns``) on
+attention whose shape is known: a vertical line is kept as one column, a slash as whole tiles."""
+
+import pytest
+import torch
+
+from benchmarks.recall_frontier import measure_columns, oracles
+
+N = 512  # 8 blocks of 64; one-hot q/k make each row attend (almost) only to its target key
+BLOCK_M = 7  # the query block measured: rows 448..511
+CAUSAL = 64 * BLOCK_M * 64 + 64 * 65 / 2
+
+
+def _heads():
+    """Head 0: every row looks at key 100 (a vertical line in tile 1); head 1: row i looks at key
+    i - 200 (a slash: block 7's rows look at keys 248..311, tiles 3 and 4)."""
+    targets = [torch.full((N,), 100), (torch.arange(N) - 200).clamp(min=0)]
+    q = torch.stack([4.0 * torch.nn.functional.one_hot(t, N).float() for t in targets])[None]
+    k = 4.0 * torch.eye(N)[None, None].repeat(1, 2, 1, 1)
+    return q, k
+
+
+def test_split_half_keeps_a_vertical_as_a_column_and_a_slash_as_tiles():
+    q, k = _heads()
+    row = measure_columns(q, k, "cv:0.99,8,0.005", [BLOCK_M], 1.0)
+    assert min(row["recall"]) > 0.99
+    # head 0: the forced tiles (sink, diagonal, the one before) and one column; head 1: those and tiles 3, 4
+    assert row["kept"][0] == pytest.approx((3 * 4096 + 64) / CAUSAL)
+    assert row["kept"][1] == pytest.approx(5 * 4096 / CAUSAL)
+    assert row["columns"][0] == pytest.approx(64 / (3 * 4096 + 64)) and row["columns"][1] == 0.0
+
+
+def test_columns_alone_miss_a_slash():
+    """Columns chosen from 8 sampled rows hold those rows' keys only: the slash's other rows lose theirs."""
+    q, k = _heads()
+    row = measure_columns(q, k, "cols:0.99,8", [BLOCK_M], 1.0)
+    assert row["recall"][0] > 0.99 and row["recall"][1] < 0.5
+
+
+def test_column_oracle_between_the_tile_and_key_oracles():
+    q, k = _heads()
+    o = oracles(q, k, [BLOCK_M], 1.0)
+    for t in (0.9, 0.99):
+        assert o[f"key@{t}"][0] <= o[f"col@{t}"][0] <= o[f"tile@{t}"][0]
+        assert o[f"col@{t}"][0] == pytest.approx(64 / CAUSAL)  # the vertical: one column
+        assert o[f"col@{t}"][1] > 32 * 64 / CAUSAL  # the slash: a column per row
