@@ -31,9 +31,12 @@ Selections below the tile, which no index of the package expresses yet (``measur
 recall and kept share only, no kernel): ``cols:R[,S]``: per query block the sink, diagonal and
 previous tiles whole, then the fewest single key columns (a key for the block's 64 rows) whose
 mass, averaged over S sampled rows of the block (block-mass's rows, 8 by default), reaches R of
-the estimated total; ``prune:R,S,D``: the tiles block-mass's mass score keeps at R, then in the
-chosen free tiles the keys of smallest estimated mass dropped up to D of the estimated total (a
-tile keeping more than half its keys stays whole). ``kept`` counts a column as 64 pairs;
+the estimated total; ``prune:R,S,D``: the tiles block-mass (mass score, S rows) keeps at R, then
+in the chosen free tiles the keys of smallest estimated mass dropped up to D of the estimated
+total (a tile keeping more than half its keys stays whole); ``cv:R,S,D``: the same from the
+tiles of block-mass's "max" score (the default's), a tile cut to columns only where columns
+chosen from half the sampled rows hold ``CV_SHARE`` of the other half's mass on it (a vertical
+line; a slash, each row its own key, stays whole). ``kept`` counts a column as 64 pairs;
 ``columns`` is the share of kept pairs held in gathered columns (a kernel computes those at a
 lower rate than whole tiles).
 """
@@ -56,8 +59,8 @@ from mcompile.patterns import DEFAULT_BUDGET_EXPONENT, DEFAULT_BUDGET_LENGTH, DE
     scaled_budgets
 
 TARGETS = (0.9, 0.95, 0.97, 0.98, 0.99)  # recall targets of the oracles
-TEXT_OFFSET = 20000
-CV_SHARE = 0.8  # cv: a tile goes to columns when half the rows' columns hold this share of the other half's mass  # tokens into the standard library's documentation (not the search's calibration text)
+TEXT_OFFSET = 20000  # tokens into the standard library's documentation (not the search's calibration text)
+CV_SHARE = 0.8  # cv: a tile goes to columns when half the rows' columns hold this share of the other half's mass
 
 
 def policy(spec: str, n: int) -> Pattern:
@@ -167,9 +170,10 @@ def measure_minference(q, k, v, spec: str, blocks, scale, timed: bool):
 
 
 def measure_columns(q, k, spec: str, blocks, scale) -> dict:
-    """Recall and kept share of a selection below the tile (module docstring: ``cols:``, ``prune:``),
-    estimated from the exact softmax of block-mass's sampled rows of each block."""
-    from mcompile.kernels.block_mass import sample_offsets
+    """Recall and kept share of a selection below the tile (module docstring: ``cols:``, ``prune:``,
+    ``cv:``): tiles from block-mass's own estimate and selection, keys from the exact softmax of the
+    same sampled rows of each block."""
+    from mcompile.kernels.block_mass import LOCAL_TILES, sample_offsets, select_tiles, tile_mass
 
     kind, _, args = spec.partition(":")
     values = [float(x) for x in args.split(",")]
@@ -184,7 +188,7 @@ def measure_columns(q, k, spec: str, blocks, scale) -> dict:
     for m in blocks:
         p = torch.nn.functional.pad(exact_rows(q, k, m, scale), (0, nb * BLOCK - n))  # (H, 64, NB*64)
         est = p[:, offs].mean(1)  # (H, L): the sampled rows' mean mass per key (future keys 0)
-        forced_t = (tiles == 0) | (tiles == m) | (tiles == m - 1)
+        forced_t = (tiles == 0) | ((tiles >= m - LOCAL_TILES) & (tiles <= m))  # select_tiles' forced tiles
         forced = forced_t.repeat_interleave(BLOCK)
         total = est.sum(-1, keepdim=True)
         if kind == "cols":
@@ -193,13 +197,16 @@ def measure_columns(q, k, spec: str, blocks, scale) -> dict:
             whole = forced_t[None].expand(h, nb)
         else:
             rows = p[:, offs]  # (H, S, L)
-            if kind == "cv":  # the default's tiles: the "max" score (each row's softmax over tiles of its peak)
-                peak = rows.view(h, -1, nb, BLOCK).amax(-1)
-                te = (peak / peak.sum(-1, keepdim=True).clamp(min=1e-30)).mean(1)
-            else:
-                te = est.view(h, nb, BLOCK).sum(-1)
-            chosen = _largest_reaching(te.masked_fill(forced_t[None], 0.0),
-                                       target * te.sum(-1, keepdim=True) - (te * forced_t).sum(-1, keepdim=True))
+            # block-mass's own tiles for this block: its estimate of block m alone (a 64-row chunk
+            # after m blocks of keys), then its selection
+            end = min((m + 1) * BLOCK, n)
+            te = tile_mass(q[:, :, m * BLOCK:end], k[:, :, :end], None, scale, torch.arange(h, device=q.device),
+                           samples, "max" if kind == "cv" else "mass")
+            kept_t, count_t, _ = select_tiles(te, torch.full((h,), target, device=q.device), m, m + 1)
+            ids = kept_t[0, :, 0].long()  # (H, m + 1) ascending, SENTINEL-padded past the count
+            ids = torch.where(torch.arange(ids.shape[1], device=q.device) < count_t[0, :, :1], ids, nb)
+            chosen = torch.zeros(h, nb + 1, dtype=torch.bool, device=q.device).scatter_(1, ids, True)[:, :nb]
+            chosen &= ~forced_t[None]
             cand = chosen.repeat_interleave(BLOCK, -1)
             dropped = _largest_reaching(-est.masked_fill(~cand, float("inf")), None, budget=drop * total, values=est)
             keep = cand & ~dropped
