@@ -87,6 +87,9 @@ def causal_sdpa(module, query, key, value, attention_mask, scaling=None, dropout
     if attention_mask is not None:
         raise ValueError(f"{ATTN_IMPL} takes no attention_mask (unpadded prompts only)")
     n_q, n_k = query.shape[2], key.shape[2]
+    if getattr(module, "structured_q", None) is not None:  # --structured: the clustered Q/K instead
+        query = query * 0 + module.structured_q[:, :, n_k - n_q:n_k]
+        key = key * 0 + module.structured_k[:, :, :n_k]
     sdpa = functools.partial(F.scaled_dot_product_attention, query, key, value, scale=scaling,
                              enable_gqa=query.shape[1] != key.shape[1])
     if n_q != 1 and n_q != n_k:  # SDPA's is_causal aligns the mask top-left: build the bottom-right one
@@ -179,7 +182,25 @@ def build_model(args, layers=None):
     torch.manual_seed(0)
     with torch.device(args.device):
         model = AutoModelForCausalLM.from_config(config, dtype=args.dtype, attn_implementation=ATTN_IMPL)
+    if args.structured:
+        structure_attention(model, max(args.lengths + [args.check_length]), args)
     return model.eval(), None, None
+
+
+def structure_attention(model, n: int, args) -> None:
+    """--structured: every attention of the random model takes benchmarks/kernels.py's clustered Q/K
+    (sinks, vertical columns, local and far bands, as real long-context heads have) in place of
+    its own, kept as one pair of (non-persistent) buffers shared by all layers, so that an index
+    built from the Q/K (the default, block-mass) has the structure to find. The model's own Q/K
+    are still computed (``q * 0 + structured``), in every case alike."""
+    from benchmarks.kernels import clustered_qk
+
+    cfg = model.config
+    q, k = clustered_qk(n, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, device=args.device)
+    q, k = q.to(args.dtype), k.to(args.dtype)
+    for layer in model.model.layers:
+        layer.self_attn.register_buffer("structured_q", q, persistent=False)
+        layer.self_attn.register_buffer("structured_k", k, persistent=False)
 
 
 def sync():
@@ -446,6 +467,9 @@ def main():
                    help="sink,local of the ashape case (default 1000,6096); the estimation cost added to it "
                         "is vertical-slash's at the same budgets")
     p.add_argument("--smoke", action="store_true", help="tiny random Llama on CPU, fp32 (dry run)")
+    p.add_argument("--structured", action="store_true",
+                   help="llama8b: attention on clustered Q/K (benchmarks/kernels.py) instead of the random model's, "
+                        "so that the default's estimated index has structure to find")
     p.add_argument("--profile", type=int, nargs="*", default=[],
                    help="lengths at which one more forward runs under torch.profiler: GPU time by kernel")
     p.add_argument("--profile-top", type=int, default=25, help="kernels listed per profile")
@@ -457,6 +481,8 @@ def main():
         VS.update(vertical=sink, slash=local)
     if args.fit and args.model != "llama8b":
         p.error("--fit builds 1- and 2-layer models of the llama8b shape only")
+    if args.structured and args.model != "llama8b":
+        p.error("--structured replaces the Q/K of the random llama8b-shaped model only")
     args.device = "cpu" if args.smoke else "cuda"
     args.dtype = torch.float32 if args.smoke else torch.bfloat16
     if args.smoke:
@@ -510,7 +536,8 @@ def main():
         print(f"{case}: " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
                                       for k, v in s.items() if k != "quadratic" or v))
     failed = [r for r in rows if r.get("check_ok") is False]
-    result = {**info, "model": args.model, "yarn_factor": factor, "fit": args.fit, "layers": layers,
+    result = {**info, "model": args.model, "yarn_factor": factor, "fit": args.fit, "structured": args.structured,
+              "layers": layers,
               "cases": args.cases, "kv": args.kv, "dense_below": args.dense_below, "rows": rows, "summaries": summaries,
               "estimation_ms_per_layer": est, "check_failed": len(failed)}
     if args.out:

@@ -22,7 +22,7 @@ the second half of the prompt, the exact attention is compared with:
 Policies (``--policies``): ``default`` (the package's default pattern), ``vs-default``
 (vertical-slash 1000/6096 at 128K, scaled below it: the default until 2026-12-06),
 ``vs:V,S`` (fixed vertical-slash budgets), ``ashape:SINK,LOCAL``, ``mass:R`` or ``mass:R,S`` (block-mass at recall R with
-S sampled rows per block; ``mass:R,S,1`` with the neighbouring blocks' rows shared), ``max:R[,S]`` (the same with the "max" tile score), ``minference:V,S`` (MInference's own pipeline at budgets V/S, from
+S sampled rows per block; ``mass:R,S,1`` with the neighbouring blocks' rows shared), ``max:R[,S]`` (the same with the "max" tile score; a last value ``fp8``: the estimate's products in FP8), ``minference:V,S`` (MInference's own pipeline at budgets V/S, from
 the sources benchmarks/peer_minference.py vendors; CUDA only; computed = what its kernel
 scores, whole 64-wide tiles included). Prints one line per layer as it goes and a table at the
 end.
@@ -36,7 +36,12 @@ in the chosen free tiles the keys of smallest estimated mass dropped up to D of 
 total (a tile keeping more than half its keys stays whole); ``cv:R,S,D``: the same from the
 tiles of block-mass's "max" score (the default's), a tile cut to columns only where columns
 chosen from half the sampled rows hold ``CV_SHARE`` of the other half's mass on it (a vertical
-line; a slash, each row its own key, stays whole). ``kept`` counts a column as 64 pairs;
+line; a slash, each row its own key, stays whole); ``cvt:R,S,D``: the same tiles, each cut by a
+rule local to the tile (each sampled row's softmax over the tile's 64 keys alone, averaged; the
+fewest keys holding 1 - D of it, the split-half test on those averages), which needs no
+block-wide threshold; ``cva:R,S,K``: the same tiles cut to the union of each sampled row's K
+largest logits in the tile (no probabilities), a vertical line when 3 of 4 odd rows' largest key
+is among the even rows' top keys. ``kept`` counts a column as 64 pairs;
 ``columns`` is the share of kept pairs held in gathered columns (a kernel computes those at a
 lower rate than whole tiles).
 """
@@ -69,18 +74,22 @@ def policy(spec: str, n: int) -> Pattern:
     if spec == "vs-default":
         return scaled_budgets(DEFAULT_VERTICAL_SLASH, n, DEFAULT_BUDGET_LENGTH, DEFAULT_BUDGET_EXPONENT)
     kind, _, args = spec.partition(":")
-    values = [float(x) for x in args.split(",")]
+    values = [float(x) for x in args.split(",") if x != "fp8"]
     if kind == "vs":
         return Pattern.from_dict({"kind": "vertical_slash", "vertical": int(values[0]), "slash": int(values[1])})
     if kind == "ashape":
         return Pattern.from_dict({"kind": "a_shape", "sink": int(values[0]), "local": int(values[1])})
     if kind in ("mass", "max"):
+        fp8 = args.endswith(",fp8")
+        values = [float(x) for x in args.removesuffix(",fp8").split(",")]
         extra = {"samples": int(values[1])} if len(values) > 1 else {}
         if len(values) > 2:
             extra["neighbours"] = int(values[2])
+        if fp8:
+            extra["precision"] = "fp8"
         return Pattern.from_dict({"kind": "block_mass", "recall": values[0], "score": kind, **extra})
-    raise ValueError(f"unknown policy {spec!r}: default, vs-default, vs:V,S, ashape:SINK,LOCAL, mass:R[,S[,NB]] or "
-                     "max:R[,S[,NB]]")
+    raise ValueError(f"unknown policy {spec!r}: default, vs-default, vs:V,S, ashape:SINK,LOCAL, mass:R[,S[,NB[,fp8]]] "
+                     "or max:R[,S[,NB[,fp8]]]")
 
 
 def sampled_blocks(n: int, count: int) -> list[int]:
@@ -178,7 +187,7 @@ def measure_columns(q, k, spec: str, blocks, scale) -> dict:
     kind, _, args = spec.partition(":")
     values = [float(x) for x in args.split(",")]
     target, samples = values[0], int(values[1]) if len(values) > 1 else 8
-    drop = values[2] if kind in ("prune", "cv") else 0.0
+    drop = values[2] if kind in ("prune", "cv", "cvt", "cva") else 0.0
     n, h = k.shape[2], q.shape[1]
     nb = (n + BLOCK - 1) // BLOCK
     offs = sample_offsets(samples, q.device)
@@ -201,7 +210,7 @@ def measure_columns(q, k, spec: str, blocks, scale) -> dict:
             # after m blocks of keys), then its selection
             end = min((m + 1) * BLOCK, n)
             te = tile_mass(q[:, :, m * BLOCK:end], k[:, :, :end], None, scale, torch.arange(h, device=q.device),
-                           samples, "max" if kind == "cv" else "mass")
+                           samples, "max" if kind in ("cv", "cvt", "cva") else "mass")
             kept_t, count_t, _ = select_tiles(te, torch.full((h,), target, device=q.device), m, m + 1)
             ids = kept_t[0, :, 0].long()  # (H, m + 1) ascending, SENTINEL-padded past the count
             ids = torch.where(torch.arange(ids.shape[1], device=q.device) < count_t[0, :, :1], ids, nb)
@@ -211,7 +220,13 @@ def measure_columns(q, k, spec: str, blocks, scale) -> dict:
             dropped = _largest_reaching(-est.masked_fill(~cand, float("inf")), None, budget=drop * total, values=est)
             keep = cand & ~dropped
             whole = (keep.view(h, nb, BLOCK).sum(-1) > BLOCK // 2) | forced_t[None]
-            if kind == "cv":
+            if kind == "cva":
+                keep = torch.zeros_like(cand)
+                whole = (forced_t[None] | chosen) & ~_tile_top_columns(q, k, m, scale, offs, chosen, int(drop), keep)
+            elif kind == "cvt":
+                keep = torch.zeros_like(cand)
+                whole = (forced_t[None] | chosen) & ~_tile_local_columns(q, k, m, scale, offs, chosen, drop, keep)
+            elif kind == "cv":
                 # a tile goes to columns only if columns chosen from half the sampled rows hold most of
                 # the other half's mass on it (a vertical line); a slash (each row its own key) stays whole
                 half_a, half_b = rows[:, 0::2].mean(1), rows[:, 1::2].mean(1)
@@ -232,6 +247,56 @@ def measure_columns(q, k, spec: str, blocks, scale) -> dict:
             "columns": (gathered / pairs).tolist()}
 
 
+def _tile_local_columns(q, k, m, scale, offs, chosen, drop, keep) -> torch.Tensor:
+    """``cvt``: (H, NB) the chosen tiles cut to columns by a rule local to each tile, which a kernel
+    can apply in one pass over the tile with no block-wide threshold: each sampled row's softmax
+    over the tile's 64 keys alone, averaged over the rows; the fewest keys holding ``1 - drop`` of
+    that average are the tile's columns (at most half the tile); the split-half test on the same
+    within-tile averages of rows 0, 2, .. and 1, 3, ... Writes the columns into ``keep`` (H, L)."""
+    n, h, group = k.shape[2], q.shape[1], q.shape[1] // k.shape[1]
+    nb = (n + BLOCK - 1) // BLOCK
+    rows = (m * BLOCK + offs).clamp(max=n - 1)
+    s = torch.matmul(q[0, :, rows].float(), k[0].float().repeat_interleave(group, 0).transpose(-1, -2)) * scale
+    s = torch.nn.functional.pad(s, (0, nb * BLOCK - n), value=float("-inf")).view(h, offs.numel(), nb, BLOCK)
+    within = torch.softmax(s, -1).nan_to_num_(0.0)  # (H, S, NB, 64)
+
+    def columns(w):  # (H, NB, 64) -> kept keys of each tile: the fewest holding 1 - drop of it
+        srt, order = w.sort(-1, descending=True)
+        count = ((srt.cumsum(-1) - srt) < (1 - drop) * srt.sum(-1, keepdim=True)).sum(-1, keepdim=True)
+        ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(BLOCK, device=w.device).expand_as(order))
+        return ranks < count
+
+    full, a, b = within.mean(1), within[:, 0::2].mean(1), within[:, 1::2].mean(1)
+    kf, ka = columns(full), columns(a)
+    line = (b * ka).sum(-1) >= CV_SHARE * b.sum(-1)
+    cut = chosen & (kf.sum(-1) <= BLOCK // 2) & line
+    keep.view(h, nb, BLOCK)[cut] = kf[cut]
+    return cut
+
+
+def _tile_top_columns(q, k, m, scale, offs, chosen, top: int, keep) -> torch.Tensor:
+    """``cva:R,S,K``: (H, NB) the chosen tiles cut to columns from each sampled row's ``top``
+    largest logits in the tile alone (what the estimate's max pass could keep beside each row's
+    largest logit, with no probabilities): the columns are the union of the rows' top keys, the
+    tile is a vertical line when at least 3 of 4 rows of the odd half have their largest key among
+    the even half's top keys, and is cut when the union is at most half the tile. Writes the
+    columns into ``keep`` (H, L)."""
+    n, h, group = k.shape[2], q.shape[1], q.shape[1] // k.shape[1]
+    nb = (n + BLOCK - 1) // BLOCK
+    rows = (m * BLOCK + offs).clamp(max=n - 1)
+    s = torch.matmul(q[0, :, rows].float(), k[0].float().repeat_interleave(group, 0).transpose(-1, -2)) * scale
+    s = torch.nn.functional.pad(s, (0, nb * BLOCK - n), value=float("-inf")).view(h, offs.numel(), nb, BLOCK)
+    idx = s.topk(top, -1).indices  # (H, S, NB, top)
+    onehot = torch.zeros(h, offs.numel(), nb, BLOCK, dtype=torch.bool, device=q.device).scatter_(-1, idx, True)
+    union = onehot.any(1)  # (H, NB, 64)
+    set_a = onehot[:, 0::2].any(1)  # (H, NB, 64)
+    first_b = idx[:, 1::2, :, 0]  # (H, S/2, NB) each odd row's largest key
+    hit = set_a.gather(-1, first_b.permute(0, 2, 1)).float().mean(-1)  # (H, NB)
+    cut = chosen & (union.sum(-1) <= BLOCK // 2) & (hit >= 0.75)
+    keep.view(h, nb, BLOCK)[cut] = union[cut]
+    return cut
+
+
 def _largest_reaching(x: torch.Tensor, need: Optional[torch.Tensor], budget: Optional[torch.Tensor] = None,
                       values: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per row of ``x`` (H, L): the largest entries whose sum first reaches ``need`` (H, 1); or, with
@@ -250,7 +315,7 @@ def _largest_reaching(x: torch.Tensor, need: Optional[torch.Tensor], budget: Opt
 def measure_policy(q, k, v, spec: str, blocks, scale, timed: bool):
     if spec.startswith("minference:"):
         return measure_minference(q, k, v, spec, blocks, scale, timed)
-    if spec.startswith(("cols:", "prune:", "cv:")):
+    if spec.startswith(("cols:", "prune:", "cv:", "cvt:", "cva:")):
         return measure_columns(q, k, spec, blocks, scale)
     n, h = k.shape[2], q.shape[1]
     pattern = policy(spec, n)

@@ -30,11 +30,31 @@ def test_split_half_keeps_a_vertical_as_a_column_and_a_slash_as_tiles():
     assert row["columns"][0] == pytest.approx(64 / (3 * 4096 + 64)) and row["columns"][1] == 0.0
 
 
+def test_tile_local_rule_keeps_a_vertical_as_a_column_and_a_slash_as_tiles():
+    """The rule a kernel could apply tile by tile (each row's softmax within the tile) tells the two apart too."""
+    q, k = _heads()
+    row = measure_columns(q, k, "cvt:0.99,8,0.05", [BLOCK_M], 1.0)
+    assert min(row["recall"]) > 0.99
+    assert row["kept"][0] == pytest.approx((3 * 4096 + 64) / CAUSAL)
+    assert row["kept"][1] == pytest.approx(5 * 4096 / CAUSAL)
+    assert row["columns"][1] == 0.0
+
+
 def test_columns_alone_miss_a_slash():
     """Columns chosen from 8 sampled rows hold those rows' keys only: the slash's other rows lose theirs."""
     q, k = _heads()
     row = measure_columns(q, k, "cols:0.99,8", [BLOCK_M], 1.0)
     assert row["recall"][0] > 0.99 and row["recall"][1] < 0.5
+
+
+def test_top_keys_cut_a_slash_tile_that_most_sampled_rows_see_as_flat():
+    """``cva``: rows that see a tile as flat (no key of theirs in it) all name the same largest key, so
+    the split-half test passes and the slash's edge tile (keys 248..255, which only rows 448..455 look
+    at, one of them sampled) is cut to a few columns: the other rows lose their key."""
+    q, k = _heads()
+    row = measure_columns(q, k, "cva:0.99,8,1", [BLOCK_M], 1.0)
+    assert row["recall"][0] > 0.99 and row["recall"][1] < 0.95
+    assert row["columns"][1] > 0.0
 
 
 def test_column_oracle_between_the_tile_and_key_oracles():
