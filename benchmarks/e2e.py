@@ -38,6 +38,10 @@ Cases (--cases):
              of the max tile score, 8 rows per block, since 2026-12-06 evening; 0.98 of the mass before).
 All minference cases keep the default dense_below (mcompile.config.DEFAULT_DENSE_BELOW): shorter prompts run dense.
 
+--structured (llama8b): every attention takes benchmarks/kernels.py's clustered Q/K (sinks, vertical
+  columns, local and far bands) instead of the random model's, in every case alike, so that the
+  default's estimated index has structure to find (the random model's own Q/K have none).
+
 --fit: instead of the full model, time 1- and 2-layer models with the same shapes and report
   per-layer time and ``fixed + 32 x per_layer`` (marked "fit"): dense at 512K-1M takes minutes
   per forward. Run an ``ashape`` length both ways to see the fit's error.

@@ -155,7 +155,7 @@ TILE_SCORE_CASES = [  # (N, Nq, H, Hk, D, dtype, padded, samples)
 @pytest.mark.parametrize("n, nq, h, hk, d, dtype, padded, samples", TILE_SCORE_CASES)
 def test_block_mass_tile_scores_match_reference(n, nq, h, hk, d, dtype, padded, samples, score, precision):
     """Block-mass's fused estimate on CUDA (both tile scores, both precisions: FP8 products on
-    FP8 tensor cores from compute capability 8.9, in bf16 below) equals block_mass.tile_mass run in
+    FP8 tensor cores from compute capability 8.9, in fp16 below) equals block_mass.tile_mass run in
     fp32 on the same inputs: whole prompts and a chunk after a prefix, padding, GQA."""
     from mcompile.kernels.block_mass import tile_mass
     from mcompile.kernels.block_mass_triton import tile_mass_triton

@@ -660,15 +660,17 @@ def test_fp8_rounding_equals_torchs():
 @pytest.mark.parametrize("b,h,hk,n,nq,d,pad,samples,chunked", [
     (1, 2, 2, 200, 200, 16, False, 8, False), (2, 4, 2, 161, 100, 32, True, 4, True),
     (1, 3, 1, 330, 330, 8, False, 32, False)])
-def test_tile_scores_in_fp8_equal_reference(b, h, hk, n, nq, d, pad, samples, chunked, score, monkeypatch):
+@pytest.mark.parametrize("fp8_cores", [True, False])
+def test_tile_scores_in_fp8_equal_reference(b, h, hk, n, nq, d, pad, samples, chunked, score, fp8_cores, monkeypatch):
     """``precision="fp8"``: the fused estimate's products on FP8-rounded rows (scaled per row in the
     kernel) and keys (scaled per KV head) equal block_mass.tile_mass's rounding of the same, with
-    padding, a prefix chunk, GQA, batch > 1, chunks and a head dim padded to 16; and differ from
-    the native precision's."""
+    padding, a prefix chunk, GQA, batch > 1, chunks and a head dim padded to 16, on FP8 tensor
+    cores or (without them) in fp16; and differ from the native precision's."""
     from mcompile.kernels import block_mass_triton
     from mcompile.kernels.block_mass import tile_mass
     from mcompile.kernels.block_mass_triton import tile_mass_triton
 
+    monkeypatch.setattr(block_mass_triton, "fp8_tensor_cores", lambda x: fp8_cores)
     if chunked:
         monkeypatch.setattr(block_mass_triton, "TILE_SUM_BYTES", 1)
     q, k, _ = inputs(b, h, hk, n, d, seed=n + samples + 2)

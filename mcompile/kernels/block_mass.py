@@ -37,7 +37,7 @@ Precision: with ``precision="fp8"`` the products are taken on Q and K rounded to
 sampled row scaled so that its largest magnitude is the format's largest (448), and K with one
 such scale per KV head; the products accumulate in fp32 and are scaled back. FP8 tensor cores
 multiply at twice the bf16 rate, and the products are what the estimate's time is spent on at
-long lengths; a tile's score only has to rank it among the block's tiles, and on real heads the
+long lengths (below compute capability 8.9 the same rounded values are multiplied in fp16); a tile's score only has to rank it among the block's tiles, and on real heads the
 rounding changes no recall (docs/ACCURACY.md, "An FP8 estimate")::
 
     q8[r] = round8(q[r] * 448 / max|q[r]|),   k8 = round8(k / s_k),   s_k = max|k| / 448

@@ -101,8 +101,8 @@ def _logits(q, k_base, kp_base, keys, pos, row_ok, N, stride_kn, stride_kd, stri
     in_seq = keys < N
     k = tl.load(k_base + keys.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                 mask=in_seq[:, None], other=0.0)
-    if UPCAST:  # FP8 keys on a GPU without FP8 tensor cores: the same products in bf16 (exact)
-        k = k.to(tl.bfloat16)
+    if UPCAST:  # FP8 keys without FP8 tensor cores: the same products in fp16 (it holds every e4m3 value)
+        k = k.to(tl.float16)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     allowed = in_seq[None, :] & (keys[None, :] <= pos[:, None]) & row_ok[:, None]
     if HAS_PADDING:
@@ -141,7 +141,7 @@ def _tile_sums_kernel(Q, K, KP, Heads, V, Mx, Lx, KScale,
             fac = 448.0 / tl.maximum(tl.max(tl.abs(qf), 1), 1e-30)
             q = _round_e4m3(qf * fac[:, None]).to(tl.float8e4nv)
             if UPCAST:
-                q = q.to(tl.bfloat16)
+                q = q.to(tl.float16)
             s_k = tl.load(KScale + b64 * HK + h // GROUP)
             row_fac = qk_scale * s_k / fac
             row_scale = row_fac[:, None]
@@ -164,7 +164,7 @@ def _tile_sums_kernel(Q, K, KP, Heads, V, Mx, Lx, KScale,
             else:  # t * 64 + 63 below every valid row's position, the tile inside the sequence
                 k = tl.load(k_base + (t * 64 + c).to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd)
                 if UPCAST:
-                    k = k.to(tl.bfloat16)
+                    k = k.to(tl.float16)
                 s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
                 if SCORE_MAX:
                     # the scale is positive: one product per row, not per logit
@@ -327,6 +327,11 @@ def _share_kernel(Est, Out, Shared, M, M0, NB, HM, CHUNK: tl.constexpr):
             tl.store(out + t, tl.load(own + t, mask=t < NB, other=0.0), mask=t < NB)
 
 
+# FP8 tensor-core products take 32 at a time; narrower heads multiply the FP8 values in fp16, which
+# holds every e4m3 value exactly (not bf16: Triton's interpreter multiplies in-kernel bf16 wrongly)
+FP8_MIN_HEAD_DIM = 32
+
+
 def fp8_tensor_cores(x: torch.Tensor) -> bool:
     """Whether ``x``'s device multiplies FP8 e4m3 natively (compute capability 8.9 and up; the
     interpreter emulates it)."""
@@ -398,7 +403,7 @@ def tile_mass_triton(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[tor
             q, k, kp, heads32, v, mx, lx, k_scale, *q.stride(), *k.stride(), *kp_strides, n, p, m, m0, nb, h // hk,
             hm, hk, splits, row_groups, g0, chunk * rows, float(scale) * LOG2E, HEAD_DIM=d, HAS_PADDING=has_padding,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 and not fp8 else "tf32", SCORE_MAX=score == "max",
-            FP8=fp8, UPCAST=fp8 and not fp8_tensor_cores(q), **meta, **launch)
+            FP8=fp8, UPCAST=fp8 and (d < FP8_MIN_HEAD_DIM or not fp8_tensor_cores(q)), **meta, **launch)
         _tile_mass_kernel[((g1 - g0) * groups, b * hm)](v, mx, lx, est, m, m0, nb, splits, row_groups, g0, chunk * rows,
                                                         CHUNK=MASS_CHUNK, **meta,
                                                         **({} if interpreting() else dict(num_warps=4)))
