@@ -76,7 +76,10 @@ def fp8_keys(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``k ~= k8 * s_k``, one scale per KV head (its largest magnitude to FP8_MAX)."""
     amax = k.abs().amax(dim=(2, 3)).float().clamp(min=torch.finfo(torch.float32).tiny)
     s_k = amax / FP8_MAX
-    return (k.float() / s_k[..., None, None]).to(torch.float8_e4m3fn), s_k
+    k8 = torch.empty(k.shape, dtype=torch.float8_e4m3fn, device=k.device)
+    for j in range(k.shape[1]):  # one KV head's fp32 copy at a time (4 GiB for all of Llama-3-8B's at 1M)
+        k8[:, j] = (k[:, j].float() / s_k[:, j, None, None]).to(torch.float8_e4m3fn)
+    return k8, s_k
 
 
 def fp8_rows(q: torch.Tensor) -> torch.Tensor:
