@@ -22,7 +22,7 @@ the second half of the prompt, the exact attention is compared with:
 Policies (``--policies``): ``default`` (the package's default pattern), ``vs-default``
 (vertical-slash 1000/6096 at 128K, scaled below it: the default until 2026-12-06),
 ``vs:V,S`` (fixed vertical-slash budgets), ``ashape:SINK,LOCAL``, ``mass:R`` or ``mass:R,S`` (block-mass at recall R with
-S sampled rows per block; ``mass:R,S,1`` with the neighbouring blocks' rows shared), ``max:R[,S]`` (the same with the "max" tile score; a last value ``fp8``: the estimate's products in FP8), ``minference:V,S`` (MInference's own pipeline at budgets V/S, from
+S sampled rows per block; ``mass:R,S,1`` with the neighbouring blocks' rows shared), ``max:R[,S]`` (the same with the "max" tile score), ``minference:V,S`` (MInference's own pipeline at budgets V/S, from
 the sources benchmarks/peer_minference.py vendors; CUDA only; computed = what its kernel
 scores, whole 64-wide tiles included). Prints one line per layer as it goes and a table at the
 end.
@@ -74,22 +74,18 @@ def policy(spec: str, n: int) -> Pattern:
     if spec == "vs-default":
         return scaled_budgets(DEFAULT_VERTICAL_SLASH, n, DEFAULT_BUDGET_LENGTH, DEFAULT_BUDGET_EXPONENT)
     kind, _, args = spec.partition(":")
-    values = [float(x) for x in args.split(",") if x != "fp8"]
+    values = [float(x) for x in args.split(",")]
     if kind == "vs":
         return Pattern.from_dict({"kind": "vertical_slash", "vertical": int(values[0]), "slash": int(values[1])})
     if kind == "ashape":
         return Pattern.from_dict({"kind": "a_shape", "sink": int(values[0]), "local": int(values[1])})
     if kind in ("mass", "max"):
-        fp8 = args.endswith(",fp8")
-        values = [float(x) for x in args.removesuffix(",fp8").split(",")]
         extra = {"samples": int(values[1])} if len(values) > 1 else {}
         if len(values) > 2:
             extra["neighbours"] = int(values[2])
-        if fp8:
-            extra["precision"] = "fp8"
         return Pattern.from_dict({"kind": "block_mass", "recall": values[0], "score": kind, **extra})
-    raise ValueError(f"unknown policy {spec!r}: default, vs-default, vs:V,S, ashape:SINK,LOCAL, mass:R[,S[,NB[,fp8]]] "
-                     "or max:R[,S[,NB[,fp8]]]")
+    raise ValueError(f"unknown policy {spec!r}: default, vs-default, vs:V,S, ashape:SINK,LOCAL, mass:R[,S[,NB]] or "
+                     "max:R[,S[,NB]]")
 
 
 def sampled_blocks(n: int, count: int) -> list[int]:

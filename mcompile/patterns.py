@@ -40,7 +40,7 @@ _PARAMS = {
     PatternKind.A_SHAPE: ("sink", "local"),
     PatternKind.VERTICAL_SLASH: ("vertical", "slash"),
     PatternKind.BLOCK_SPARSE: ("blocks",),
-    PatternKind.BLOCK_MASS: ("recall", "samples", "score", "neighbours", "precision"),
+    PatternKind.BLOCK_MASS: ("recall", "samples", "score", "neighbours"),
 }
 
 
@@ -69,13 +69,7 @@ SCORE_MAX = 128
 # for the sampling of one (docs/ACCURACY.md, "Rows shared with the neighbouring blocks"). A flag
 # above the score's.
 NEIGHBOURS = 256
-# ``precision``: the number format of the estimate's query-key products. "native": the inputs'
-# own (bf16 / fp16 / fp32); "fp8": Q and K rounded to FP8 e4m3 first (each sampled row and each KV
-# head scaled to the format's range), which FP8 tensor cores multiply at twice the bf16 rate
-# (kernels/block_mass.py, "Precision"). A flag above the neighbours'.
-PRECISIONS = ("native", "fp8")
-FP8 = 512
-_FLAGS = SCORE_MAX | NEIGHBOURS | FP8
+_FLAGS = SCORE_MAX | NEIGHBOURS
 
 
 @dataclass(frozen=True)
@@ -91,8 +85,8 @@ class Pattern:
         values = (self.p0, self.p1)
         if self.kind == PatternKind.BLOCK_MASS and isinstance(self.p1, int) and not isinstance(self.p1, bool):
             if self.p1 < 0 or self.p1 & ~(_FLAGS | (SCORE_MAX - 1)):
-                raise ValueError(f"block_mass's encoded samples, score, neighbours and precision must be in "
-                                 f"[0, {2 * FP8}), got {self.p1}")
+                raise ValueError(f"block_mass's encoded samples, score and neighbours must be in [0, {2 * NEIGHBOURS}), "
+                                 f"got {self.p1}")
             values = (self.p0, self.p1 & (SCORE_MAX - 1))
         for name, value in zip(names, values):
             if not isinstance(value, int) or isinstance(value, bool):
@@ -147,9 +141,8 @@ class Pattern:
 
     @classmethod
     def _block_mass(cls, spec: Mapping[str, Any]) -> "Pattern":
-        """``{"kind": "block_mass", "recall": 0.98, "samples": 8, "score": "max", "neighbours": 1,
-        "precision": "fp8"}``; samples (8), score ("mass"), neighbours (0) and precision ("native") may
-        be left out."""
+        """``{"kind": "block_mass", "recall": 0.98, "samples": 8, "score": "max", "neighbours": 1}``;
+        samples (8), score ("mass") and neighbours (0) may be left out."""
         recall = spec.get("recall")
         if isinstance(recall, bool) or not isinstance(recall, (int, float)) or not 0.0 < recall <= 1.0:
             raise ValueError(f"block_mass.recall must be a number in (0, 1], got {recall!r}")
@@ -166,26 +159,20 @@ class Pattern:
         neighbours = spec.get("neighbours", 0)
         if isinstance(neighbours, bool) or neighbours not in (0, 1):
             raise ValueError(f"block_mass.neighbours must be 0 or 1, got {neighbours!r}")
-        precision = spec.get("precision", "native")
-        if precision not in PRECISIONS:
-            raise ValueError(f"block_mass.precision must be one of {list(PRECISIONS)}, got {precision!r}")
         return cls(PatternKind.BLOCK_MASS, per_mille,
-                   samples | (SCORE_MAX if score == "max" else 0) | (NEIGHBOURS if neighbours else 0)
-                   | (FP8 if precision == "fp8" else 0))
+                   samples | (SCORE_MAX if score == "max" else 0) | (NEIGHBOURS if neighbours else 0))
 
     def _values(self) -> tuple:
         if self.kind == PatternKind.BLOCK_MASS:
             return (self.recall, self.p1 & (SCORE_MAX - 1), "max" if self.p1 & SCORE_MAX else "mass",
-                    int(bool(self.p1 & NEIGHBOURS)), "fp8" if self.p1 & FP8 else "native")
+                    int(bool(self.p1 & NEIGHBOURS)))
         return self.p0, self.p1
 
     def _named(self) -> dict:
-        """The budgets by name; block-mass's ``neighbours`` and ``precision`` only when set (they came later)."""
+        """The budgets by name; block-mass's ``neighbours`` only when set (it came later)."""
         named = dict(zip(_PARAMS[self.kind], self._values()))
         if named.get("neighbours") == 0:
             del named["neighbours"]
-        if named.get("precision") == "native":
-            del named["precision"]
         return named
 
     def to_dict(self) -> dict:

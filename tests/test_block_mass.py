@@ -63,49 +63,6 @@ def test_neighbours_option_round_trips():
     assert "neighbours" not in _mass(0.9).to_dict() and _mass(0.9).neighbours == 0
 
 
-def test_precision_option_round_trips():
-    f = Pattern.from_dict({"kind": "block_mass", "recall": 0.99, "samples": 8, "score": "max", "precision": "fp8"})
-    assert (f.score, f.precision, f.neighbours) == ("max", "fp8", 0) and encode([f]) == ([4], [990], [8 | 128 | 512])
-    assert Pattern.from_dict(f.to_dict()) == f
-    assert f.describe() == "block_mass(recall=0.99, samples=8, score=max, precision=fp8)"
-    assert "precision" not in _mass(0.9).to_dict() and _mass(0.9).precision == "native"
-    with pytest.raises(ValueError, match=r"precision must be one of \['native', 'fp8'\]"):
-        Pattern.from_dict({"kind": "block_mass", "recall": 0.9, "precision": "int8"})
-    with pytest.raises(ValueError, match="must be in"):
-        Pattern(PatternKind.BLOCK_MASS, 990, 1024 | 8)
-    from mcompile.tools.options import pattern_arg
-
-    assert Pattern.from_dict(pattern_arg("block_mass:0.99,8,max,0,fp8")) == f
-
-
-def test_fp8_rounding_of_rows_and_keys():
-    """The FP8 estimate's inputs: every row's largest magnitude maps to 448 and rounds there; K's
-    scale is per KV head; values round to e4m3's grid (3 mantissa bits)."""
-    from mcompile.kernels.block_mass import fp8_keys, fp8_rows
-
-    q, k, _ = qkv(2, 4, 2, 70, 16, seed=3)
-    r = fp8_rows(q)
-    rel = ((r - q) / q.abs().amax(-1, keepdim=True)).abs()
-    assert rel.max() <= 2 ** -4 * 1.0001
-    torch.testing.assert_close(r.abs().amax(-1), q.abs().amax(-1), rtol=1e-6, atol=0)
-    k8, s_k = fp8_keys(k)
-    assert k8.dtype == torch.float8_e4m3fn and s_k.shape == (2, 2)
-    assert (k8.float().abs().amax((2, 3)) == 448).all()
-    torch.testing.assert_close(k8.float() * s_k[..., None, None], k, atol=float(s_k.max()) * 16, rtol=2 ** -4)
-
-
-def test_fp8_estimate_keeps_what_the_native_one_keeps_on_structured_heads():
-    """On heads with strong columns the FP8 products rank the tiles as the native ones do."""
-    b, h, hk, n, d = 1, 4, 2, 512, 32
-    q, k, _ = _structured(b, h, hk, n, d)
-    native = Pattern.from_dict({"kind": "block_mass", "recall": 0.9, "samples": 8, "score": "max"})
-    fp8 = Pattern.from_dict({**native.to_dict(), "precision": "fp8"})
-    a = estimate_index_ref(q, k, None, *encode([native] * h), d ** -0.5)
-    f = estimate_index_ref(q, k, None, *encode([fp8] * h), d ** -0.5)
-    same = (a.block_count == f.block_count).float().mean()
-    assert same > 0.9, same
-
-
 @pytest.mark.parametrize("m0,m_rows", [(0, 5), (3, 4), (7, 1)])
 def test_share_neighbours_equals_a_direct_computation(m0, m_rows):
     """Each block's estimate: the mean over blocks m-1, m, m+1 (those that hold queries) of their

@@ -124,8 +124,7 @@ def test_pattern_arg(text, want):
 
 
 @pytest.mark.parametrize("text,match", [("spiral:3", "unknown pattern kind"), ("a_shape:128", r"a_shape needs \['local'\]"),
-                                        ("block_mass:0.9,8,max,1,fp8,2", "takes at most 5 values"),
-                                        ("block_mass:0.9,8,max,1,int8", "precision must be one of"),
+                                        ("block_mass:0.9,8,max,1,2", "takes at most 4 values"),
                                         ("block_mass:0.9,8,1", "score must be one of"),
                                         ("block_sparse:x", "blocks must be an int, got 'x'"),
                                         ("block_mass:1.5", r"recall must be a number in \(0, 1\]"),

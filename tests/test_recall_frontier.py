@@ -65,10 +65,3 @@ def test_column_oracle_between_the_tile_and_key_oracles():
         assert o[f"col@{t}"][0] == pytest.approx(64 / CAUSAL)  # the vertical: one column
         assert o[f"col@{t}"][1] > 32 * 64 / CAUSAL  # the slash: a column per row
 
-
-def test_policy_names_the_fp8_estimate():
-    from benchmarks.recall_frontier import policy
-
-    p = policy("max:0.99,8,0,fp8", 4096)
-    assert (p.recall, p.samples, p.score, p.neighbours, p.precision) == (0.99, 8, "max", 0, "fp8")
-    assert policy("max:0.98,8,1", 4096).precision == "native"

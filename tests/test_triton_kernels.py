@@ -19,11 +19,9 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton", reason="Triton is not installed; the Triton kernels cannot be tested")
-import triton.language as tl  # noqa: E402
 
 from mcompile.index import BLOCK, SENTINEL, SparseIndex, column_counts, index_to_mask, num_blocks, runs_to_diag_prefix  # noqa: E402
 from mcompile.kernels import estimate_triton as est_triton  # noqa: E402
-from mcompile.kernels.block_mass_triton import _round_e4m3  # noqa: E402
 from mcompile.kernels import sparse_attention_triton as attn_triton  # noqa: E402
 from mcompile.kernels.estimate import _forced_columns, diagonals_to_runs, estimate_index_ref, vertical_slash_scores  # noqa: E402
 from mcompile.kernels.sparse_attention import sparse_attention_ref  # noqa: E402
@@ -636,63 +634,14 @@ def test_tile_max_kernel_equals_reference(b, h, hk, n, nq, d, pad, samples, spli
     assert not torch.allclose(ref, tile_mass(q, k, kp, d ** -0.5, heads, samples))  # a score of its own
 
 
-@triton.jit
-def _round_fp8_kernel(X, Y, N: tl.constexpr):
-    r = tl.arange(0, N)
-    tl.store(Y + r, _round_e4m3(tl.load(X + r)))
-
-
-def test_fp8_rounding_equals_torchs():
-    """The kernel's own rounding to FP8 e4m3 (``_round_e4m3``) gives torch's float8_e4m3fn value for
-    normals whose mantissa carries into the exponent (where the interpreter's conversion is wrong),
-    subnormals, zeros, signs and the largest value."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.cat([torch.randn(3000, generator=g) * 100, torch.randn(500, generator=g) * 0.01,
-                   torch.tensor([31.29, -124.4, 15.9, 0.0, -0.0, 448.0, -448.0, 0.0155, 2.0 ** -7, 1e-4])])
-    x = x[x.abs() <= 448]
-    x = torch.nn.functional.pad(x, (0, 4096 - x.numel()))
-    y = torch.empty_like(x)
-    _round_fp8_kernel[(1,)](x, y, N=4096)
-    assert torch.equal(y, x.to(torch.float8_e4m3fn).float())
-
-
-@pytest.mark.parametrize("score", ["max", "mass"])
-@pytest.mark.parametrize("b,h,hk,n,nq,d,pad,samples,chunked", [
-    (1, 2, 2, 200, 200, 16, False, 8, False), (2, 4, 2, 161, 100, 32, True, 4, True),
-    (1, 3, 1, 330, 330, 8, False, 32, False)])
-@pytest.mark.parametrize("fp8_cores", [True, False])
-def test_tile_scores_in_fp8_equal_reference(b, h, hk, n, nq, d, pad, samples, chunked, score, fp8_cores, monkeypatch):
-    """``precision="fp8"``: the fused estimate's products on FP8-rounded rows (scaled per row in the
-    kernel) and keys (scaled per KV head) equal block_mass.tile_mass's rounding of the same, with
-    padding, a prefix chunk, GQA, batch > 1, chunks and a head dim padded to 16, on FP8 tensor
-    cores or (without them) in fp16; and differ from the native precision's."""
-    from mcompile.kernels import block_mass_triton
-    from mcompile.kernels.block_mass import tile_mass
-    from mcompile.kernels.block_mass_triton import tile_mass_triton
-
-    monkeypatch.setattr(block_mass_triton, "fp8_tensor_cores", lambda x: fp8_cores)
-    if chunked:
-        monkeypatch.setattr(block_mass_triton, "TILE_SUM_BYTES", 1)
-    q, k, _ = inputs(b, h, hk, n, d, seed=n + samples + 2)
-    q = q[:, :, n - nq:]
-    kp = padding(b, n, seed=n) if pad else None
-    heads = torch.tensor([h - 1, 0])
-    est = tile_mass_triton(q, k, kp, d ** -0.5, heads, samples, 3, score=score, precision="fp8")
-    ref = tile_mass(q, k, kp, d ** -0.5, heads, samples, score=score, precision="fp8")
-    torch.testing.assert_close(est, ref, atol=2e-5, rtol=1e-4)
-    assert not torch.allclose(ref, tile_mass(q, k, kp, d ** -0.5, heads, samples, score=score), atol=1e-4)
-
-
 def test_estimate_index_triton_mixes_tile_scores_like_the_reference():
-    """A layer whose block-mass heads use both scores and both precisions: each head's index as the
-    reference builds it."""
+    """A layer whose block-mass heads use both scores: each head's index as the reference builds it."""
     from mcompile.patterns import Pattern, encode
 
     b, h, hk, n, d = 2, 4, 2, 230, 16
     q, k, _ = inputs(b, h, hk, n, d, seed=6)
-    pats = [Pattern.from_dict({"kind": "block_mass", "recall": r, "samples": 4, "score": sc, "precision": pr})
-            for r, sc, pr in ((0.6, "max", "fp8"), (0.8, "mass", "native"), (0.9, "max", "native"),
-                              (0.7, "mass", "fp8"))]
+    pats = [Pattern.from_dict({"kind": "block_mass", "recall": r, "samples": 4, "score": sc})
+            for r, sc in ((0.6, "max"), (0.8, "mass"), (0.9, "max"), (0.7, "mass"))]
     ref = estimate_index_ref(q, k, None, *encode(pats), d ** -0.5)
     tri = est_triton.estimate_index_triton(q, k, None, *encode(pats), d ** -0.5)
     for name in ("run_count", "block_count", "blocks"):

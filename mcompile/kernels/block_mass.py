@@ -33,16 +33,6 @@ blocks average the logits of several queries and keys before the softmax, so one
 sink, a slash) is under-weighted (recall 0.76-0.86 on layers whose mass lies on lines). Exact
 rows keep the peaks, and sampling every block keeps what each block looks at.
 
-Precision: with ``precision="fp8"`` the products are taken on Q and K rounded to FP8 e4m3, each
-sampled row scaled so that its largest magnitude is the format's largest (448), and K with one
-such scale per KV head; the products accumulate in fp32 and are scaled back. FP8 tensor cores
-multiply at twice the bf16 rate, and the products are what the estimate's time is spent on at
-long lengths (below compute capability 8.9 the same rounded values are multiplied in fp16); a tile's score only has to rank it among the block's tiles, and on real heads the
-rounding changes no recall (docs/ACCURACY.md, "An FP8 estimate")::
-
-    q8[r] = round8(q[r] * 448 / max|q[r]|),   k8 = round8(k / s_k),   s_k = max|k| / 448
-    logit[r, j] = (q8[r] . k8[j]) * s_k * max|q[r]| / 448
-
 Cost: ``samples / 64`` of dense attention's query-key products (no value products), plus a
 selection per block (a sort here; a bisection on the GPU, block_mass_triton.py). This is the pure-PyTorch implementation (the CPU path and
 the reference of a fused kernel); it walks chunks of query blocks so that the fp32 score tensor
@@ -56,7 +46,7 @@ from typing import Optional
 import torch
 
 from ..index import BLOCK, SENTINEL, num_blocks
-from ..patterns import PRECISIONS, SCORES
+from ..patterns import SCORES
 
 SCORE_BYTES = 1 << 30  # cap on one chunk's fp32 score tensor
 LOCAL_TILES = 1  # tiles before the diagonal every block keeps: each row sees at least 64 keys before it
@@ -68,39 +58,15 @@ def sample_offsets(samples: int, device=None) -> torch.Tensor:
     return torch.tensor(offs, dtype=torch.long, device=device)
 
 
-FP8_MAX = 448.0  # the largest finite float8 e4m3fn
-
-
-def fp8_keys(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``precision="fp8"``'s keys: (k8 (B, Hk, N, D) float8_e4m3fn, s_k (B, Hk) fp32) with
-    ``k ~= k8 * s_k``, one scale per KV head (its largest magnitude to FP8_MAX)."""
-    amax = k.abs().amax(dim=(2, 3)).float().clamp(min=torch.finfo(torch.float32).tiny)
-    s_k = amax / FP8_MAX
-    k8 = torch.empty(k.shape, dtype=torch.float8_e4m3fn, device=k.device)
-    for j in range(k.shape[1]):  # one KV head's fp32 copy at a time (4 GiB for all of Llama-3-8B's at 1M)
-        k8[:, j] = (k[:, j].float() / s_k[:, j, None, None]).to(torch.float8_e4m3fn)
-    return k8, s_k
-
-
-def fp8_rows(q: torch.Tensor) -> torch.Tensor:
-    """Sampled query rows (..., D) as ``precision="fp8"`` multiplies them: each row rounded to FP8 e4m3
-    at the scale that maps its largest magnitude to FP8_MAX, and scaled back (fp32)."""
-    fac = FP8_MAX / q.abs().amax(-1, keepdim=True).float().clamp(min=torch.finfo(torch.float32).tiny)
-    return (q.float() * fac).to(torch.float8_e4m3fn).float() / fac
-
-
 def tile_mass(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch.Tensor], scale: float,
-              heads: torch.Tensor, samples: int, score: str = "mass", precision: str = "native") -> torch.Tensor:
+              heads: torch.Tensor, samples: int, score: str = "mass") -> torch.Tensor:
     """Estimated tile masses (B, Hm, M, NB) fp32 of query heads ``heads`` for the M query blocks
     that hold queries (``m0 = (N - Nq) // BLOCK`` on); q (B, H, Nq, D) may be a chunk after a
     cached prefix (positions N - Nq .. N - 1), k (B, Hk, N, D), key_padding (B, N).
     ``score`` "max": each sampled row's softmax over the tiles of its largest logit in each
-    (module docstring) instead of its softmax mass on each tile. ``precision`` "fp8": the
-    products on FP8-rounded rows and keys (module docstring)."""
+    (module docstring) instead of its softmax mass on each tile."""
     if score not in SCORES:
         raise ValueError(f"score must be one of {list(SCORES)}, got {score!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     b, h, nq, d = q.shape
     hk, n = k.shape[1], k.shape[2]
     group = h // hk
@@ -115,11 +81,7 @@ def tile_mass(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch.Tens
     pos = torch.minimum(torch.maximum(blocks[:, None] * BLOCK + offs[None, :], lo), hi)  # (M, S) positions
     heads = heads.long()
     hm = heads.numel()
-    if precision == "fp8":
-        k8, s_k = fp8_keys(k)
-        ks = k8[:, heads // group].float() * s_k[:, heads // group, None, None]  # (B, Hm, N, D)
-    else:
-        ks = k[:, heads // group].float()  # (B, Hm, N, D)
+    ks = k[:, heads // group].float()  # (B, Hm, N, D)
     keys = torch.arange(n, device=dev)
     allowed_keys = key_padding.bool()[:, None, None, :] if key_padding is not None else None
     out = torch.zeros(b, hm, blocks.numel(), nb, dtype=torch.float32, device=dev)
@@ -130,8 +92,6 @@ def tile_mass(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch.Tens
         c1 = min(blocks.numel(), c0 + step)
         rp = pos[c0:c1].flatten()  # (R,) absolute positions of the chunk's sampled rows
         qs = q[:, heads][:, :, rp - p].float()  # (B, Hm, R, D)
-        if precision == "fp8":
-            qs = fp8_rows(qs)
         s = torch.matmul(qs, ks.transpose(-1, -2)) * scale  # (B, Hm, R, N)
         allowed = (keys[None, :] <= rp[:, None])[None, None]
         if allowed_keys is not None:

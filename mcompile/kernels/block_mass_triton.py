@@ -45,8 +45,8 @@ import triton
 import triton.language as tl
 
 from ..index import BLOCK, SENTINEL, num_blocks
-from ..patterns import PRECISIONS, SCORES
-from .block_mass import LOCAL_TILES, fp8_keys
+from ..patterns import SCORES
+from .block_mass import LOCAL_TILES
 from .triton_common import HEAD_DIMS, LOG2E, MAX_HEAD_DIM, NEG_INIT, interpreting, pad_head_dim, padded_head_dim
 
 # Sampled rows per program and the tile-sums launch: 128 rows on 4 warps edge out 64 rows by
@@ -80,29 +80,13 @@ def _rows(Q, b64, h, pid, M, M0, N, P, stride_qb, stride_qh, stride_qn, stride_q
 
 
 @triton.jit
-def _round_e4m3(x):
-    """fp32 ``x`` (|x| <= 448) rounded to the nearest FP8 e4m3 value, still fp32: three mantissa
-    bits (to nearest, ties to even) for normals, multiples of 2**-9 below 2**-6. Done by hand so
-    that the conversion that follows is exact: Triton's interpreter rounds fp32 -> e4m3 wrongly
-    where the mantissa carries into the exponent (31.3 -> 16), and the GPU must agree with it."""
-    bits = x.to(tl.int32, bitcast=True)
-    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
-    subnormal = tl.floor(x * 512.0 + 0.5) / 512.0
-    return tl.where(tl.abs(x) < 0.015625, subnormal, normal)
-
-
-@triton.jit
 def _logits(q, k_base, kp_base, keys, pos, row_ok, N, stride_kn, stride_kd, stride_kpn, qk_scale,
-            HEAD_DIM: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
-            UPCAST: tl.constexpr = False):
-    """Base-2 logits of the rows against ``keys``, -inf where a key is not allowed. ``qk_scale``: a
-    scalar, or one factor per row ([ROWS, 1]: the FP8 path's scales folded in)."""
+            HEAD_DIM: tl.constexpr, HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Base-2 logits of the rows against ``keys``, -inf where a key is not allowed."""
     offs_d = tl.arange(0, HEAD_DIM)
     in_seq = keys < N
     k = tl.load(k_base + keys.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                 mask=in_seq[:, None], other=0.0)
-    if UPCAST:  # FP8 keys without FP8 tensor cores: the same products in fp16 (it holds every e4m3 value)
-        k = k.to(tl.float16)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     allowed = in_seq[None, :] & (keys[None, :] <= pos[:, None]) & row_ok[:, None]
     if HAS_PADDING:
@@ -111,13 +95,12 @@ def _logits(q, k_base, kp_base, keys, pos, row_ok, N, stride_kn, stride_kd, stri
 
 
 @triton.jit
-def _tile_sums_kernel(Q, K, KP, Heads, V, Mx, Lx, KScale,
+def _tile_sums_kernel(Q, K, KP, Heads, V, Mx, Lx,
                       stride_qb, stride_qh, stride_qn, stride_qd,
                       stride_kb, stride_kh, stride_kn, stride_kd, stride_kpb, stride_kpn,
-                      N, P, M, M0, NB, GROUP, HM, HK, SPLITS, RG, G0, RC, qk_scale,
+                      N, P, M, M0, NB, GROUP, HM, SPLITS, RG, G0, RC, qk_scale,
                       HEAD_DIM: tl.constexpr, SAMPLES: tl.constexpr, GROUPS: tl.constexpr, SPLIT_TILES: tl.constexpr,
-                      HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr, SCORE_MAX: tl.constexpr,
-                      FP8: tl.constexpr, UPCAST: tl.constexpr):
+                      HAS_PADDING: tl.constexpr, DOT_PRECISION: tl.constexpr, SCORE_MAX: tl.constexpr):
     ROWS_: tl.constexpr = GROUPS * SAMPLES
     local = tl.program_id(0)  # row group within the launch's chunk
     pid = G0 + local
@@ -132,19 +115,6 @@ def _tile_sums_kernel(Q, K, KP, Heads, V, Mx, Lx, KScale,
                                HEAD_DIM, SAMPLES, GROUPS)
         k_base = K + b64 * stride_kb + (h // GROUP).to(tl.int64) * stride_kh
         kp_base = KP + b64 * stride_kpb
-        row_scale = qk_scale  # what a raw product is multiplied by: a scalar, or per row with FP8
-        row_fac = qk_scale
-        if FP8:
-            # K arrives in FP8 (scale s_k per KV head); each row is scaled to FP8's range here and
-            # both scales fold into the row's factor (block_mass.py, "Precision")
-            qf = q.to(tl.float32)
-            fac = 448.0 / tl.maximum(tl.max(tl.abs(qf), 1), 1e-30)
-            q = _round_e4m3(qf * fac[:, None]).to(tl.float8e4nv)
-            if UPCAST:
-                q = q.to(tl.float16)
-            s_k = tl.load(KScale + b64 * HK + h // GROUP)
-            row_fac = qk_scale * s_k / fac
-            row_scale = row_fac[:, None]
         c = tl.arange(0, 64)
         offs_d = tl.arange(0, HEAD_DIM)
         r = tl.arange(0, ROWS_)
@@ -158,19 +128,16 @@ def _tile_sums_kernel(Q, K, KP, Heads, V, Mx, Lx, KScale,
         for t in range(t0, tl.minimum(t0 + SPLIT_TILES, last_tile)):
             if t >= full_end:
                 s = _logits(q, k_base, kp_base, t * 64 + c, pos, row_ok, N, stride_kn, stride_kd, stride_kpn,
-                            row_scale, HEAD_DIM, HAS_PADDING, DOT_PRECISION, UPCAST)
+                            qk_scale, HEAD_DIM, HAS_PADDING, DOT_PRECISION)
                 if SCORE_MAX:
                     top = tl.max(s, 1)
             else:  # t * 64 + 63 below every valid row's position, the tile inside the sequence
                 k = tl.load(k_base + (t * 64 + c).to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd)
-                if UPCAST:
-                    k = k.to(tl.float16)
                 s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
                 if SCORE_MAX:
-                    # the scale is positive: one product per row, not per logit
-                    top = tl.max(s, 1) * row_fac
+                    top = tl.max(s, 1) * qk_scale  # the scale is positive: one product per row, not per logit
                 else:
-                    s = s * row_scale
+                    s = s * qk_scale
             if SCORE_MAX:
                 # the tile's log2 score is its largest logit; the row statistics run over tiles
                 m_new = tl.maximum(m_i, top)
@@ -327,20 +294,9 @@ def _share_kernel(Est, Out, Shared, M, M0, NB, HM, CHUNK: tl.constexpr):
             tl.store(out + t, tl.load(own + t, mask=t < NB, other=0.0), mask=t < NB)
 
 
-# FP8 tensor-core products take 32 at a time; narrower heads multiply the FP8 values in fp16, which
-# holds every e4m3 value exactly (not bf16: Triton's interpreter multiplies in-kernel bf16 wrongly)
-FP8_MIN_HEAD_DIM = 32
-
-
-def fp8_tensor_cores(x: torch.Tensor) -> bool:
-    """Whether ``x``'s device multiplies FP8 e4m3 natively (compute capability 8.9 and up; the
-    interpreter emulates it)."""
-    return interpreting() or (x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9))
-
-
 def tile_mass_triton(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch.Tensor], scale: float,
                      heads: torch.Tensor, samples: int, split: int = SPLIT, *, score: str = "mass",
-                     precision: str = "native", rows: Optional[int] = None, num_warps: Optional[int] = None,
+                     rows: Optional[int] = None, num_warps: Optional[int] = None,
                      num_stages: Optional[int] = None) -> torch.Tensor:
     """Same contract and result as ``block_mass.tile_mass`` (up to fp32 rounding); ``samples`` a
     power of two up to ``rows``; ``split`` key tiles per program; ``rows`` sampled rows per
@@ -353,8 +309,6 @@ def tile_mass_triton(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[tor
         raise ValueError(f"rows must be 64 or 128, got {rows}")
     if score not in SCORES:
         raise ValueError(f"score must be one of {list(SCORES)}, got {score!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     if samples < 1 or samples > rows or samples & (samples - 1):
         raise ValueError(f"samples must be a power of two in [1, {rows}], got {samples}")
     if d > MAX_HEAD_DIM or k.shape[-1] != d:
@@ -362,8 +316,7 @@ def tile_mass_triton(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[tor
     if d not in HEAD_DIMS:
         dp = padded_head_dim(d)
         return tile_mass_triton(pad_head_dim(q, dp), pad_head_dim(k, dp), key_padding, scale, heads, samples, split,
-                                score=score, precision=precision, rows=rows, num_warps=num_warps,
-                                num_stages=num_stages)
+                                score=score, rows=rows, num_warps=num_warps, num_stages=num_stages)
     nb = num_blocks(n)
     p = n - nq
     m0 = p // BLOCK
@@ -388,22 +341,15 @@ def tile_mass_triton(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[tor
     chunk = max(1, min(row_groups, TILE_SUM_BYTES // (b * hm * nb * rows * 4)))
     v = torch.empty(b * hm, nb, chunk * rows, dtype=torch.float32, device=dev)
     heads32 = heads.to(torch.int32).contiguous()
-    fp8 = precision == "fp8"
-    if fp8:
-        k, k_scale = fp8_keys(k)  # (B, Hk, N, D) float8_e4m3fn, (B, Hk) fp32
-        k_scale = k_scale.contiguous()
-    else:
-        k_scale = mx  # never read
     meta = dict(SAMPLES=samples, GROUPS=groups, SPLIT_TILES=split)
     warps = num_warps or TILE_SUM_WARPS
     launch = {} if interpreting() else dict(num_warps=warps, num_stages=num_stages or TILE_SUM_STAGES)
     for g0 in range(0, row_groups, chunk):
         g1 = min(row_groups, g0 + chunk)
         _tile_sums_kernel[(g1 - g0, splits, b * hm)](
-            q, k, kp, heads32, v, mx, lx, k_scale, *q.stride(), *k.stride(), *kp_strides, n, p, m, m0, nb, h // hk,
-            hm, hk, splits, row_groups, g0, chunk * rows, float(scale) * LOG2E, HEAD_DIM=d, HAS_PADDING=has_padding,
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 and not fp8 else "tf32", SCORE_MAX=score == "max",
-            FP8=fp8, UPCAST=fp8 and (d < FP8_MIN_HEAD_DIM or not fp8_tensor_cores(q)), **meta, **launch)
+            q, k, kp, heads32, v, mx, lx, *q.stride(), *k.stride(), *kp_strides, n, p, m, m0, nb, h // hk, hm,
+            splits, row_groups, g0, chunk * rows, float(scale) * LOG2E, HEAD_DIM=d, HAS_PADDING=has_padding,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SCORE_MAX=score == "max", **meta, **launch)
         _tile_mass_kernel[((g1 - g0) * groups, b * hm)](v, mx, lx, est, m, m0, nb, splits, row_groups, g0, chunk * rows,
                                                         CHUNK=MASS_CHUNK, **meta,
                                                         **({} if interpreting() else dict(num_warps=4)))

@@ -29,7 +29,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..index import BLOCK, SENTINEL, SparseIndex, column_counts, index_rows, num_blocks, runs_to_diag_prefix
-from ..patterns import FP8, LAST_Q, LOCAL_DIAGONALS, NEIGHBOURS, RECALL_SCALE, SCORE_MAX, SINK_COLUMNS, PatternKind
+from ..patterns import LAST_Q, LOCAL_DIAGONALS, NEIGHBOURS, RECALL_SCALE, SCORE_MAX, SINK_COLUMNS, PatternKind
 from .block_mass import select_tiles, tile_mass
 
 SCORE_BYTES = 1 << 30  # cap on one chunk's fp32 score tensor during estimation
@@ -292,16 +292,16 @@ def _block_mass_into(q, k, key_padding, scale: float, heads: Sequence[int], p0, 
     sel = slice(None) if every else _device_ints(heads, dev).long()
     recall = _device_ints([p0[i] for i in heads], dev).float() / RECALL_SCALE
     samples = max(p1[i] & (SCORE_MAX - 1) for i in heads)
-    scores = [("max" if p1[i] & SCORE_MAX else "mass", "fp8" if p1[i] & FP8 else "native") for i in heads]
+    scores = ["max" if p1[i] & SCORE_MAX else "mass" for i in heads]
     if len(set(scores)) == 1:
         est = mass_scores(q, k, key_padding, scale, torch.arange(h, device=dev) if every else sel, samples,
-                          score=scores[0][0], precision=scores[0][1])
-    else:  # heads of several scores or precisions in one layer: each kind's heads estimated apart
+                          score=scores[0])
+    else:  # heads of both scores in one layer: each score's heads estimated apart
         parts = {sc: [j for j, x in enumerate(scores) if x == sc] for sc in set(scores)}
         est = None
         for sc, pos in parts.items():
             part = mass_scores(q, k, key_padding, scale, _device_ints([heads[j] for j in pos], dev).long(), samples,
-                              score=sc[0], precision=sc[1])
+                              score=sc)
             if est is None:
                 est = part.new_zeros(part.shape[0], len(heads), *part.shape[2:])
             est[:, _device_ints(pos, dev).long()] = part

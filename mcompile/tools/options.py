@@ -22,7 +22,7 @@ def _number(text: str):
 
 def pattern_arg(text: str) -> dict:
     """``vertical_slash:256,512`` / ``a_shape:128,1024`` / ``block_sparse:8`` /
-    ``block_mass:0.98`` or ``block_mass:0.98,16`` or ``block_mass:0.98,16,max`` or ``block_mass:0.99,4,max,1`` or ``block_mass:0.99,8,max,0,fp8`` / ``dense`` (the budgets in the order
+    ``block_mass:0.98`` or ``block_mass:0.98,16`` or ``block_mass:0.98,16,max`` or ``block_mass:0.99,4,max,1`` / ``dense`` (the budgets in the order
     ``patterns.budget_names`` gives), or a pattern as JSON; validated by ``Pattern.from_dict``."""
     text = text.strip()
     try:
