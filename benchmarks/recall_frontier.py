@@ -201,7 +201,6 @@ def measure_columns(q, k, spec: str, blocks, scale) -> dict:
                                                     target * total - (est * forced).sum(-1, keepdim=True))
             whole = forced_t[None].expand(h, nb)
         else:
-            rows = p[:, offs]  # (H, S, L)
             # block-mass's own tiles for this block: its estimate of block m alone (a 64-row chunk
             # after m blocks of keys), then its selection
             end = min((m + 1) * BLOCK, n)
@@ -213,18 +212,20 @@ def measure_columns(q, k, spec: str, blocks, scale) -> dict:
             chosen = torch.zeros(h, nb + 1, dtype=torch.bool, device=q.device).scatter_(1, ids, True)[:, :nb]
             chosen &= ~forced_t[None]
             cand = chosen.repeat_interleave(BLOCK, -1)
-            dropped = _largest_reaching(-est.masked_fill(~cand, float("inf")), None, budget=drop * total, values=est)
-            keep = cand & ~dropped
-            whole = (keep.view(h, nb, BLOCK).sum(-1) > BLOCK // 2) | forced_t[None]
-            if kind == "cva":
+            if kind in ("cvt", "cva"):  # cut tile by tile, from the sampled rows' logits within each tile
                 keep = torch.zeros_like(cand)
-                whole = (forced_t[None] | chosen) & ~_tile_top_columns(q, k, m, scale, offs, chosen, int(drop), keep)
-            elif kind == "cvt":
-                keep = torch.zeros_like(cand)
-                whole = (forced_t[None] | chosen) & ~_tile_local_columns(q, k, m, scale, offs, chosen, drop, keep)
-            elif kind == "cv":
+                cut = (_tile_local_columns if kind == "cvt" else _tile_top_columns)(
+                    _tile_logits(q, k, m, scale, offs), chosen, drop, keep)
+                whole = (forced_t[None] | chosen) & ~cut
+            else:
+                dropped = _largest_reaching(-est.masked_fill(~cand, float("inf")), None, budget=drop * total,
+                                            values=est)
+                keep = cand & ~dropped
+                whole = (keep.view(h, nb, BLOCK).sum(-1) > BLOCK // 2) | forced_t[None]
+            if kind == "cv":
                 # a tile goes to columns only if columns chosen from half the sampled rows hold most of
                 # the other half's mass on it (a vertical line); a slash (each row its own key) stays whole
+                rows = p[:, offs]  # (H, S, L)
                 half_a, half_b = rows[:, 0::2].mean(1), rows[:, 1::2].mean(1)
                 drop_a = _largest_reaching(-half_a.masked_fill(~cand, float("inf")), None,
                                            budget=drop * half_a.sum(-1, keepdim=True), values=half_a)
@@ -243,24 +244,27 @@ def measure_columns(q, k, spec: str, blocks, scale) -> dict:
             "columns": (gathered / pairs).tolist()}
 
 
-def _tile_local_columns(q, k, m, scale, offs, chosen, drop, keep) -> torch.Tensor:
-    """``cvt``: (H, NB) the chosen tiles cut to columns by a rule local to each tile, which a kernel
-    can apply in one pass over the tile with no block-wide threshold: each sampled row's softmax
-    over the tile's 64 keys alone, averaged over the rows; the fewest keys holding ``1 - drop`` of
-    that average are the tile's columns (at most half the tile); the split-half test on the same
-    within-tile averages of rows 0, 2, .. and 1, 3, ... Writes the columns into ``keep`` (H, L)."""
+def _tile_logits(q, k, m, scale, offs) -> torch.Tensor:
+    """(H, S, NB, 64) logits of query block m's sampled rows against every key tile (-inf past N)."""
     n, h, group = k.shape[2], q.shape[1], q.shape[1] // k.shape[1]
     nb = (n + BLOCK - 1) // BLOCK
     rows = (m * BLOCK + offs).clamp(max=n - 1)
     s = torch.matmul(q[0, :, rows].float(), k[0].float().repeat_interleave(group, 0).transpose(-1, -2)) * scale
-    s = torch.nn.functional.pad(s, (0, nb * BLOCK - n), value=float("-inf")).view(h, offs.numel(), nb, BLOCK)
+    return torch.nn.functional.pad(s, (0, nb * BLOCK - n), value=float("-inf")).view(h, offs.numel(), nb, BLOCK)
+
+
+def _tile_local_columns(s, chosen, drop, keep) -> torch.Tensor:
+    """``cvt``: (H, NB) the chosen tiles cut to columns by a rule local to each tile, which a kernel
+    can apply in one pass over the tile with no block-wide threshold: each sampled row's softmax
+    over the tile's 64 keys alone (``s``: ``_tile_logits``), averaged over the rows; the fewest keys
+    holding ``1 - drop`` of that average are the tile's columns (at most half the tile); the
+    split-half test on the same within-tile averages of rows 0, 2, .. and 1, 3, ... Writes the
+    columns into ``keep`` (H, L)."""
+    h, _, nb, _ = s.shape
     within = torch.softmax(s, -1).nan_to_num_(0.0)  # (H, S, NB, 64)
 
     def columns(w):  # (H, NB, 64) -> kept keys of each tile: the fewest holding 1 - drop of it
-        srt, order = w.sort(-1, descending=True)
-        count = ((srt.cumsum(-1) - srt) < (1 - drop) * srt.sum(-1, keepdim=True)).sum(-1, keepdim=True)
-        ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(BLOCK, device=w.device).expand_as(order))
-        return ranks < count
+        return _largest_reaching(w, (1 - drop) * w.sum(-1, keepdim=True))
 
     full, a, b = within.mean(1), within[:, 0::2].mean(1), within[:, 1::2].mean(1)
     kf, ka = columns(full), columns(a)
@@ -270,20 +274,16 @@ def _tile_local_columns(q, k, m, scale, offs, chosen, drop, keep) -> torch.Tenso
     return cut
 
 
-def _tile_top_columns(q, k, m, scale, offs, chosen, top: int, keep) -> torch.Tensor:
+def _tile_top_columns(s, chosen, top, keep) -> torch.Tensor:
     """``cva:R,S,K``: (H, NB) the chosen tiles cut to columns from each sampled row's ``top``
-    largest logits in the tile alone (what the estimate's max pass could keep beside each row's
-    largest logit, with no probabilities): the columns are the union of the rows' top keys, the
-    tile is a vertical line when at least 3 of 4 rows of the odd half have their largest key among
-    the even half's top keys, and is cut when the union is at most half the tile. Writes the
-    columns into ``keep`` (H, L)."""
-    n, h, group = k.shape[2], q.shape[1], q.shape[1] // k.shape[1]
-    nb = (n + BLOCK - 1) // BLOCK
-    rows = (m * BLOCK + offs).clamp(max=n - 1)
-    s = torch.matmul(q[0, :, rows].float(), k[0].float().repeat_interleave(group, 0).transpose(-1, -2)) * scale
-    s = torch.nn.functional.pad(s, (0, nb * BLOCK - n), value=float("-inf")).view(h, offs.numel(), nb, BLOCK)
-    idx = s.topk(top, -1).indices  # (H, S, NB, top)
-    onehot = torch.zeros(h, offs.numel(), nb, BLOCK, dtype=torch.bool, device=q.device).scatter_(-1, idx, True)
+    largest logits in the tile alone (``s``: ``_tile_logits``; what the estimate's max pass could
+    keep beside each row's largest logit, with no probabilities): the columns are the union of the
+    rows' top keys, the tile is a vertical line when at least 3 of 4 rows of the odd half have
+    their largest key among the even half's top keys, and is cut when the union is at most half
+    the tile. Writes the columns into ``keep`` (H, L)."""
+    h, _, nb, _ = s.shape
+    idx = s.topk(int(top), -1).indices  # (H, S, NB, top)
+    onehot = torch.zeros(s.shape, dtype=torch.bool, device=s.device).scatter_(-1, idx, True)
     union = onehot.any(1)  # (H, NB, 64)
     set_a = onehot[:, 0::2].any(1)  # (H, NB, 64)
     first_b = idx[:, 1::2, :, 0]  # (H, S/2, NB) each odd row's largest key
@@ -295,7 +295,7 @@ def _tile_top_columns(q, k, m, scale, offs, chosen, top: int, keep) -> torch.Ten
 
 def _largest_reaching(x: torch.Tensor, need: Optional[torch.Tensor], budget: Optional[torch.Tensor] = None,
                       values: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Per row of ``x`` (H, L): the largest entries whose sum first reaches ``need`` (H, 1); or, with
+    """Per row of ``x`` (..., L): the largest entries whose sum first reaches ``need`` (H, 1); or, with
     ``budget``, the largest entries of ``x`` whose ``values`` sum stays within ``budget`` (H, 1)."""
     srt, order = x.sort(-1, descending=True)
     if budget is None:
