@@ -440,11 +440,13 @@ def plot(results: list[dict], path: str) -> None:
 
     rows = summary(results)
     lengths = sorted({r["length"] for r in rows})
+    names = list(dict.fromkeys(r["policy"] for r in rows))  # one colour per policy in every panel
+    colour = {name: f"C{i % 10}" for i, name in enumerate(names)}
     fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), squeeze=False)
     for ax, n in zip(axes[0], lengths):
         at = [r for r in rows if r["length"] == n]
         for r in at:
-            ax.scatter(100 * r["kept"], r["recall"], label=r["policy"])
+            ax.scatter(100 * r["kept"], r["recall"], label=r["policy"], color=colour[r["policy"]])
             ax.annotate(f"worst {r['worst']:.2f}", (100 * r["kept"], r["recall"]), fontsize=7)
         for t in TARGETS:
             ax.scatter(100 * at[0][f"tile@{t}"], t, marker="s", color="black")
