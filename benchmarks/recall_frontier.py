@@ -44,6 +44,11 @@ largest logits in the tile (no probabilities), a vertical line when 3 of 4 odd r
 is among the even rows' top keys. ``kept`` counts a column as 64 pairs;
 ``columns`` is the share of kept pairs held in gathered columns (a kernel computes those at a
 lower rate than whole tiles).
+
+A tile score without logits (``measure_bound``): ``qb:R,S[,G]``, block-mass's selection (the "max"
+score, no neighbours) with each sampled row's largest logit in a tile replaced by Quest's upper
+bound from the per-dimension key minima and maxima of sub-tiles of G keys (64 by default);
+``xm:R,S``, the same code from the exact largest logits (equal to ``max:R,S``).
 """
 
 from __future__ import annotations
@@ -244,6 +249,57 @@ def measure_columns(q, k, spec: str, blocks, scale) -> dict:
             "columns": (gathered / pairs).tolist()}
 
 
+def measure_bound(q, k, spec: str, blocks, scale) -> dict:
+    """``qb:R,S,G``: block-mass's selection (recall R of the "max" score, S sampled rows per block)
+    with each row's largest logit in a tile replaced by an upper bound that needs no logit (Quest's
+    bound for decode): the key tile split into sub-tiles of G keys, each kept as its keys'
+    per-dimension minimum and maximum, ``bound(q) = sum_d max(q_d * min_d, q_d * max_d)`` >= every
+    ``q . k`` of the sub-tile, the tile's bound the largest of its sub-tiles'. Costs ``2 * 64 / G``
+    multiply-adds per row and tile instead of 64 per dimension. ``xm:R,S``: the same selection from
+    the exact largest logits (the control: the default's score without the neighbours)."""
+    from mcompile.kernels.block_mass import sample_offsets, select_tiles
+
+    kind, _, args = spec.partition(":")
+    values = [float(x) for x in args.split(",")]
+    target, samples = values[0], int(values[1]) if len(values) > 1 else 8
+    sub = int(values[2]) if kind == "qb" and len(values) > 2 else BLOCK
+    n, h, group = k.shape[2], q.shape[1], q.shape[1] // k.shape[1]
+    nb = (n + BLOCK - 1) // BLOCK
+    offs = sample_offsets(samples, q.device)
+    if kind == "qb":
+        kt = torch.nn.functional.pad(k[0].float(), (0, 0, 0, nb * BLOCK - n))  # (Hk, NB*64, D)
+        valid = (torch.arange(nb * BLOCK, device=q.device) < n).view(-1, sub)  # (NS, G)
+        kt = kt.view(kt.shape[0], -1, sub, kt.shape[-1])
+        kmax = kt.masked_fill(~valid[None, :, :, None], float("-inf")).amax(2).repeat_interleave(group, 0)
+        kmin = kt.masked_fill(~valid[None, :, :, None], float("inf")).amin(2).repeat_interleave(group, 0)
+        empty = ~valid.any(-1)  # sub-tiles wholly past N
+        kmax, kmin = kmax.masked_fill(empty[None, :, None], 0.0), kmin.masked_fill(empty[None, :, None], 0.0)
+    recall, pairs, causal = torch.zeros(h), torch.zeros(h, dtype=torch.float64), 0.0
+    for m in blocks:
+        rows = (m * BLOCK + offs).clamp(max=n - 1)
+        if kind == "qb":
+            qr = q[0, :, rows].float()  # (H, S, D)
+            bound = (qr.clamp(min=0) @ kmax.transpose(-1, -2) + qr.clamp(max=0) @ kmin.transpose(-1, -2)) * scale
+            bound = bound.masked_fill(empty[None, None], float("-inf"))
+            top = bound.view(h, samples, nb, BLOCK // sub).amax(-1)  # (H, S, NB)
+        else:
+            s = _tile_logits(q, k, m, scale, offs)  # (H, S, NB, 64)
+            keys = torch.arange(nb * BLOCK, device=q.device).view(nb, BLOCK)
+            s = s.masked_fill(keys[None, None] > rows[None, :, None, None], float("-inf"))
+            top = s.amax(-1)
+        top = top[..., :m + 1]  # the block's causal tiles
+        est = torch.softmax(top, -1).mean(1)  # (H, m + 1)
+        kept_t, count_t, _ = select_tiles(est[None, :, None], torch.full((h,), target, device=q.device), m, m + 1)
+        ids = kept_t[0, :, 0].long()
+        ids = torch.where(torch.arange(ids.shape[1], device=q.device) < count_t[0, :, :1], ids, nb)
+        chosen = torch.zeros(h, nb + 1, dtype=torch.bool, device=q.device).scatter_(1, ids, True)[:, :nb]
+        p = torch.nn.functional.pad(exact_rows(q, k, m, scale), (0, nb * BLOCK - n))  # (H, 64, NB*64)
+        recall += (p * chosen.repeat_interleave(BLOCK, -1)[:, None]).sum(-1).mean(-1).cpu()
+        pairs += (chosen.sum(-1).double().cpu() - 1) * BLOCK * BLOCK + BLOCK * (BLOCK + 1) / 2
+        causal += BLOCK * m * BLOCK + BLOCK * (BLOCK + 1) / 2
+    return {"recall": (recall / len(blocks)).tolist(), "kept": (pairs / causal).tolist()}
+
+
 def _tile_logits(q, k, m, scale, offs) -> torch.Tensor:
     """(H, S, NB, 64) logits of query block m's sampled rows against every key tile (-inf past N)."""
     n, h, group = k.shape[2], q.shape[1], q.shape[1] // k.shape[1]
@@ -313,6 +369,8 @@ def measure_policy(q, k, v, spec: str, blocks, scale, timed: bool):
         return measure_minference(q, k, v, spec, blocks, scale, timed)
     if spec.startswith(("cols:", "prune:", "cv:", "cvt:", "cva:")):
         return measure_columns(q, k, spec, blocks, scale)
+    if spec.startswith(("qb:", "xm:")):
+        return measure_bound(q, k, spec, blocks, scale)
     n, h = k.shape[2], q.shape[1]
     pattern = policy(spec, n)
     kinds, p0, p1 = encode([pattern] * h)

@@ -4,7 +4,7 @@ attention whose shape is known: a vertical line is kept as one column, a slash a
 import pytest
 import torch
 
-from benchmarks.recall_frontier import measure_columns, oracles
+from benchmarks.recall_frontier import measure_bound, measure_columns, measure_policy, oracles
 
 N = 512  # 8 blocks of 64; one-hot q/k make each row attend (almost) only to its target key
 BLOCK_M = 7  # the query block measured: rows 448..511
@@ -58,3 +58,19 @@ def test_column_oracle_between_the_tile_and_key_oracles():
         assert o[f"col@{t}"][0] == pytest.approx(64 / CAUSAL)  # the vertical: one column
         assert o[f"col@{t}"][1] > 32 * 64 / CAUSAL  # the slash: a column per row
 
+
+
+def test_bound_score_and_its_control():
+    """``xm`` (block-mass's selection from the exact largest logits, no neighbours) keeps what the
+    package's own index of ``max:R,S`` keeps; ``qb`` (Quest's per-dimension bound in place of the
+    largest logit) keeps the same here, where each tile's bound is its one key's logit: the sink,
+    diagonal and previous tiles and the target's tiles (the vertical's tile 1; the slash's 3 and 4)."""
+    q, k = _heads()
+    exact = measure_bound(q, k, "xm:0.99,8", [BLOCK_M], 1.0)
+    package = measure_policy(q, k, None, "max:0.99,8", [BLOCK_M], 1.0, False)
+    assert exact["kept"] == pytest.approx(package["kept"]) and exact["recall"] == pytest.approx(package["recall"])
+    for spec in ("qb:0.99,8", "qb:0.99,8,16"):
+        bound = measure_bound(q, k, spec, [BLOCK_M], 1.0)
+        assert bound["kept"] == pytest.approx(exact["kept"]) and min(bound["recall"]) > 0.99
+    assert exact["kept"][0] == pytest.approx((3 * 4096 + 2080) / CAUSAL)
+    assert exact["kept"][1] == pytest.approx((4 * 4096 + 2080) / CAUSAL)
