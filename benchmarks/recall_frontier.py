@@ -41,7 +41,8 @@ rule local to the tile (each sampled row's softmax over the tile's 64 keys alone
 fewest keys holding 1 - D of it, the split-half test on those averages), which needs no
 block-wide threshold; ``cva:R,S,K``: the same tiles cut to the union of each sampled row's K
 largest logits in the tile (no probabilities), a vertical line when 3 of 4 odd rows' largest key
-is among the even rows' top keys. ``kept`` counts a column as 64 pairs;
+is among the even rows' top keys. A fourth value 1 (``cvt:R,S,D,1``) takes the tiles with the
+neighbouring blocks' estimates shared, as the default's are. ``kept`` counts a column as 64 pairs;
 ``columns`` is the share of kept pairs held in gathered columns (a kernel computes those at a
 lower rate than whole tiles).
 
@@ -189,6 +190,7 @@ def measure_columns(q, k, spec: str, blocks, scale) -> dict:
     values = [float(x) for x in args.split(",")]
     target, samples = values[0], int(values[1]) if len(values) > 1 else 8
     drop = values[2] if kind in ("prune", "cv", "cvt", "cva") else 0.0
+    neighbours = kind in ("cv", "cvt", "cva") and len(values) > 3 and bool(values[3])
     n, h = k.shape[2], q.shape[1]
     nb = (n + BLOCK - 1) // BLOCK
     offs = sample_offsets(samples, q.device)
@@ -208,10 +210,15 @@ def measure_columns(q, k, spec: str, blocks, scale) -> dict:
         else:
             # block-mass's own tiles for this block: its estimate of block m alone (a 64-row chunk
             # after m blocks of keys), then its selection
-            end = min((m + 1) * BLOCK, n)
-            te = tile_mass(q[:, :, m * BLOCK:end], k[:, :, :end], None, scale, torch.arange(h, device=q.device),
+            # (``neighbours``: blocks m - 1 and m + 1 estimated too, and block m's estimate shared
+            # with theirs as the default's is)
+            first = m - 1 if neighbours else m
+            end = min((m + 2 if neighbours else m + 1) * BLOCK, n)
+            te = tile_mass(q[:, :, first * BLOCK:end], k[:, :, :end], None, scale, torch.arange(h, device=q.device),
                            samples, "max" if kind in ("cv", "cvt", "cva") else "mass")
-            kept_t, count_t, _ = select_tiles(te, torch.full((h,), target, device=q.device), m, m + 1)
+            kept_t, count_t, _ = select_tiles(te, torch.full((h,), target, device=q.device), first, te.shape[-1],
+                                              shared=torch.full((h,), neighbours, device=q.device))
+            kept_t, count_t = kept_t[:, :, m - first:, :m + 1], count_t[:, :, m - first:]
             ids = kept_t[0, :, 0].long()  # (H, m + 1) ascending, SENTINEL-padded past the count
             ids = torch.where(torch.arange(ids.shape[1], device=q.device) < count_t[0, :, :1], ids, nb)
             chosen = torch.zeros(h, nb + 1, dtype=torch.bool, device=q.device).scatter_(1, ids, True)[:, :nb]

@@ -74,3 +74,14 @@ def test_bound_score_and_its_control():
         assert bound["kept"] == pytest.approx(exact["kept"]) and min(bound["recall"]) > 0.99
     assert exact["kept"][0] == pytest.approx((3 * 4096 + 2080) / CAUSAL)
     assert exact["kept"][1] == pytest.approx((4 * 4096 + 2080) / CAUSAL)
+
+
+def test_cut_from_tiles_shared_with_the_neighbours():
+    """``cvt:R,S,D,1`` takes block-mass's tiles with the neighbouring blocks' estimates shared (as the
+    default's are): never fewer tiles than without, every target kept; the vertical still a column."""
+    q, k = _heads()
+    alone = measure_columns(q, k, "cvt:0.99,8,0.05", [BLOCK_M], 1.0)
+    shared = measure_columns(q, k, "cvt:0.99,8,0.05,1", [BLOCK_M], 1.0)
+    assert min(shared["recall"]) > 0.99
+    assert shared["kept"][0] == pytest.approx(alone["kept"][0]) and shared["columns"][0] > 0.0
+    assert shared["kept"][1] >= alone["kept"][1]
