@@ -64,6 +64,7 @@ from mcompile.tools.capture import attention_recall, capture_qkv
 from mcompile.config import MInferenceConfig
 from mcompile.tools.data import haystack
 from mcompile.index import BLOCK, SparseIndex, block_mask_rows
+from mcompile.kernels.block_mass import select_tiles
 from mcompile.kernels.estimate import estimate_index_ref
 from mcompile.tools.models import load_smollm2
 from mcompile.patterns import DEFAULT_BUDGET_EXPONENT, DEFAULT_BUDGET_LENGTH, DEFAULT_VERTICAL_SLASH, Pattern, encode, \
@@ -184,7 +185,7 @@ def measure_columns(q, k, spec: str, blocks, scale) -> dict:
     """Recall and kept share of a selection below the tile (module docstring: ``cols:``, ``prune:``,
     ``cv:``): tiles from block-mass's own estimate and selection, keys from the exact softmax of the
     same sampled rows of each block."""
-    from mcompile.kernels.block_mass import LOCAL_TILES, sample_offsets, select_tiles, tile_mass
+    from mcompile.kernels.block_mass import LOCAL_TILES, sample_offsets, tile_mass
 
     kind, _, args = spec.partition(":")
     values = [float(x) for x in args.split(",")]
@@ -216,13 +217,7 @@ def measure_columns(q, k, spec: str, blocks, scale) -> dict:
             end = min((m + 2 if neighbours else m + 1) * BLOCK, n)
             te = tile_mass(q[:, :, first * BLOCK:end], k[:, :, :end], None, scale, torch.arange(h, device=q.device),
                            samples, "max" if kind in ("cv", "cvt", "cva") else "mass")
-            kept_t, count_t, _ = select_tiles(te, torch.full((h,), target, device=q.device), first, te.shape[-1],
-                                              shared=torch.full((h,), neighbours, device=q.device))
-            kept_t, count_t = kept_t[:, :, m - first:, :m + 1], count_t[:, :, m - first:]
-            ids = kept_t[0, :, 0].long()  # (H, m + 1) ascending, SENTINEL-padded past the count
-            ids = torch.where(torch.arange(ids.shape[1], device=q.device) < count_t[0, :, :1], ids, nb)
-            chosen = torch.zeros(h, nb + 1, dtype=torch.bool, device=q.device).scatter_(1, ids, True)[:, :nb]
-            chosen &= ~forced_t[None]
+            chosen = _selected_tiles(te, target, first, m, nb, neighbours) & ~forced_t[None]
             cand = chosen.repeat_interleave(BLOCK, -1)
             if kind in ("cvt", "cva"):  # cut tile by tile, from the sampled rows' logits within each tile
                 keep = torch.zeros_like(cand)
@@ -264,7 +259,7 @@ def measure_bound(q, k, spec: str, blocks, scale) -> dict:
     ``q . k`` of the sub-tile, the tile's bound the largest of its sub-tiles'. Costs ``2 * 64 / G``
     multiply-adds per row and tile instead of 64 per dimension. ``xm:R,S``: the same selection from
     the exact largest logits (the control: the default's score without the neighbours)."""
-    from mcompile.kernels.block_mass import sample_offsets, select_tiles
+    from mcompile.kernels.block_mass import sample_offsets, tile_mass
 
     kind, _, args = spec.partition(":")
     values = [float(x) for x in args.split(",")]
@@ -283,28 +278,34 @@ def measure_bound(q, k, spec: str, blocks, scale) -> dict:
         kmax, kmin = kmax.masked_fill(empty[None, :, None], 0.0), kmin.masked_fill(empty[None, :, None], 0.0)
     recall, pairs, causal = torch.zeros(h), torch.zeros(h, dtype=torch.float64), 0.0
     for m in blocks:
-        rows = (m * BLOCK + offs).clamp(max=n - 1)
+        end = min((m + 1) * BLOCK, n)
         if kind == "qb":
-            qr = q[0, :, rows].float()  # (H, S, D)
+            qr = q[0, :, (m * BLOCK + offs).clamp(max=n - 1)].float()  # (H, S, D)
             bound = (qr.clamp(min=0) @ kmax.transpose(-1, -2) + qr.clamp(max=0) @ kmin.transpose(-1, -2)) * scale
             bound = bound.masked_fill(empty[None, None], float("-inf"))
-            top = bound.view(h, samples, nb, BLOCK // sub).amax(-1)  # (H, S, NB)
-        else:
-            s = _tile_logits(q, k, m, scale, offs)  # (H, S, NB, 64)
-            keys = torch.arange(nb * BLOCK, device=q.device).view(nb, BLOCK)
-            s = s.masked_fill(keys[None, None] > rows[None, :, None, None], float("-inf"))
-            top = s.amax(-1)
-        top = top[..., :m + 1]  # the block's causal tiles
-        est = torch.softmax(top, -1).mean(1)  # (H, m + 1)
-        kept_t, count_t, _ = select_tiles(est[None, :, None], torch.full((h,), target, device=q.device), m, m + 1)
-        ids = kept_t[0, :, 0].long()
-        ids = torch.where(torch.arange(ids.shape[1], device=q.device) < count_t[0, :, :1], ids, nb)
-        chosen = torch.zeros(h, nb + 1, dtype=torch.bool, device=q.device).scatter_(1, ids, True)[:, :nb]
+            top = bound.view(h, samples, nb, BLOCK // sub).amax(-1)[..., :m + 1]  # (H, S, m + 1): causal tiles
+            est = torch.softmax(top, -1).mean(1)[None, :, None]  # (1, H, 1, m + 1), as tile_mass's
+        else:  # the package's own "max" score of block m
+            est = tile_mass(q[:, :, m * BLOCK:end], k[:, :, :end], None, scale, torch.arange(h, device=q.device),
+                            samples, "max")
+        chosen = _selected_tiles(est, target, m, m, nb, False)
         p = torch.nn.functional.pad(exact_rows(q, k, m, scale), (0, nb * BLOCK - n))  # (H, 64, NB*64)
         recall += (p * chosen.repeat_interleave(BLOCK, -1)[:, None]).sum(-1).mean(-1).cpu()
         pairs += (chosen.sum(-1).double().cpu() - 1) * BLOCK * BLOCK + BLOCK * (BLOCK + 1) / 2
         causal += BLOCK * m * BLOCK + BLOCK * (BLOCK + 1) / 2
     return {"recall": (recall / len(blocks)).tolist(), "kept": (pairs / causal).tolist()}
+
+
+def _selected_tiles(est: torch.Tensor, target: float, first: int, m: int, nb: int, shared: bool) -> torch.Tensor:
+    """(H, NB) bool: the tiles block-mass's selection keeps for query block m at recall ``target``
+    from ``est`` (1, H, M, T), tile estimates of blocks ``first``.. (``block_mass.tile_mass``'s
+    layout), each block's first shared with its neighbours' when ``shared``."""
+    h, dev = est.shape[1], est.device
+    kept, count, _ = select_tiles(est, torch.full((h,), target, device=dev), first, est.shape[-1],
+                                  shared=torch.full((h,), shared, device=dev))
+    ids = kept[0, :, m - first, :m + 1].long()  # (H, m + 1) ascending, SENTINEL-padded past the count
+    ids = torch.where(torch.arange(m + 1, device=dev) < count[0, :, m - first, None], ids, nb)
+    return torch.zeros(h, nb + 1, dtype=torch.bool, device=dev).scatter_(1, ids, True)[:, :nb]
 
 
 def _tile_logits(q, k, m, scale, offs) -> torch.Tensor:
