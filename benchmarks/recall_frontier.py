@@ -296,48 +296,6 @@ def measure_bound(q, k, spec: str, blocks, scale) -> dict:
     return {"recall": (recall / len(blocks)).tolist(), "kept": (pairs / causal).tolist()}
 
 
-def measure_halves(q, k, spec: str, blocks, scale) -> dict:
-    """Selections that use the disagreement between the two halves of the sampled rows (rows
-    0, 2, 4, .. and 1, 3, 5, .. of ``sample_offsets``; each half's estimate from the "max" score):
-    ``hu:R,S[,N]`` keeps the union of the tiles chosen at recall R from all S rows, from the even
-    half and from the odd half; ``hm:R,S[,N]`` chooses at recall R from the tile-wise larger of the
-    two halves' estimates (a tile either half looks at counts fully). N = 1: each block's estimates
-    shared with its neighbours' as the default's are. Where the halves agree both equal block-mass's
-    own selection; where they disagree (the unsampled rows likely look elsewhere too) they add tiles."""
-    from mcompile.kernels.block_mass import tile_mass
-
-    kind, _, args = spec.partition(":")
-    values = [float(x) for x in args.split(",")]
-    target, samples = values[0], int(values[1]) if len(values) > 1 else 8
-    neighbours = len(values) > 2 and bool(values[2])
-    if samples % 2:
-        raise ValueError(f"{spec}: an even number of sampled rows is needed")
-    n, h = k.shape[2], q.shape[1]
-    nb = (n + BLOCK - 1) // BLOCK
-    heads = torch.arange(h, device=q.device)
-    recall, pairs, causal = torch.zeros(h), torch.zeros(h, dtype=torch.float64), 0.0
-    for m in blocks:
-        first = m - 1 if neighbours and m > 0 else m
-        end = min((m + 2 if neighbours else m + 1) * BLOCK, n)
-        qc, kc = q[:, :, first * BLOCK:end], k[:, :, :end]
-        every = tile_mass(qc, kc, None, scale, heads, samples, "max")
-        even = tile_mass(qc, kc, None, scale, heads, samples // 2, "max")  # sample_offsets(S/2): the even rows
-        odd = 2 * every - even
-        if kind == "hu":
-            chosen = (_selected_tiles(every, target, first, m, nb, neighbours)
-                      | _selected_tiles(even, target, first, m, nb, neighbours)
-                      | _selected_tiles(odd, target, first, m, nb, neighbours))
-        else:
-            both = torch.maximum(even, odd)
-            chosen = _selected_tiles(both / both.sum(-1, keepdim=True).clamp(min=1e-30), target, first, m, nb,
-                                     neighbours)
-        p = torch.nn.functional.pad(exact_rows(q, k, m, scale), (0, nb * BLOCK - n))  # (H, 64, NB*64)
-        recall += (p * chosen.repeat_interleave(BLOCK, -1)[:, None]).sum(-1).mean(-1).cpu()
-        pairs += (chosen.sum(-1).double().cpu() - 1) * BLOCK * BLOCK + BLOCK * (BLOCK + 1) / 2
-        causal += BLOCK * m * BLOCK + BLOCK * (BLOCK + 1) / 2
-    return {"recall": (recall / len(blocks)).tolist(), "kept": (pairs / causal).tolist()}
-
-
 def _selected_tiles(est: torch.Tensor, target: float, first: int, m: int, nb: int, shared: bool) -> torch.Tensor:
     """(H, NB) bool: the tiles block-mass's selection keeps for query block m at recall ``target``
     from ``est`` (1, H, M, T), tile estimates of blocks ``first``.. (``block_mass.tile_mass``'s
@@ -421,8 +379,6 @@ def measure_policy(q, k, v, spec: str, blocks, scale, timed: bool):
         return measure_columns(q, k, spec, blocks, scale)
     if spec.startswith(("qb:", "xm:")):
         return measure_bound(q, k, spec, blocks, scale)
-    if spec.startswith(("hu:", "hm:")):
-        return measure_halves(q, k, spec, blocks, scale)
     n, h = k.shape[2], q.shape[1]
     pattern = policy(spec, n)
     kinds, p0, p1 = encode([pattern] * h)
