@@ -34,9 +34,10 @@ Cases (--cases):
   vs         vertical-slash 1000/6096 (MInference's default budgets, the package's default
              until 2026-12-06) on the model's Q/K; on the random model the degenerate case (no
              structure: diagonals scatter, nearly every tile is computed).
-  default    minference with its default options (patterns.DEFAULT_BLOCK_MASS; block-mass, recall 0.98
+  default    minference with its default options (patterns.DEFAULT_BLOCK_MASS; block-mass, recall 0.985
              of the max tile score, 8 rows per block shared with the neighbouring blocks, since
-             2026-12-07; 0.99 without the neighbours from 2026-12-06 evening; 0.98 of the mass before).
+             2026-12-07 afternoon; 0.98 of it that morning; 0.99 without the neighbours from
+             2026-12-06 evening; 0.98 of the mass before).
 All minference cases keep the default dense_below (mcompile.config.DEFAULT_DENSE_BELOW): shorter prompts run dense.
 
 --structured (llama8b): every attention takes benchmarks/kernels.py's clustered Q/K (sinks, vertical

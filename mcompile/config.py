@@ -57,7 +57,7 @@ class MInferenceConfig:
         "auto" (the shipped database whose model fingerprint matches the graph, else the
         default pattern), or None (the default pattern for every head).
     default_pattern: the pattern of heads the database does not cover: by default
-        ``{"kind": "block_mass", "recall": 0.98, "samples": 8, "score": "max", "neighbours": 1}``
+        ``{"kind": "block_mass", "recall": 0.985, "samples": 8, "score": "max", "neighbours": 1}``
         (budgets from the input, per head and query block); others, e.g.
         ``{"kind": "vertical_slash", "vertical": 1000, "slash": 6096}``, ``{"kind": "a_shape",
         "sink": 128, "local": 4096}``, ``{"kind": "block_sparse", "blocks": 100}``, ``{"kind": "dense"}``.

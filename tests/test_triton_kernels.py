@@ -737,3 +737,11 @@ def test_estimate_dispatch_names_the_head_dim_it_cannot_run(monkeypatch):
     assert dispatch.estimate_impl(wide) is estimate_index_ref
     assert dispatch.estimate_reason(usual) is None
     assert dispatch.estimate_impl(usual) is est_triton.estimate_index_triton
+
+
+def test_kernel_walk_probe_variants_equal_masked_dense():
+    """benchmarks/kernel_walk_probe.py's tile walks (64-row programs, 128-row programs over the
+    union of two blocks' tiles, exp2 by polynomial) against dense attention over the same mask."""
+    from benchmarks import kernel_walk_probe
+
+    kernel_walk_probe.main(["256"])  # asserts each variant's error against the reference

@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--depth", type=float, default=0.5, help="needle depth in 0..1 (default 0.5)")
     p.add_argument("--pattern", type=pattern_arg, default=None,
                    help="one pattern for every head, e.g. block_mass:0.95 or vertical_slash:128,256 "
-                        "(default: the default pattern, block_mass:0.98,8,max,1)")
+                        "(default: the default pattern, block_mass:0.985,8,max,1)")
     p.add_argument("--dense-below", type=int, default=0, help="dense below this length (default 0: always sparse)")
     p.add_argument("--compiler", default="auto", choices=["auto", "inductor", "aot_eager", "eager"],
                    help="what runs the graphs (auto: inductor on GPU, eager on CPU)")

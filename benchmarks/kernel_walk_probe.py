@@ -1,0 +1,321 @@
+"""The package's sparse kernel against a minimal block-sparse tile walk on the same blocks-only
+index at real-head density (16% of the causal pairs, SmolLM2's 9 query / 3 KV heads, head dim 64,
+bf16), with the walk's variants: 128-row programs over the union of two blocks' tiles (rows masked
+to their own block's tiles), and exp2 by a polynomial on the FMA units (all, or every other column).
+Findings: docs/BENCHMARKS.md, "2026-12-07 (afternoon)". GPU only; on the CPU (TRITON_INTERPRET=1,
+N = 512) it checks every variant against a masked dense reference.
+
+    python -m benchmarks.kernel_walk_probe 131072 out.json   # with each kernel's registers and spills
+    python -m benchmarks.kernel_walk_probe --registers       # no GPU: both compiled for sm_90, ptxas -v
+
+``--registers`` compiles the walk and the package's kernel (blocks-only index, head dim 64, bf16,
+its fixed launch configuration) for sm_90 on any machine with Triton's bundled ptxas, and prints
+registers and spills per thread: at 4 warps, 128 registers let 4 programs share an SM, 168 or
+more only 2.
+"""
+import json, os, sys, time
+import torch, triton, triton.language as tl
+
+
+@triton.jit
+def _poly_exp2(x):
+    x = tl.maximum(x, -127.0)
+    xi = tl.floor(x)
+    f = x - xi
+    pf = 1.0 + f * (0.695146143436431884765625 + f * (0.227564394474029541015625 + f * 0.077119089663028717041015625))
+    return (pf.to(tl.int32, bitcast=True) + (xi.to(tl.int32) << 23)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _bs(Q, K, V, O, T, C, F, N, H, GROUP, MAXT, scale,
+        D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, UNION: tl.constexpr, POLY: tl.constexpr):
+    m = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    h = bh % H
+    b = bh // H
+    hk = h // GROUP
+    rows = m * BM + tl.arange(0, BM)
+    od = tl.arange(0, D)
+    q = tl.load(Q + ((b * H + h) * N + rows)[:, None].to(tl.int64) * D + od[None, :])
+    kb = K + (b * (H // GROUP) + hk).to(tl.int64) * N * D
+    vb = V + (b * (H // GROUP) + hk).to(tl.int64) * N * D
+    acc = tl.zeros([BM, D], tl.float32)
+    l = tl.zeros([BM], tl.float32)
+    mi = tl.full([BM], -1e30, tl.float32)
+    base = (bh * tl.num_programs(0) + m).to(tl.int64) * MAXT
+    cnt = tl.load(C + bh * tl.num_programs(0) + m)
+    first_row = m * BM
+    half = tl.arange(0, BM) >= BN  # second 64-row block of a 128-row program
+    for i in range(0, cnt):
+        t = tl.load(T + base + i)
+        keys = t * BN + tl.arange(0, BN)
+        k = tl.load(kb + keys[:, None].to(tl.int64) * D + od[None, :])
+        v = tl.load(vb + keys[:, None].to(tl.int64) * D + od[None, :])
+        qk = tl.dot(q, tl.trans(k))
+        if UNION:
+            f = tl.load(F + base + i)  # bit 0: first block chose it, bit 1: second
+            own = tl.where(half, (f & 2) != 0, (f & 1) != 0)
+            qk = tl.where(own[:, None] & (keys[None, :] <= rows[:, None]), qk, -float("inf"))
+        else:
+            if t * BN + BN - 1 > first_row:
+                qk = tl.where(keys[None, :] <= rows[:, None], qk, -float("inf"))
+        mn = tl.maximum(mi, tl.max(qk, 1) * scale)
+        a = tl.math.exp2(mi - mn)
+        x = qk * scale - mn[:, None]
+        if POLY == 1:  # exp2 on the FMA units: 2^floor(x) * (degree-3 minimax of 2^f on [0, 1))
+            p = _poly_exp2(x)
+        elif POLY == 2:  # half the columns on the FMA units, half on MUFU
+            xa, xb = tl.split(tl.reshape(x, (BM, BN // 2, 2)))
+            p = tl.reshape(tl.join(tl.math.exp2(xa), _poly_exp2(xb)), (BM, BN))
+        else:
+            p = tl.math.exp2(x)
+        l = l * a + tl.sum(p, 1)
+        acc = acc * a[:, None] + tl.dot(p.to(v.dtype), v)
+        mi = mn
+    out = acc / tl.where(l == 0, 1.0, l)[:, None]
+    tl.store(O + ((b * H + h) * N + rows)[:, None].to(tl.int64) * D + od[None, :], out.to(O.dtype.element_ty))
+
+
+def make_index(B, H, N, density, p, gen, device):
+    import random
+    rng = random.Random(0)
+    nb = N // 64
+    tiles, counts = [], []
+    per_bh = []
+    for bh in range(B * H):
+        blocks = []
+        for pair in range(nb // 2):
+            m0 = 2 * pair
+            k = max(2, int(density * (m0 + 1)))
+            cand = rng.sample(range(m0 + 1), min(k, m0 + 1))
+            base = set(cand) | {0, m0}
+            for m in (m0, m0 + 1):
+                s = set(x for x in base if rng.random() > p or x in (0,))
+                fresh = [rng.randrange(m + 1) for _ in range(len(base) - len(s))]
+                s |= set(fresh) | {m, max(m - 1, 0), 0}
+                blocks.append(sorted(s))
+        per_bh.append(blocks)
+    return per_bh
+
+
+def pack(per_bh, union):
+    BH = len(per_bh)
+    nb = len(per_bh[0])
+    if union:
+        lists, flags = [], []
+        for blocks in per_bh:
+            for pair in range(nb // 2):
+                a, b = set(blocks[2 * pair]), set(blocks[2 * pair + 1])
+                u = sorted(a | b)
+                lists.append(u)
+                flags.append([(1 if x in a else 0) | (2 if x in b else 0) for x in u])
+    else:
+        lists = [l for blocks in per_bh for l in blocks]
+        flags = [[3] * len(l) for l in lists]
+    maxt = max(len(l) for l in lists)
+    T = torch.zeros(len(lists), maxt, dtype=torch.int32)
+    F = torch.zeros(len(lists), maxt, dtype=torch.int32)
+    C = torch.zeros(len(lists), dtype=torch.int32)
+    for i, (l, f) in enumerate(zip(lists, flags)):
+        T[i, :len(l)] = torch.tensor(l, dtype=torch.int32)
+        F[i, :len(f)] = torch.tensor(f, dtype=torch.int32)
+        C[i] = len(l)
+    return T, F, C, maxt, sum(len(l) for l in lists)
+
+
+def ref(q, k, v, per_bh, H, G):
+    B, _, N, D = q.shape
+    mask = torch.zeros(B * H, N, N, dtype=torch.bool)
+    for bh, blocks in enumerate(per_bh):
+        for m, l in enumerate(blocks):
+            for t in l:
+                mask[bh, m * 64:(m + 1) * 64, t * 64:(t + 1) * 64] = True
+    mask &= torch.ones(N, N, dtype=torch.bool).tril()
+    mask = mask.view(B, H, N, N)
+    kk = k.repeat_interleave(G, 1).float()
+    vv = v.repeat_interleave(G, 1).float()
+    s = (q.float() @ kk.transpose(-1, -2)) / 8.0
+    s = s.masked_fill(~mask, float("-inf"))
+    return torch.softmax(s, -1) @ vv
+
+
+def run(q, k, v, T, F, C, maxt, bm, union, warps, stages, H, G, poly=False):
+    B, _, N, D = q.shape
+    o = torch.empty_like(q)
+    grid = (N // bm, B * H)
+    run.kernel = _bs[grid](q, k, v, o, T, C, F, N, H, G, maxt, 1.4426950408889634 / 8.0,
+                           D=D, BM=bm, BN=64, UNION=union, POLY=poly, num_warps=warps, num_stages=stages)
+    return o
+
+
+def main(argv=None):
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    argv = sys.argv[1:] if argv is None else argv
+    N = int(argv[0]) if argv else 512
+    out = argv[1] if len(argv) > 1 else None
+    B, H, Hk, D = 1, 9, 3, 64
+    G = H // Hk
+    gen = torch.Generator().manual_seed(0)
+    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    q = torch.randn(B, H, N, D, generator=gen).to(dev, dt)
+    k = torch.randn(B, Hk, N, D, generator=gen).to(dev, dt)
+    v = torch.randn(B, Hk, N, D, generator=gen).to(dev, dt)
+    t0 = time.time()
+    per_bh = make_index(B, H, N, 0.16, 0.069, gen, dev)
+    T64, F64, C64, mt64, n64 = pack(per_bh, False)
+    T128, F128, C128, mt128, n128 = pack(per_bh, True)
+    print(f"index {time.time()-t0:.1f}s products 64:{n64 * 64} 128:{n128 * 128} ratio {n128 * 2 / n64:.3f}", flush=True)
+    T64, F64, C64, T128, F128, C128 = (x.to(dev) for x in (T64, F64, C64, T128, F128, C128))
+    if dev == "cpu":
+        r = ref(q, k, v, per_bh, H, G)
+        for bm, un, T, F, C, mt in ((64, False, T64, F64, C64, mt64), (128, True, T128, F128, C128, mt128)):
+            for poly in (0, 1, 2):
+                o = run(q, k, v, T, F, C, mt, bm, un, 4, 2, H, G, poly)
+                err = (o.float() - r).abs().max().item()
+                print(bm, poly, err)
+                assert err < (1e-5 if poly == 0 else 1e-3), (bm, poly, err)  # the polynomial: ~1e-4 relative
+        return
+    res = {"N": N, "products_ratio": n128 * 2 / n64, "rows": []}
+    from torch.nn.attention import sdpa_kernel, SDPBackend
+    kr, vr = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    def cud():
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return torch.nn.functional.scaled_dot_product_attention(q, kr, vr, is_causal=True)
+    ms = triton.testing.do_bench(cud, warmup=5, rep=30)
+    res["cudnn_ms"] = ms
+    print(f"sdpa causal {ms:.3f} ms", flush=True)
+    base = None
+    for bm, un, T, F, C, mt, cfgs in ((64, False, T64, F64, C64, mt64, ((4, 3, 0), (4, 2, 0), (4, 3, 1), (4, 3, 2))),
+                                      (128, True, T128, F128, C128, mt128, ((8, 2, 0), (8, 3, 0), (4, 3, 0), (8, 3, 1), (8, 3, 2)))):
+        for w, s, poly in cfgs:
+            try:
+                fn = lambda: run(q, k, v, T, F, C, mt, bm, un, w, s, H, G, poly)
+                o = fn()
+                if base is None:
+                    base = o
+                err = (o.float() - base.float()).abs().max().item()
+                ms = triton.testing.do_bench(fn, warmup=5, rep=30)
+            except Exception as e:
+                print(bm, w, s, "failed", str(e)[:200]); continue
+            row = {"block_m": bm, "warps": w, "stages": s, "poly_exp2": poly, "ms": ms, "err_vs_64": err,
+                   "vs_cudnn": res["cudnn_ms"] / ms, "n_regs": getattr(run.kernel, "n_regs", None),
+                   "n_spills": getattr(run.kernel, "n_spills", None)}
+            res["rows"].append(row)
+            print(row, flush=True)
+    # The package's kernel on the same 64-row index (blocks only: no runs, no columns).
+    try:
+        from mcompile.index import SENTINEL, SparseIndex, index_rows
+        from mcompile.kernels import sparse_attention_triton as tri
+        nb = N // 64
+        i32 = dict(dtype=torch.int32, device=dev)
+        blocks = torch.full((B, H, index_rows(N), mt64), SENTINEL, **i32)
+        cnt = torch.zeros(B, H, index_rows(N), **i32)
+        ar = torch.arange(mt64, device=dev)
+        blocks[:, :, :nb] = torch.where(ar < C64.view(B, H, nb)[..., None], T64.view(B, H, nb, mt64), SENTINEL)
+        cnt[:, :, :nb] = C64.view(B, H, nb)
+        idx = SparseIndex(torch.full((B, H, 1, 2), SENTINEL, **i32), torch.zeros(B, H, **i32),
+                          torch.zeros(B, H, N + 1, **i32), torch.full((B, H, 0), SENTINEL, **i32),
+                          torch.zeros(B, H, index_rows(N), **i32), blocks, cnt)
+
+        for maxnreg in (None, 128):  # the package's launch as it is, and capped at the walk's registers
+            extra = {} if maxnreg is None else {"maxnreg": maxnreg}
+
+            def launch():
+                o = torch.empty_like(q)
+                grid, args, meta = tri.launch_args(q, k, v, o, idx, 0.125, None, 0)
+                return o, tri._sparse_attention_kernel[grid](*args, **meta, **tri.fixed_config(D, D, q.dtype, 64),
+                                                             **extra)
+            o, kern = launch()
+            err = (o.float() - base.float()).abs().max().item()
+            ms = triton.testing.do_bench(launch, warmup=5, rep=30)
+            row = {"block_m": 64, "package_kernel": True, "maxnreg": maxnreg, "ms": ms, "err_vs_64": err,
+                   "vs_cudnn": res["cudnn_ms"] / ms, "n_regs": getattr(kern, "n_regs", None),
+                   "n_spills": getattr(kern, "n_spills", None)}
+            res["rows"].append(row)
+            print(row, flush=True)
+    except Exception as e:
+        print("package kernel failed", repr(e)[:300])
+    if out:
+        json.dump(res, open(out, "w"), indent=1)
+
+
+def registers(head_dim: int = 64) -> dict:
+    """Registers and spills per thread of the walk and of the package's kernel compiled for sm_90
+    (no GPU needed), from ptxas -v; the PTX version is lowered to what the bundled ptxas reads."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton.backends.nvidia
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from mcompile.index import SENTINEL, SparseIndex, index_rows
+    from mcompile.kernels import sparse_attention_triton as tri
+
+    def compile_one(fn, args, meta, opts):
+        sig, consts, attrs = {}, {}, {}
+        pos = iter(args)
+        for i, p in enumerate(fn.params):
+            if p.is_constexpr:
+                sig[p.name], consts[(i,)] = "constexpr", meta.get(p.name, p.default)
+                continue
+            a = next(pos)
+            if isinstance(a, torch.Tensor):
+                sig[p.name] = "*" + {torch.bfloat16: "bf16", torch.int32: "i32", torch.uint8: "u8"}[a.dtype]
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            elif isinstance(a, float):
+                sig[p.name] = "fp32"
+            elif a == 1:  # the launcher specialises ints equal to 1
+                sig[p.name], consts[(i,)] = "constexpr", 1
+            else:
+                sig[p.name] = "i32"
+                if a % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                           target=GPUTarget("cuda", 90, 32), options=opts)
+        ptxas = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "ptxas")
+        ptx = k.asm["ptx"]
+        with tempfile.TemporaryDirectory() as d:
+            for _ in range(2):  # once more at the PTX version the bundled ptxas names, if it reads no newer
+                open(f"{d}/k.ptx", "w").write(ptx)
+                err = subprocess.run([ptxas, "-arch=sm_90a", "-v", f"{d}/k.ptx", "-o", f"{d}/k.cubin"],
+                                     capture_output=True, text=True).stderr
+                older = re.search(r"current version is '([\d.]+)'", err)
+                if not older:
+                    break
+                ptx = re.sub(r"^\.version \S+", f".version {older.group(1)}", ptx, count=1, flags=re.M)
+        regs = re.search(r"Used (\d+) registers", err)
+        spill = re.search(r"(\d+) bytes spill stores", err)
+        return {"registers": int(regs.group(1)) if regs else err.strip()[-200:],
+                "spill_bytes": int(spill.group(1)) if spill else None}
+
+    n, b, h, hk, d = 4096, 1, 9, 3, head_dim
+    q = torch.empty(b, h, n, d, dtype=torch.bfloat16)
+    k = torch.empty(b, hk, n, d, dtype=torch.bfloat16)
+    o = torch.empty_like(q)
+    lists = torch.zeros(h * (n // 64), 40, dtype=torch.int32)
+    counts = torch.zeros(h * (n // 64), dtype=torch.int32)
+    out = {"walk": compile_one(_bs, (q, k, k, o, lists, counts, lists, n, h, h // hk, 40, 0.18),
+                               dict(D=d, BM=64, BN=64, UNION=False, POLY=0), dict(num_warps=4, num_stages=3))}
+    i32 = dict(dtype=torch.int32)
+    idx = SparseIndex(torch.full((b, h, 1, 2), SENTINEL, **i32), torch.zeros(b, h, **i32),
+                      torch.zeros(b, h, n + 1, **i32), torch.full((b, h, 0), SENTINEL, **i32),
+                      torch.zeros(b, h, index_rows(n), **i32), torch.full((b, h, index_rows(n), 40), SENTINEL, **i32),
+                      torch.zeros(b, h, index_rows(n), **i32))
+    _, args, meta = tri.launch_args(q, k, k, o, idx, 0.125, None, 0)
+    cfg = tri.fixed_config(d, d, q.dtype, 64)
+    opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+    out["package"] = compile_one(tri._sparse_attention_kernel, args, {**meta, **cfg}, opts)
+    out["package, maxnreg 128"] = compile_one(tri._sparse_attention_kernel, args, {**meta, **cfg},
+                                              {**opts, "maxnreg": 128})
+    for name, r in out.items():
+        print(f"{name:24s} {r}")
+    return out
+
+
+if __name__ == "__main__":
+    if "--registers" in sys.argv:
+        registers()
+    else:
+        main()
