@@ -10,8 +10,9 @@ N = 512) it checks every variant against a masked dense reference.
 
 ``--registers`` compiles the walk and the package's kernel (blocks-only index, head dim 64, bf16,
 its fixed launch configuration) for sm_90 on any machine with Triton's bundled ptxas, and prints
-registers and spills per thread: at 4 warps, 128 registers let 4 programs share an SM, 168 or
-more only 2.
+registers and spills per thread (at 4 warps, up to 128 registers let 4 programs share an SM's
+64K registers, up to 168 three, up to 256 two), the package's at the default's index capacity
+(2048 tiles) unless ``kb`` says otherwise.
 """
 import json, os, sys, time
 import torch, triton, triton.language as tl
@@ -239,7 +240,7 @@ def main(argv=None):
         json.dump(res, open(out, "w"), indent=1)
 
 
-def registers(head_dim: int = 64) -> dict:
+def registers(head_dim: int = 64, kb: int = 2048) -> dict:
     """Registers and spills per thread of the walk and of the package's kernel compiled for sm_90
     (no GPU needed), from ptxas -v; the PTX version is lowered to what the bundled ptxas reads."""
     import re
@@ -301,7 +302,7 @@ def registers(head_dim: int = 64) -> dict:
     i32 = dict(dtype=torch.int32)
     idx = SparseIndex(torch.full((b, h, 1, 2), SENTINEL, **i32), torch.zeros(b, h, **i32),
                       torch.zeros(b, h, n + 1, **i32), torch.full((b, h, 0), SENTINEL, **i32),
-                      torch.zeros(b, h, index_rows(n), **i32), torch.full((b, h, index_rows(n), 40), SENTINEL, **i32),
+                      torch.zeros(b, h, index_rows(n), **i32), torch.full((b, h, index_rows(n), kb), SENTINEL, **i32),
                       torch.zeros(b, h, index_rows(n), **i32))
     _, args, meta = tri.launch_args(q, k, k, o, idx, 0.125, None, 0)
     cfg = tri.fixed_config(d, d, q.dtype, 64)
