@@ -2,8 +2,9 @@
 index at real-head density (16% of the causal pairs, SmolLM2's 9 query / 3 KV heads, head dim 64,
 bf16), with the walk's variants: 128-row programs over the union of two blocks' tiles (rows masked
 to their own block's tiles), and exp2 by a polynomial on the FMA units (all, or every other column).
-Findings: docs/BENCHMARKS.md, "2026-12-07 (afternoon)". GPU only; on the CPU (TRITON_INTERPRET=1,
-N = 512) it checks every variant against a masked dense reference.
+Findings: docs/BENCHMARKS.md, "2026-12-07 (afternoon)". On the CPU (TRITON_INTERPRET=1,
+N = 512) it checks every variant and the package's kernel against the package's PyTorch reference
+(``sparse_attention_ref``) on the same index.
 
     python -m benchmarks.kernel_walk_probe 131072 out.json   # with each kernel's registers and spills
     python -m benchmarks.kernel_walk_probe --registers       # no GPU: both compiled for sm_90, ptxas -v
@@ -17,9 +18,16 @@ registers and spills per thread (at 4 warps, up to 128 registers let 4 programs 
 import json, os, sys, time
 import torch, triton, triton.language as tl
 
+from mcompile.index import SENTINEL, SparseIndex, index_rows
+from mcompile.kernels import sparse_attention_triton as tri
+from mcompile.kernels.sparse_attention import sparse_attention_ref
+from mcompile.kernels.triton_common import LOG2E
+
 
 @triton.jit
 def _poly_exp2(x):
+    """2**x, x <= 0, on the FMA units (the package kernel would also need 0 exactly below -126,
+    where this gives about 1e-38: nothing for the rows here, which all have keys)."""
     x = tl.maximum(x, -127.0)
     xi = tl.floor(x)
     f = x - xi
@@ -77,11 +85,13 @@ def _bs(Q, K, V, O, T, C, F, N, H, GROUP, MAXT, scale,
     tl.store(O + ((b * H + h) * N + rows)[:, None].to(tl.int64) * D + od[None, :], out.to(O.dtype.element_ty))
 
 
-def make_index(B, H, N, density, p, gen, device):
+def make_index(B, H, N, density, p):
+    """Per (batch, head) the sorted tile list of every 64-row block: pairs of blocks draw a shared
+    ``density`` share of their causal tiles, each block then swaps each tile with probability
+    ``p`` for a fresh one; the sink, the diagonal and the tile before it always kept."""
     import random
     rng = random.Random(0)
     nb = N // 64
-    tiles, counts = [], []
     per_bh = []
     for bh in range(B * H):
         blocks = []
@@ -100,7 +110,8 @@ def make_index(B, H, N, density, p, gen, device):
 
 
 def pack(per_bh, union):
-    BH = len(per_bh)
+    """(lists, flags, counts, longest, listed tiles): one row per program; ``union`` pairs the
+    blocks, flag bit 0 / 1 saying whether the first / second block chose the tile."""
     nb = len(per_bh[0])
     if union:
         lists, flags = [], []
@@ -124,27 +135,36 @@ def pack(per_bh, union):
     return T, F, C, maxt, sum(len(l) for l in lists)
 
 
-def ref(q, k, v, per_bh, H, G):
-    B, _, N, D = q.shape
-    mask = torch.zeros(B * H, N, N, dtype=torch.bool)
-    for bh, blocks in enumerate(per_bh):
-        for m, l in enumerate(blocks):
-            for t in l:
-                mask[bh, m * 64:(m + 1) * 64, t * 64:(t + 1) * 64] = True
-    mask &= torch.ones(N, N, dtype=torch.bool).tril()
-    mask = mask.view(B, H, N, N)
-    kk = k.repeat_interleave(G, 1).float()
-    vv = v.repeat_interleave(G, 1).float()
-    s = (q.float() @ kk.transpose(-1, -2)) / 8.0
-    s = s.masked_fill(~mask, float("-inf"))
-    return torch.softmax(s, -1) @ vv
+def blocks_index(lists, counts, b, h, n, kb) -> SparseIndex:
+    """The package's index of the 64-row lists (rows of ``pack(.., False)``): blocks only, no
+    runs, no columns, ``kb`` tiles of capacity (>= the longest list)."""
+    nb, dev, width = n // 64, lists.device, lists.shape[-1]
+    i32 = dict(dtype=torch.int32, device=dev)
+    blocks = torch.full((b, h, index_rows(n), kb), SENTINEL, **i32)
+    cnt = torch.zeros(b, h, index_rows(n), **i32)
+    listed = torch.arange(width, device=dev) < counts.view(b, h, nb)[..., None]
+    blocks[:, :, :nb, :width] = torch.where(listed, lists.view(b, h, nb, width), SENTINEL)
+    cnt[:, :, :nb] = counts.view(b, h, nb)
+    return SparseIndex(torch.full((b, h, 1, 2), SENTINEL, **i32), torch.zeros(b, h, **i32),
+                       torch.zeros(b, h, n + 1, **i32), torch.full((b, h, 0), SENTINEL, **i32),
+                       torch.zeros(b, h, index_rows(n), **i32), blocks, cnt)
+
+
+def run_package(q, k, v, index, **launch):
+    """The package's kernel at its fixed launch configuration (``launch``: extra options such as
+    ``maxnreg``); returns the output and the compiled kernel."""
+    o = torch.empty_like(q)
+    grid, args, meta = tri.launch_args(q, k, v, o, index, q.shape[-1] ** -0.5, None, 0)
+    kern = tri._sparse_attention_kernel[grid](*args, **meta, **tri.fixed_config(q.shape[-1], v.shape[-1], q.dtype, 64),
+                                              **launch)
+    return o, kern
 
 
 def run(q, k, v, T, F, C, maxt, bm, union, warps, stages, H, G, poly=False):
     B, _, N, D = q.shape
     o = torch.empty_like(q)
     grid = (N // bm, B * H)
-    run.kernel = _bs[grid](q, k, v, o, T, C, F, N, H, G, maxt, 1.4426950408889634 / 8.0,
+    run.kernel = _bs[grid](q, k, v, o, T, C, F, N, H, G, maxt, LOG2E * D ** -0.5,
                            D=D, BM=bm, BN=64, UNION=union, POLY=poly, num_warps=warps, num_stages=stages)
     return o
 
@@ -162,13 +182,16 @@ def main(argv=None):
     k = torch.randn(B, Hk, N, D, generator=gen).to(dev, dt)
     v = torch.randn(B, Hk, N, D, generator=gen).to(dev, dt)
     t0 = time.time()
-    per_bh = make_index(B, H, N, 0.16, 0.069, gen, dev)
+    per_bh = make_index(B, H, N, 0.16, 0.069)
     T64, F64, C64, mt64, n64 = pack(per_bh, False)
     T128, F128, C128, mt128, n128 = pack(per_bh, True)
     print(f"index {time.time()-t0:.1f}s products 64:{n64 * 64} 128:{n128 * 128} ratio {n128 * 2 / n64:.3f}", flush=True)
     T64, F64, C64, T128, F128, C128 = (x.to(dev) for x in (T64, F64, C64, T128, F128, C128))
-    if dev == "cpu":
-        r = ref(q, k, v, per_bh, H, G)
+    index = blocks_index(T64, C64, B, H, N, mt64)
+    if dev == "cpu":  # every variant against the package's reference on the same index, and its kernel
+        r = sparse_attention_ref(q, k, v, index, D ** -0.5).float()
+        err = (run_package(q, k, v, index)[0].float() - r).abs().max().item()
+        assert err < 1e-5, ("package", err)
         for bm, un, T, F, C, mt in ((64, False, T64, F64, C64, mt64), (128, True, T128, F128, C128, mt128)):
             for poly in (0, 1, 2):
                 o = run(q, k, v, T, F, C, mt, bm, un, 4, 2, H, G, poly)
@@ -203,39 +226,21 @@ def main(argv=None):
                    "n_spills": getattr(run.kernel, "n_spills", None)}
             res["rows"].append(row)
             print(row, flush=True)
-    # The package's kernel on the same 64-row index (blocks only: no runs, no columns).
-    try:
-        from mcompile.index import SENTINEL, SparseIndex, index_rows
-        from mcompile.kernels import sparse_attention_triton as tri
-        nb = N // 64
-        i32 = dict(dtype=torch.int32, device=dev)
-        blocks = torch.full((B, H, index_rows(N), mt64), SENTINEL, **i32)
-        cnt = torch.zeros(B, H, index_rows(N), **i32)
-        ar = torch.arange(mt64, device=dev)
-        blocks[:, :, :nb] = torch.where(ar < C64.view(B, H, nb)[..., None], T64.view(B, H, nb, mt64), SENTINEL)
-        cnt[:, :, :nb] = C64.view(B, H, nb)
-        idx = SparseIndex(torch.full((B, H, 1, 2), SENTINEL, **i32), torch.zeros(B, H, **i32),
-                          torch.zeros(B, H, N + 1, **i32), torch.full((B, H, 0), SENTINEL, **i32),
-                          torch.zeros(B, H, index_rows(N), **i32), blocks, cnt)
-
-        for maxnreg in (None, 128):  # the package's launch as it is, and capped at the walk's registers
-            extra = {} if maxnreg is None else {"maxnreg": maxnreg}
-
-            def launch():
-                o = torch.empty_like(q)
-                grid, args, meta = tri.launch_args(q, k, v, o, idx, 0.125, None, 0)
-                return o, tri._sparse_attention_kernel[grid](*args, **meta, **tri.fixed_config(D, D, q.dtype, 64),
-                                                             **extra)
+    # The package's kernel on the same 64-row index, as launched and capped at the walk's registers.
+    for maxnreg in (None, 128):
+        try:
+            launch = lambda: run_package(q, k, v, index, **({} if maxnreg is None else {"maxnreg": maxnreg}))
             o, kern = launch()
             err = (o.float() - base.float()).abs().max().item()
             ms = triton.testing.do_bench(launch, warmup=5, rep=30)
-            row = {"block_m": 64, "package_kernel": True, "maxnreg": maxnreg, "ms": ms, "err_vs_64": err,
-                   "vs_cudnn": res["cudnn_ms"] / ms, "n_regs": getattr(kern, "n_regs", None),
-                   "n_spills": getattr(kern, "n_spills", None)}
-            res["rows"].append(row)
-            print(row, flush=True)
-    except Exception as e:
-        print("package kernel failed", repr(e)[:300])
+        except Exception as e:
+            print("package kernel failed", maxnreg, repr(e)[:300])
+            continue
+        row = {"block_m": 64, "package_kernel": True, "maxnreg": maxnreg, "ms": ms, "err_vs_64": err,
+               "vs_cudnn": res["cudnn_ms"] / ms, "n_regs": getattr(kern, "n_regs", None),
+               "n_spills": getattr(kern, "n_spills", None)}
+        res["rows"].append(row)
+        print(row, flush=True)
     if out:
         json.dump(res, open(out, "w"), indent=1)
 
@@ -250,9 +255,6 @@ def registers(head_dim: int = 64, kb: int = 2048) -> dict:
     import triton.backends.nvidia
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    from mcompile.index import SENTINEL, SparseIndex, index_rows
-    from mcompile.kernels import sparse_attention_triton as tri
 
     def compile_one(fn, args, meta, opts):
         sig, consts, attrs = {}, {}, {}
@@ -299,11 +301,7 @@ def registers(head_dim: int = 64, kb: int = 2048) -> dict:
     counts = torch.zeros(h * (n // 64), dtype=torch.int32)
     out = {"walk": compile_one(_bs, (q, k, k, o, lists, counts, lists, n, h, h // hk, 40, 0.18),
                                dict(D=d, BM=64, BN=64, UNION=False, POLY=0), dict(num_warps=4, num_stages=3))}
-    i32 = dict(dtype=torch.int32)
-    idx = SparseIndex(torch.full((b, h, 1, 2), SENTINEL, **i32), torch.zeros(b, h, **i32),
-                      torch.zeros(b, h, n + 1, **i32), torch.full((b, h, 0), SENTINEL, **i32),
-                      torch.zeros(b, h, index_rows(n), **i32), torch.full((b, h, index_rows(n), kb), SENTINEL, **i32),
-                      torch.zeros(b, h, index_rows(n), **i32))
+    idx = blocks_index(lists, counts, b, h, n, kb)
     _, args, meta = tri.launch_args(q, k, k, o, idx, 0.125, None, 0)
     cfg = tri.fixed_config(d, d, q.dtype, 64)
     opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
