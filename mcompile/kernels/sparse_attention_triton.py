@@ -64,6 +64,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..index import BLOCK, SparseIndex, index_rows, num_blocks
 from .sparse_attention import sparse_attention_ref  # noqa: F401  (the reference this kernel matches)
@@ -92,7 +93,7 @@ INTERPRET_BLOCK_N = 64  # key tile width under TRITON_INTERPRET, where autotunin
 # software pipeline) instead of one loop per run: short runs (vertical-slash on real heads,
 # 40+ runs of 2-3 tiles) otherwise pay a pipeline fill and drain per run. A-shape (one run) and
 # heads of a few long runs keep the per-run loops, whose interior tiles are never masked.
-FLAT_RUNS = tl.constexpr(8)
+FLAT_RUNS = tl.constexpr(8)  # an index of at most this many runs compiles without the walk
 RUN_CHUNK = tl.constexpr(64)  # runs read at once when counting a block's run tiles
 
 
@@ -172,10 +173,11 @@ def _contiguous_tile(acc, l_i, m_i, q, k_base, v_base, kp_base, start, end, rows
                      HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr, TILE: tl.constexpr,
                      MASKED: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_WINDOW: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, crosses=True):
-    """Keys [start, start + TILE). MASKED: loads stop at ``end``, and when the tile ``crosses``
-    the interval end or the diagonal (a run-time flag; True where the caller knows it does),
-    the scores keep key < end and key <= row. Not MASKED: the caller proved the whole tile is
-    below the diagonal and before ``end`` (<= N). HAS_WINDOW: keys more than ``window - 1``
+    """Keys [start, start + TILE). MASKED: keys at or past ``end`` (> start) load row ``end - 1``
+    instead (an unpredicated load: predicated ones held registers for every pipeline stage),
+    and when the tile ``crosses`` the interval end or the diagonal (a run-time flag; True where
+    the caller knows it does), the scores keep key < end and key <= row. Not MASKED: the
+    caller proved the whole tile is below the diagonal and before ``end`` (<= N). HAS_WINDOW: keys more than ``window - 1``
     behind a row are masked too (a sliding window), on every tile."""
     offs = tl.arange(0, TILE)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -186,8 +188,9 @@ def _contiguous_tile(acc, l_i, m_i, q, k_base, v_base, kp_base, start, end, rows
     v_ptrs = v_base + keys64[:, None] * stride_vn + offs_dv[None, :] * stride_vd
     if MASKED:
         in_range = keys < end
-        k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0)
+        kc = tl.minimum(keys, end - 1).to(tl.int64)
+        k = tl.load(k_base + kc[:, None] * stride_kn + offs_d[None, :] * stride_kd)
+        v = tl.load(v_base + kc[:, None] * stride_vn + offs_dv[None, :] * stride_vd)
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
@@ -314,9 +317,9 @@ def _sparse_attention_kernel(
         stride_kpb, stride_kpn,
         N, Q_START, H, GROUP, NB, ROWS, R, C, KB, qk_scale, N_BUCKET, WINDOW,
         HEAD_DIM: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, KB_POW2: tl.constexpr, HAS_PADDING: tl.constexpr,
+        BLOCK_N: tl.constexpr, HAS_PADDING: tl.constexpr,
         HAS_COLUMNS: tl.constexpr, HAS_BLOCKS: tl.constexpr, HAS_WINDOW: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
+        FLAT_WALK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor's launcher passes Python floats as fp64
     m = NB - 1 - tl.program_id(0)  # heaviest query blocks first
     bh = tl.program_id(1)
@@ -343,41 +346,39 @@ def _sparse_attention_kernel(
     m_i = tl.full([BLOCK_M], NEG_INIT, dtype=tl.float32)
     bh64 = bh.to(tl.int64)
 
-    # (a) Key blocks, sorted: those before block m are below the diagonal (no mask), the rest
-    # (block m itself, and any later one, which masks to nothing) get the causal mask.
+    # (a) Key blocks in one loop (one software pipeline): a tile before block m is below the
+    # diagonal and inside [0, N), unmasked; tile m (and any later one, which masks to nothing)
+    # gets the causal mask, a run-time flag inside the loop (no vector of the whole list to
+    # split it in two loops: registers, docs/BENCHMARKS.md).
     if HAS_BLOCKS:
         blk_base = Blocks + (bh64 * ROWS + m) * KB
         cnt = tl.load(BlockCount + bh64 * ROWS + m)
-        slot = tl.arange(0, KB_POW2)
-        listed = tl.load(blk_base + slot, mask=slot < cnt, other=NB)
-        n_below = tl.sum((listed < m).to(tl.int32), 0)
-        for i in range(0, n_below):
-            start = tl.load(blk_base + i) * BLOCK_M
-            acc, l_i, m_i = _contiguous_tile(
-                acc, l_i, m_i, q, k_base, v_base, kp_base, start, N, rows,
-                stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale, WINDOW,
-                HEAD_DIM, HEAD_DV, BLOCK_M, False, HAS_PADDING, HAS_WINDOW, DOT_PRECISION)
-        for i in range(n_below, cnt):
-            start = tl.load(blk_base + i) * BLOCK_M
+        for i in range(0, cnt):
+            t = tl.load(blk_base + i)
+            start = t * BLOCK_M
             acc, l_i, m_i = _contiguous_tile(
                 acc, l_i, m_i, q, k_base, v_base, kp_base, start, tl.minimum(start + BLOCK_M, N),
                 rows, stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale, WINDOW,
-                HEAD_DIM, HEAD_DV, BLOCK_M, True, HAS_PADDING, HAS_WINDOW, DOT_PRECISION)
+                HEAD_DIM, HEAD_DV, BLOCK_M, True, HAS_PADDING, HAS_WINDOW, DOT_PRECISION, t >= m)
 
     # (b) Runs: one contiguous key interval each; full tiles ending at or before the block's
     # first query (and the interval end) go unmasked, the last one or two tiles are masked.
     # Past FLAT_RUNS runs, all run tiles go through one loop instead (``_flat_run_tiles``).
+    # FLAT_WALK (constexpr): the index can hold more than FLAT_RUNS runs. When it cannot (the
+    # default's block-mass index holds one, a diffuse head's), the flat walk is not compiled: it
+    # alone holds about 25 registers per thread more than the rest of the kernel.
     run_count = tl.load(RunCount + bh64)
     run_base = Runs + bh64 * R * 2
-    n_flat = 0
     n_runs = run_count
-    if run_count > FLAT_RUNS:
-        n_flat = _run_tile_count(run_base, run_count, row0, N, BLOCK_M, BLOCK_N)
-        n_runs = 0
-    acc, l_i, m_i = _flat_run_tiles(
-        acc, l_i, m_i, q, k_base, v_base, kp_base, run_base, n_flat, row0, rows, N,
-        stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale, WINDOW,
-        BLOCK_M, HEAD_DIM, HEAD_DV, BLOCK_N, HAS_PADDING, HAS_WINDOW, DOT_PRECISION)
+    if FLAT_WALK:
+        n_flat = 0
+        if run_count > FLAT_RUNS:
+            n_flat = _run_tile_count(run_base, run_count, row0, N, BLOCK_M, BLOCK_N)
+            n_runs = 0
+        acc, l_i, m_i = _flat_run_tiles(
+            acc, l_i, m_i, q, k_base, v_base, kp_base, run_base, n_flat, row0, rows, N,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_kpn, qk_scale, WINDOW,
+            BLOCK_M, HEAD_DIM, HEAD_DV, BLOCK_N, HAS_PADDING, HAS_WINDOW, DOT_PRECISION)
     for r in range(0, n_runs):
         d_lo = tl.load(run_base + 2 * r)
         d_hi = tl.load(run_base + 2 * r + 1)
@@ -564,8 +565,9 @@ def launch_args(q, k, v, out, index: SparseIndex, scale: float, key_padding, n_b
     args = (q, k, v, out, kp, runs, run_count, diag_prefix, columns, column_count, blocks, block_count,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *kp_strides,
             n, q_start, h, h // hk, nb, rows, r, c, kb, float(scale) * LOG2E, n_bucket, window)
-    meta = dict(HEAD_DIM=d, HEAD_DV=dv, BLOCK_M=BLOCK, KB_POW2=triton.next_power_of_2(max(kb, 1)),
+    meta = dict(HEAD_DIM=d, HEAD_DV=dv, BLOCK_M=BLOCK,
                 HAS_PADDING=has_padding, HAS_COLUMNS=c > 0, HAS_BLOCKS=kb > 0, HAS_WINDOW=window > 0,
+                FLAT_WALK=not statically_known_true(r <= FLAT_RUNS.value),  # no guard on a symbolic R
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     grid = (nb - q_start // BLOCK, b * h)  # the blocks that hold a query: the last ones
     return grid, args, meta
