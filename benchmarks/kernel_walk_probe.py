@@ -8,6 +8,7 @@ N = 512) it checks every variant and the package's kernel against the package's 
 
     python -m benchmarks.kernel_walk_probe 131072 out.json   # with each kernel's registers and spills
     python -m benchmarks.kernel_walk_probe --registers       # no GPU: both compiled for sm_90, ptxas -v
+    python -m benchmarks.kernel_walk_probe --registers --vertical-slash  # the package's on runs + columns
 
 ``--registers`` compiles the walk and the package's kernel (blocks-only index, head dim 64, bf16,
 its fixed launch configuration) for sm_90 on any machine with Triton's bundled ptxas, and prints
@@ -245,9 +246,10 @@ def main(argv=None):
         json.dump(res, open(out, "w"), indent=1)
 
 
-def registers(head_dim: int = 64, kb: int = 2048) -> dict:
+def registers(head_dim: int = 64, kb: int = 2048, vertical_slash: bool = False) -> dict:
     """Registers and spills per thread of the walk and of the package's kernel compiled for sm_90
-    (no GPU needed), from ptxas -v; the PTX version is lowered to what the bundled ptxas reads."""
+    (no GPU needed), from ptxas -v; the PTX version is lowered to what the bundled ptxas reads.
+    ``vertical_slash``: the package's kernel on an index of runs and columns instead of blocks."""
     import re
     import subprocess
     import tempfile
@@ -302,6 +304,10 @@ def registers(head_dim: int = 64, kb: int = 2048) -> dict:
     out = {"walk": compile_one(_bs, (q, k, k, o, lists, counts, lists, n, h, h // hk, 40, 0.18),
                                dict(D=d, BM=64, BN=64, UNION=False, POLY=0), dict(num_warps=4, num_stages=3))}
     idx = blocks_index(lists, counts, b, h, n, kb)
+    if vertical_slash:  # 64 runs and 1000 columns of capacity, no blocks (vertical-slash's shape)
+        i32 = dict(dtype=torch.int32)
+        idx = idx._replace(runs=torch.zeros(b, h, 64, 2, **i32), columns=torch.zeros(b, h, 1000, **i32),
+                           blocks=torch.zeros(b, h, index_rows(n), 0, **i32))
     _, args, meta = tri.launch_args(q, k, k, o, idx, 0.125, None, 0)
     cfg = tri.fixed_config(d, d, q.dtype, 64)
     opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
@@ -315,6 +321,6 @@ def registers(head_dim: int = 64, kb: int = 2048) -> dict:
 
 if __name__ == "__main__":
     if "--registers" in sys.argv:
-        registers()
+        registers(vertical_slash="--vertical-slash" in sys.argv)
     else:
         main()

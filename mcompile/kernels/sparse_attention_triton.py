@@ -177,8 +177,8 @@ def _contiguous_tile(acc, l_i, m_i, q, k_base, v_base, kp_base, start, end, rows
     instead (an unpredicated load: predicated ones held registers for every pipeline stage),
     and when the tile ``crosses`` the interval end or the diagonal (a run-time flag; True where
     the caller knows it does), the scores keep key < end and key <= row. Not MASKED: the
-    caller proved the whole tile is below the diagonal and before ``end`` (<= N). HAS_WINDOW: keys more than ``window - 1``
-    behind a row are masked too (a sliding window), on every tile."""
+    caller proved the whole tile is below the diagonal and before ``end`` (<= N). HAS_WINDOW:
+    keys more than ``window - 1`` behind a row are masked too (a sliding window), on every tile."""
     offs = tl.arange(0, TILE)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DV)
