@@ -17,10 +17,9 @@ Query row i sits at position ``P + i`` with ``P = N - Nq`` (a chunk after a cach
         q row 0 (pos 5)      x  x  x  x  x  x  .  .
         q row 2 (pos 7)      x  x  x  x  x  x  x  x
 
-Grid: ``((NB - P // BLOCK) * B * H,)``, one program per head and query block of ``BLOCK`` = 64
-absolute positions that holds a query (index.py). Programs take query blocks from the last one
-down, every head's block before the next block of any head, so the blocks with the most keys
-start first. The offset enters only the q loads and output
+Grid: ``(NB - P // BLOCK, B * H)``, one program per query block of ``BLOCK`` = 64 absolute
+positions that holds a query (index.py). Programs take query blocks from the last one down,
+so the blocks with the most keys start first. The offset enters only the q loads and output
 stores (row ``position - P``, masked to ``[P, N)``); everything else works on positions. Each
 program walks the three key sets of its block (which the format keeps disjoint)::
 
@@ -322,11 +321,8 @@ def _sparse_attention_kernel(
         HAS_COLUMNS: tl.constexpr, HAS_BLOCKS: tl.constexpr, HAS_WINDOW: tl.constexpr,
         FLAT_WALK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor's launcher passes Python floats as fp64
-    # Heaviest query blocks first, every head's block m before any head's block m - 1, so that
-    # no long program of a late head starts at the end of the launch.
-    heads = tl.num_programs(0) // (NB - Q_START // BLOCK_M)  # B * H
-    bh = tl.program_id(0) % heads
-    m = NB - 1 - tl.program_id(0) // heads
+    m = NB - 1 - tl.program_id(0)  # heaviest query blocks first
+    bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -573,7 +569,7 @@ def launch_args(q, k, v, out, index: SparseIndex, scale: float, key_padding, n_b
                 HAS_PADDING=has_padding, HAS_COLUMNS=c > 0, HAS_BLOCKS=kb > 0, HAS_WINDOW=window > 0,
                 FLAT_WALK=not statically_known_true(r <= FLAT_RUNS.value),  # no guard on a symbolic R
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-    grid = ((nb - q_start // BLOCK) * b * h,)  # per head, the blocks that hold a query: the last ones
+    grid = (nb - q_start // BLOCK, b * h)  # the blocks that hold a query: the last ones
     return grid, args, meta
 
 
