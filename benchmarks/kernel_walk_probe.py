@@ -2,7 +2,7 @@
 index at real-head density (16% of the causal pairs, SmolLM2's 9 query / 3 KV heads, head dim 64,
 bf16), with the walk's variants: 128-row programs over the union of two blocks' tiles (rows masked
 to their own block's tiles), and exp2 by a polynomial on the FMA units (all, or every other column).
-Findings: docs/BENCHMARKS.md, "2026-12-07 (afternoon)". On the CPU (TRITON_INTERPRET=1,
+Findings: docs/BENCHMARKS.md, "2026-12-07 (afternoon)" and "(evening)". On the CPU (TRITON_INTERPRET=1,
 N = 512) it checks every variant and the package's kernel against the package's PyTorch reference
 (``sparse_attention_ref``) on the same index.
 
