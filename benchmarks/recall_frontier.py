@@ -485,10 +485,14 @@ def summary(results: list[dict]) -> list[dict]:
                 ms = mean([r["policies"][spec]["layer_ms"] for r in at])
                 timing = {"layer_ms": ms, "speedup_vs_cudnn": mean([r["cudnn_ms"] for r in at]) / ms}
             if "cudnn_ms" in at[0] and all("kernel_ms" in r["policies"][spec] for r in at):
-                # the kernel's rate on its computed pairs against cuDNN's on all of them
+                # the kernel's rate on its computed pairs against cuDNN's on all of them, over the
+                # layers where it ran: the op's density check sends the others to dense attention
                 timing["kernel_ms"] = mean([r["policies"][spec]["kernel_ms"] for r in at])
-                timing["kernel_rate_vs_cudnn"] = mean([r["cudnn_ms"] * r["policies"][spec]["layer_computed"]
-                                                       / r["policies"][spec]["kernel_ms"] for r in at])
+                ran = [r for r in at if not ran_dense(n, r["policies"][spec]["layer_computed"])]
+                timing["dense_layers"] = len(at) - len(ran)
+                if ran:
+                    timing["kernel_rate_vs_cudnn"] = mean([r["cudnn_ms"] * r["policies"][spec]["layer_computed"]
+                                                           / r["policies"][spec]["kernel_ms"] for r in ran])
             if all("columns" in r["policies"][spec] for r in at):
                 timing["columns"] = mean(flat(lambda r: r["policies"][spec]["columns"]))
             same = tile_oracle_at(oracle, mean(recall))
@@ -527,6 +531,54 @@ def plot(results: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def ran_dense(n: int, computed: float) -> bool:
+    """Whether the op's density check (``ops.too_dense``) sends a layer of this computed share to
+    dense attention on CUDA: its kernel time is then dense attention's, not the kernel's."""
+    from mcompile.ops import DENSE_ABOVE_FRACTION, FRACTION_CHECK_MIN
+
+    return n >= FRACTION_CHECK_MIN and computed > DENSE_ABOVE_FRACTION
+
+
+def plot_time(results: list[dict], path: str, policy: str = "default") -> None:
+    """Where each timed layer's time goes, one panel per length: ``policy``'s kernel and the rest
+    of its layer (the estimate and selection; a layer the density check sends to dense after its
+    estimate shows its layer time above its kernel's), against cuDNN's causal layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in results if "cudnn_ms" in r and "layer_ms" in r["policies"].get(policy, {})]
+    lengths = sorted({r["length"] for r in timed})
+    if not lengths:
+        raise ValueError(f"no timed layers of policy {policy!r} (run with --time on CUDA)")
+    fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4), squeeze=False)
+    for ax, n in zip(axes[0], lengths):
+        at = sorted((r for r in timed if r["length"] == n), key=lambda r: r["layer"])
+        x = range(len(at))
+        pol = [r["policies"][policy] for r in at]
+        layer = [p["layer_ms"] for p in pol]
+        dense = [ran_dense(n, p["layer_computed"]) for p in pol]  # after its estimate
+        attn = [r["cudnn_ms"] if d else p["kernel_ms"] for r, p, d in zip(at, pol, dense)]
+        ax.bar(x, attn, color=["tab:grey" if d else "tab:blue" for d in dense])
+        ax.bar(x, [max(a - b, 0.0) for a, b in zip(layer, attn)], bottom=attn, color="tab:orange")
+        from matplotlib.patches import Patch
+
+        handles = [Patch(color="tab:blue", label="sparse kernel"), Patch(color="tab:grey", label="dense (cuDNN)"),
+                   Patch(color="tab:orange", label="estimate + selection")]
+        handles += ax.plot(x, [r["cudnn_ms"] for r in at], "k_", markersize=14, label="cuDNN causal layer")
+        for i, p in zip(x, pol):
+            ax.annotate(f"{100 * p['layer_computed']:.0f}%", (i, p["layer_ms"]), ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(list(x), [str(r["layer"]) for r in at])
+        ax.set_xlabel("layer (label: computed share of causal pairs)")
+        ax.set_ylabel("ms")
+        ax.set_title(f"N={n}, {policy}: layer {sum(layer) / len(layer):.2f} ms mean, "
+                     f"cuDNN {sum(r['cudnn_ms'] for r in at) / len(at):.2f} ms", fontsize=9)
+        ax.legend(handles=handles, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[8192])
@@ -541,6 +593,7 @@ def main() -> None:
     p.add_argument("--time", action="store_true", help="on CUDA: time each policy's layer against cuDNN")
     p.add_argument("--out", default="")
     p.add_argument("--plot", default="")
+    p.add_argument("--plot-time", default="", help="with timed layers: each layer's kernel and estimate against cuDNN")
     p.add_argument("--from-json", nargs="+", default=[], help="merge the layers of earlier runs' JSON instead of running")
     args = p.parse_args()
     results = merge(args.from_json) if args.from_json else run(args)
@@ -549,12 +602,15 @@ def main() -> None:
             json.dump({"args": vars(args), "layers": results, "summary": summary(results)}, f, indent=1)
     if args.plot:
         plot(results, args.plot)
+    if args.plot_time:
+        plot_time(results, args.plot_time)
     print(f"{'N':>7} {'policy':<14} {'recall':>7} {'worst':>6} {'kept':>7} {'kept/tile@.95':>13} {'tile@.95':>8} "
           f"{'col@.95':>8} {'key@.95':>8} {'kept/tile@same':>14}")
     for r in summary(results):
         speed = f" {r['layer_ms']:8.2f} ms {r['speedup_vs_cudnn']:5.2f}x" if "layer_ms" in r else ""
-        if "kernel_ms" in r:
-            speed += f" kernel {r['kernel_ms']:7.2f} ms at {r['kernel_rate_vs_cudnn']:.2f} of cuDNN's rate"
+        if "kernel_rate_vs_cudnn" in r:
+            speed += (f" kernel {r['kernel_ms']:7.2f} ms, at {r['kernel_rate_vs_cudnn']:.2f} of cuDNN's rate where it "
+                      f"ran ({r['dense_layers']} layers dense)")
         if "columns" in r:
             speed += f" ({100 * r['columns']:.0f}% of it in gathered columns)"
         same = r.get("kept_over_tile_oracle@same_recall")

@@ -85,3 +85,29 @@ def test_cut_from_tiles_shared_with_the_neighbours():
     assert min(shared["recall"]) > 0.99
     assert shared["kept"][0] == pytest.approx(alone["kept"][0]) and shared["columns"][0] > 0.0
     assert shared["kept"][1] >= alone["kept"][1]
+
+
+def test_kernel_rate_leaves_out_layers_sent_to_dense(tmp_path):
+    """A layer whose index covers more than the op's density threshold runs dense attention (its
+    timed 'kernel' is dense attention's), so the kernel's rate is taken over the other layers, and
+    the time plot draws that layer as dense."""
+    from benchmarks.recall_frontier import plot_time, ran_dense, summary
+    from mcompile.ops import DENSE_ABOVE_FRACTION, FRACTION_CHECK_MIN
+
+    n = max(FRACTION_CHECK_MIN, 131072)
+    oracle = {f"{kind}@{t}": [0.1] for kind in ("tile", "key") for t in (0.9, 0.95, 0.97, 0.98, 0.99)}
+
+    def layer(i, computed, kernel_ms, layer_ms):
+        return {"length": n, "layer": i, "cudnn_ms": 40.0, "oracles": oracle,
+                "policies": {"default": {"recall": [0.97], "kept": [computed], "layer_computed": computed,
+                                         "kernel_ms": kernel_ms, "layer_ms": layer_ms}}}
+
+    dense, sparse = DENSE_ABOVE_FRACTION + 0.2, 0.2
+    assert ran_dense(n, dense) and not ran_dense(n, sparse) and not ran_dense(FRACTION_CHECK_MIN - 1, dense)
+    results = [layer(0, dense, 48.0, 46.0), layer(3, sparse, 10.0, 14.0)]
+    (row,) = summary(results)
+    assert row["dense_layers"] == 1
+    assert row["kernel_rate_vs_cudnn"] == pytest.approx(40.0 * sparse / 10.0)  # the sparse layer's alone
+    assert row["speedup_vs_cudnn"] == pytest.approx(40.0 / 30.0)
+    plot_time(results, str(tmp_path / "time.png"))
+    assert (tmp_path / "time.png").stat().st_size > 0
