@@ -7,6 +7,7 @@ N = 512) it checks every variant and the package's kernel against the package's 
 (``sparse_attention_ref``) on the same index.
 
     python -m benchmarks.kernel_walk_probe 131072 out.json   # with each kernel's registers and spills
+    python -m benchmarks.kernel_walk_probe 131072 out.json --against HEAD~1  # and the kernel as of a revision
     python -m benchmarks.kernel_walk_probe --registers       # no GPU: both compiled for sm_90, ptxas -v
     python -m benchmarks.kernel_walk_probe --registers --vertical-slash  # the package's on runs + columns
 
@@ -151,12 +152,13 @@ def blocks_index(lists, counts, b, h, n, kb) -> SparseIndex:
                        torch.zeros(b, h, index_rows(n), **i32), blocks, cnt)
 
 
-def run_package(q, k, v, index, **launch):
-    """The package's kernel at its fixed launch configuration (``launch``: extra options such as
-    ``maxnreg``); returns the output and the compiled kernel."""
+def run_package(q, k, v, index, mod=tri, **launch):
+    """The package's kernel (or ``mod``'s, a module like it: ``kernel_at``) at its fixed launch
+    configuration (``launch``: extra options such as ``maxnreg``); returns the output and the
+    compiled kernel."""
     o = torch.empty_like(q)
-    grid, args, meta = tri.launch_args(q, k, v, o, index, q.shape[-1] ** -0.5, None, 0)
-    kern = tri._sparse_attention_kernel[grid](*args, **meta, **tri.fixed_config(q.shape[-1], v.shape[-1], q.dtype, 64),
+    grid, args, meta = mod.launch_args(q, k, v, o, index, q.shape[-1] ** -0.5, None, 0)
+    kern = mod._sparse_attention_kernel[grid](*args, **meta, **mod.fixed_config(q.shape[-1], v.shape[-1], q.dtype, 64),
                                               **launch)
     return o, kern
 
@@ -170,9 +172,37 @@ def run(q, k, v, T, F, C, maxt, bm, union, warps, stages, H, G, poly=False):
     return o
 
 
+def kernel_at(rev: str):
+    """The package's sparse kernel module as of git revision ``rev``, imported beside today's (as
+    ``mcompile.kernels._sparse_attention_at_<rev>``, so that its relative imports resolve to
+    today's package), to time a kernel change against its parent in one process."""
+    import importlib.util
+    import re
+    import subprocess
+    import tempfile
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = subprocess.run(["git", "show", f"{rev}:mcompile/kernels/sparse_attention_triton.py"], cwd=root,
+                         capture_output=True, text=True, check=True).stdout
+    name = "mcompile.kernels._sparse_attention_at_" + re.sub(r"\W", "_", rev)
+    path = os.path.join(tempfile.mkdtemp(), name.rsplit(".", 1)[1] + ".py")
+    with open(path, "w") as f:
+        f.write(src)  # Triton reads a kernel's source from its file
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def main(argv=None):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
+    against = None
+    if "--against" in argv:  # --against REV: the kernel as of REV timed (and on the CPU checked) too
+        i = argv.index("--against")
+        against = kernel_at(argv[i + 1])
+        del argv[i:i + 2]
     N = int(argv[0]) if argv else 512
     out = argv[1] if len(argv) > 1 else None
     B, H, Hk, D = 1, 9, 3, 64
@@ -191,8 +221,9 @@ def main(argv=None):
     index = blocks_index(T64, C64, B, H, N, mt64)
     if dev == "cpu":  # every variant against the package's reference on the same index, and its kernel
         r = sparse_attention_ref(q, k, v, index, D ** -0.5).float()
-        err = (run_package(q, k, v, index)[0].float() - r).abs().max().item()
-        assert err < 1e-5, ("package", err)
+        for mod in (tri,) if against is None else (tri, against):
+            err = (run_package(q, k, v, index, mod)[0].float() - r).abs().max().item()
+            assert err < 1e-5, (mod.__name__, err)
         for bm, un, T, F, C, mt in ((64, False, T64, F64, C64, mt64), (128, True, T128, F128, C128, mt128)):
             for poly in (0, 1, 2):
                 o = run(q, k, v, T, F, C, mt, bm, un, 4, 2, H, G, poly)
@@ -227,17 +258,18 @@ def main(argv=None):
                    "n_spills": getattr(run.kernel, "n_spills", None)}
             res["rows"].append(row)
             print(row, flush=True)
-    # The package's kernel on the same 64-row index, as launched and capped at the walk's registers.
-    for maxnreg in (None, 128):
+    # The package's kernel on the same 64-row index, as launched and capped at the walk's
+    # registers; with --against, the kernel as of that revision as launched.
+    for mod, maxnreg in ((tri, None), (tri, 128)) + (() if against is None else ((against, None),)):
         try:
-            launch = lambda: run_package(q, k, v, index, **({} if maxnreg is None else {"maxnreg": maxnreg}))
+            launch = lambda: run_package(q, k, v, index, mod, **({} if maxnreg is None else {"maxnreg": maxnreg}))
             o, kern = launch()
             err = (o.float() - base.float()).abs().max().item()
             ms = triton.testing.do_bench(launch, warmup=5, rep=30)
         except Exception as e:
             print("package kernel failed", maxnreg, repr(e)[:300])
             continue
-        row = {"block_m": 64, "package_kernel": True, "maxnreg": maxnreg, "ms": ms, "err_vs_64": err,
+        row = {"block_m": 64, "package_kernel": mod.__name__, "maxnreg": maxnreg, "ms": ms, "err_vs_64": err,
                "vs_cudnn": res["cudnn_ms"] / ms, "n_regs": getattr(kern, "n_regs", None),
                "n_spills": getattr(kern, "n_spills", None)}
         res["rows"].append(row)

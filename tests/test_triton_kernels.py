@@ -745,3 +745,20 @@ def test_kernel_walk_probe_variants_equal_masked_dense():
     from benchmarks import kernel_walk_probe
 
     kernel_walk_probe.main(["256"])  # asserts each variant's error against the reference
+
+
+def test_kernel_walk_probe_against_a_revision():
+    """``--against REV`` imports the kernel file as of a git revision beside today's and checks
+    both against the reference (here the checkout's own HEAD, which any clone has)."""
+    import shutil
+    import subprocess
+
+    from benchmarks import kernel_walk_probe
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if shutil.which("git") is None or subprocess.run(["git", "rev-parse", "HEAD"], cwd=root,
+                                                     capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    then = kernel_walk_probe.kernel_at("HEAD")
+    assert then.__name__ == "mcompile.kernels._sparse_attention_at_HEAD" and then is not attn_triton
+    kernel_walk_probe.main(["256", "--against", "HEAD"])
