@@ -44,8 +44,9 @@ def check(scores=("mass",)) -> float:
                 worst = max(worst, err)
                 recall = torch.linspace(0.5, 1.0, h, device="cuda")
                 m0 = (n - nq) // BLOCK
-                same = all(torch.equal(x, y) for x, y in zip(select_tiles_triton(ref, recall, m0, 512),
-                                                             select_tiles(ref, recall, m0, 512)))
+                want = select_tiles(ref, recall, m0, 512)
+                same = all(torch.equal(x, y) for arity in (2, 16, 64)
+                           for x, y in zip(select_tiles_triton(ref, recall, m0, 512, arity=arity), want))
                 print(f"{str(dtype):15s} B{b} H{h} Hk{hk} N{n} Nq{nq} D{d} {score} samples {samples} split {split}: "
                       f"max err {err:.2e}, selection equal {same}", flush=True)
                 worst = worst if same else float("inf")
@@ -80,14 +81,19 @@ def timing(lengths, splits, configs=((None, None, None),), scores=("mass",), sam
             est = tile_mass_triton(q, k, None, 0.125, heads, samples, score=score)
             recall = torch.full((9,), 0.98, device="cuda")
             sel = do_bench(lambda: select_tiles_triton(est, recall, 0, 2048), return_mode="median")
+            # the threshold search with 15 and 63 thresholds a pass (8 and 6 passes instead of 31)
+            sel_k = {a: do_bench(lambda: select_tiles_triton(est, recall, 0, 2048, arity=a), return_mode="median")
+                     for a in (16, 64)}
             sel_ref = do_bench(lambda: select_tiles(est, recall, 0, 2048), return_mode="median")
             pattern = Pattern.from_dict({"kind": "block_mass", "recall": 0.98, "samples": samples, "score": score})
             kinds, p0, p1 = encode([pattern] * 9)
             whole = do_bench(lambda: torch.ops.mcompile.estimate_index(q, k, None, kinds, p0, p1, 0.125),
                              return_mode="median")
             rows.append({"n": n, "score": score, "samples": samples, "select_ms": sel, "select_torch_ms": sel_ref,
+                         **{f"select_arity{a}_ms": ms for a, ms in sel_k.items()},
                          "estimate_index_ms": whole, "cudnn_ms": dense})
-            print(f"N={n:>6} {score} samples {samples}: selection {sel:.3f} ms (torch sort {sel_ref:.3f} ms), whole "
+            print(f"N={n:>6} {score} samples {samples}: selection {sel:.3f} ms (16-ary {sel_k[16]:.3f}, 64-ary "
+                  f"{sel_k[64]:.3f}, torch sort {sel_ref:.3f} ms), whole "
                   f"estimate_index {whole:.3f} ms ({whole / dense:.3f} of dense)", flush=True)
     return rows
 

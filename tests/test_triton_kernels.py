@@ -662,17 +662,20 @@ def _estimates(b, hm, m0, nb, seed):
     return e / e.sum(-1, keepdim=True).clamp(min=1e-30)
 
 
-@pytest.mark.parametrize("b,hm,m0,nb,cap", [(1, 4, 9, 21, 21), (1, 4, 5, 23, 6), (1, 4, 0, 1, 1), (2, 4, 15, 20, 0)])
-def test_select_kernel_equals_reference(b, hm, m0, nb, cap):
-    """The bisection selection keeps what block_mass.select_tiles keeps: forced tiles, ties at
-    the threshold, zero estimates, recall 0 and 1, a capacity below the need (dense heads), rows
-    longer than the kernel's chunk of estimates."""
+@pytest.mark.parametrize("b,hm,m0,nb,cap,arity", [(1, 4, 9, 21, 21, 2), (1, 4, 5, 23, 6, 2), (1, 4, 0, 1, 1, 2),
+                                                 (2, 4, 15, 20, 0, 2), (1, 4, 9, 21, 21, 16), (1, 4, 5, 23, 6, 16),
+                                                 (1, 4, 0, 1, 1, 16), (2, 4, 15, 20, 0, 64), (1, 2, 150, 160, 160, 64)])
+def test_select_kernel_equals_reference(b, hm, m0, nb, cap, arity):
+    """The threshold search (bisection, or ``arity - 1`` thresholds a pass) keeps what
+    block_mass.select_tiles keeps: forced tiles, ties at the threshold, zero estimates, recall 0
+    and 1, a capacity below the need (dense heads), rows longer than the kernel's chunk of
+    estimates and (160 tiles, arity 64: 64 a step) than the search's step."""
     from mcompile.kernels.block_mass import select_tiles
     from mcompile.kernels.block_mass_triton import select_tiles_triton
 
     est = _estimates(b, hm, m0, nb, seed=nb + cap)
-    recall = torch.tensor([0.0, 0.5, 0.95, 1.0])
-    got = select_tiles_triton(est, recall, m0, cap, chunk=8)  # rows of up to three chunks
+    recall = torch.tensor([0.0, 0.5, 0.95, 1.0])[-hm:]
+    got = select_tiles_triton(est, recall, m0, cap, chunk=8, arity=arity)  # rows of up to three chunks
     want = select_tiles(est, recall, m0, cap)
     for name, x, y in zip(("tiles", "counts", "dense"), got, want):
         assert torch.equal(x, y), name

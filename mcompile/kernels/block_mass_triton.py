@@ -29,9 +29,12 @@ Three kernels:
    exist; the log tile sums (one fp32 per sampled row and key tile) are kept for at most
    ``TILE_SUM_BYTES`` at a time, the row groups taken in chunks beyond that.
 3. ``_select_kernel``, grid ``(M, B * Hm)``: the selection of ``block_mass.select_tiles`` per
-   query block by bisection on the bits of the threshold (estimates are non-negative, so their
+   query block by a search on the bits of the threshold (estimates are non-negative, so their
    int32 bit patterns are ordered like their values), then the kept tiles written in ascending
-   order by a running prefix sum. No sort, no (B, Hm, M, NB) temporaries.
+   order by a running prefix sum. No sort, no (B, Hm, M, NB) temporaries. The search is a
+   bisection (31 passes over the block's estimates, each ending in a block-wide sum) or, with
+   ``arity``, ``arity - 1`` thresholds a pass (16: 8 passes; 64: 6): the same threshold in
+   fewer dependent reductions, to be timed against the bisection (benchmarks/block_mass_kernel.py).
 
 Head dims outside HEAD_DIMS (up to 128) are zero-padded, as in sparse_attention_triton.
 """
@@ -59,6 +62,15 @@ SELECT_CHUNK = 1024  # estimates the selection holds at a time
 MASS_CHUNK = 256  # key tiles the averaging kernel holds at a time
 TILE_SUM_BYTES = 1 << 29  # bound on the per-row tile sums kept between the two kernels
 BISECTION_STEPS = 31  # enough to pin any non-negative fp32 bit pattern
+
+
+def search_steps(arity: int) -> int:
+    """Passes of an ``arity``-ary search that pin any non-negative fp32 bit pattern (31 bits):
+    each leaves at most ceil(span / arity) of the span."""
+    span, steps = (1 << 31), 0
+    while span > 1:
+        span, steps = -(-span // arity), steps + 1
+    return steps
 
 
 @triton.jit
@@ -193,7 +205,7 @@ def _tile_mass_kernel(V, Mx, Lx, Est, M, M0, NB, SPLITS, RG, G0, RC,
 @triton.jit
 def _select_kernel(Est, Recall, Tiles, Counts, M, M0, NB, HM, CAP, stride_tb, stride_th, stride_tm,
                    stride_cb, stride_ch,
-                   LOCAL: tl.constexpr, CHUNK: tl.constexpr, STEPS: tl.constexpr):
+                   LOCAL: tl.constexpr, CHUNK: tl.constexpr, STEPS: tl.constexpr, ARITY: tl.constexpr = 2):
     row = tl.program_id(0)
     bh = tl.program_id(1)
     blk = M0 + row  # the query block; its causal tiles are [0, blk]
@@ -217,17 +229,38 @@ def _select_kernel(Est, Recall, Tiles, Counts, M, M0, NB, HM, CAP, stride_tb, st
     # the largest threshold whose free tiles at or above it still reach ``rest``
     lo = 0
     hi = top
-    for _ in range(STEPS):
-        mid = lo + (hi - lo + 1) // 2
-        above = 0.0
-        for c0 in range(0, ncausal, CHUNK):
-            t = c0 + c
-            e = tl.load(est + t, mask=t < ncausal, other=0.0)
-            free = (t != 0) & ((t < blk - LOCAL) | (t > blk))
-            above += tl.sum(tl.where(free & (e.to(tl.int32, bitcast=True) >= mid), e, 0.0), 0)
-        reached = above >= rest
-        lo = tl.where(reached, mid, lo)
-        hi = tl.where(reached, hi, mid - 1)
+    if ARITY == 2:  # bisection: one threshold per pass over the estimates
+        for _ in range(STEPS):
+            mid = lo + (hi - lo + 1) // 2
+            above = 0.0
+            for c0 in range(0, ncausal, CHUNK):
+                t = c0 + c
+                e = tl.load(est + t, mask=t < ncausal, other=0.0)
+                free = (t != 0) & ((t < blk - LOCAL) | (t > blk))
+                above += tl.sum(tl.where(free & (e.to(tl.int32, bitcast=True) >= mid), e, 0.0), 0)
+            reached = above >= rest
+            lo = tl.where(reached, mid, lo)
+            hi = tl.where(reached, hi, mid - 1)
+    else:  # ARITY - 1 thresholds per pass (the first is lo): log2(ARITY) bits a pass, as many passes fewer
+        SEARCH: tl.constexpr = 4096 // ARITY  # estimates per (ARITY, SEARCH) step: 32 values a thread at 4 warps
+        j = tl.arange(0, ARITY)
+        cs = tl.arange(0, SEARCH)
+        for _ in range(STEPS):
+            span = tl.maximum(hi - lo + 1, 1).to(tl.int64)
+            mids = (lo + (span * j) // ARITY).to(tl.int32)  # non-decreasing, mids[0] = lo
+            above = tl.zeros([ARITY], dtype=tl.float32)
+            for c0 in range(0, ncausal, SEARCH):
+                t = c0 + cs
+                e = tl.load(est + t, mask=t < ncausal, other=0.0)
+                free = (t != 0) & ((t < blk - LOCAL) | (t > blk))
+                take = free[None, :] & (e.to(tl.int32, bitcast=True)[None, :] >= mids[:, None])
+                above += tl.sum(tl.where(take, e[None, :], 0.0), 1)
+            # a higher threshold keeps a subset, so the reached ones are a prefix; lo counts as
+            # reached, as in the bisection (it is 0 until a threshold is reached)
+            cnt = tl.sum(((above >= rest) | (j == 0)).to(tl.int32), 0)
+            new_hi = tl.where(cnt < ARITY, tl.sum(tl.where(j == cnt, mids, 0), 0) - 1, hi)
+            lo = tl.sum(tl.where(j == cnt - 1, mids, 0), 0)
+            hi = new_hi
     lo = tl.where(rest > 0.0, lo, 0x7F800001)  # nothing left to reach: the forced tiles alone (above +inf)
     # recall 1: every causal tile, also those the samples gave no mass; otherwise positive ones
     lo = tl.where(recall >= 1.0, 0, lo)
@@ -373,13 +406,17 @@ def share_neighbours_triton(est: torch.Tensor, m0: int, shared: torch.Tensor, ch
 
 def select_tiles_triton(est: torch.Tensor, recall: torch.Tensor, m0: int, capacity: int,
                         chunk: int = SELECT_CHUNK, out: Optional[tuple] = None,
-                        shared: Optional[torch.Tensor] = None) -> tuple:
+                        shared: Optional[torch.Tensor] = None, arity: int = 2) -> tuple:
     """Same contract and result as ``block_mass.select_tiles`` (up to fp32 summation order at
     the threshold); ``chunk`` (a power of two) estimates held at a time. ``out``: (tiles, counts)
     to write into, (B, Hm, M, capacity) SENTINEL-filled and (B, Hm, M) int32 with unit strides
     in their last dimension (views of the index's blocks and block_count); the counts written
     are not clamped to the capacity. ``shared`` (Hm,) bool: heads whose estimate is first
-    shared with the neighbouring blocks' (``share_neighbours_triton``)."""
+    shared with the neighbouring blocks' (``share_neighbours_triton``). ``arity``: the threshold
+    search's branching, 2 (bisection, 31 passes over a block's estimates) or a power of two up
+    to 64 (``arity - 1`` thresholds a pass, ``search_steps(arity)`` passes): the same threshold."""
+    if arity < 2 or arity > 64 or arity & (arity - 1):
+        raise ValueError(f"arity must be a power of two in [2, 64], got {arity}")
     if shared is not None:
         est = share_neighbours_triton(est, m0, shared, chunk)
     b, hm, m_rows, nb = est.shape
@@ -394,7 +431,8 @@ def select_tiles_triton(est: torch.Tensor, recall: torch.Tensor, m0: int, capaci
         launch = {} if interpreting() else dict(num_warps=4)
         _select_kernel[(m_rows, b * hm)](est, recall.float().contiguous(), tiles, counts, m_rows, m0, nb, hm, capacity,
                                          tiles.stride(0), tiles.stride(1), tiles.stride(2), counts.stride(0),
-                                         counts.stride(1), LOCAL=LOCAL_TILES, CHUNK=chunk, STEPS=BISECTION_STEPS,
+                                         counts.stride(1), LOCAL=LOCAL_TILES, CHUNK=chunk, STEPS=search_steps(arity),
+                                         ARITY=arity,
                                          **launch)
     dense = (counts > capacity).any(-1)
     return tiles, counts if out is not None else counts.clamp(max=capacity), dense
