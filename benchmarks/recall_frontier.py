@@ -66,6 +66,7 @@ from mcompile.tools.data import haystack
 from mcompile.index import BLOCK, SparseIndex, block_mask_rows
 from mcompile.kernels.block_mass import select_tiles
 from mcompile.kernels.estimate import estimate_index_ref
+from mcompile.ops import dense_is_faster
 from mcompile.tools.models import load_smollm2
 from mcompile.patterns import DEFAULT_BUDGET_EXPONENT, DEFAULT_BUDGET_LENGTH, DEFAULT_VERTICAL_SLASH, Pattern, encode, \
     scaled_budgets
@@ -488,7 +489,7 @@ def summary(results: list[dict]) -> list[dict]:
                 # the kernel's rate on its computed pairs against cuDNN's on all of them, over the
                 # layers where it ran: the op's density check sends the others to dense attention
                 timing["kernel_ms"] = mean([r["policies"][spec]["kernel_ms"] for r in at])
-                ran = [r for r in at if not ran_dense(n, r["policies"][spec]["layer_computed"])]
+                ran = [r for r in at if not dense_is_faster(r["policies"][spec]["layer_computed"], n)]
                 timing["dense_layers"] = len(at) - len(ran)
                 if ran:
                     timing["kernel_rate_vs_cudnn"] = mean([r["cudnn_ms"] * r["policies"][spec]["layer_computed"]
@@ -531,14 +532,6 @@ def plot(results: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def ran_dense(n: int, computed: float) -> bool:
-    """Whether the op's density check (``ops.too_dense``) sends a layer of this computed share to
-    dense attention on CUDA: its kernel time is then dense attention's, not the kernel's."""
-    from mcompile.ops import DENSE_ABOVE_FRACTION, FRACTION_CHECK_MIN
-
-    return n >= FRACTION_CHECK_MIN and computed > DENSE_ABOVE_FRACTION
-
-
 def plot_time(results: list[dict], path: str, policy: str = "default") -> None:
     """Where each timed layer's time goes, one panel per length: ``policy``'s kernel and the rest
     of its layer (the estimate and selection; a layer the density check sends to dense after its
@@ -558,7 +551,7 @@ def plot_time(results: list[dict], path: str, policy: str = "default") -> None:
         x = range(len(at))
         pol = [r["policies"][policy] for r in at]
         layer = [p["layer_ms"] for p in pol]
-        dense = [ran_dense(n, p["layer_computed"]) for p in pol]  # after its estimate
+        dense = [dense_is_faster(p["layer_computed"], n) for p in pol]  # the op's density check, after the estimate
         attn = [r["cudnn_ms"] if d else p["kernel_ms"] for r, p, d in zip(at, pol, dense)]
         ax.bar(x, attn, color=["tab:grey" if d else "tab:blue" for d in dense])
         ax.bar(x, [max(a - b, 0.0) for a, b in zip(layer, attn)], bottom=attn, color="tab:orange")

@@ -65,6 +65,12 @@ DENSE_ABOVE_FRACTION = 0.5
 FRACTION_CHECK_MIN = 16384
 
 
+def dense_is_faster(fraction: float, n: int) -> bool:
+    """The rule of the density check: at key length ``n`` (checked from FRACTION_CHECK_MIN on),
+    an index computing ``fraction`` of the causal pairs runs dense attention instead."""
+    return n >= FRACTION_CHECK_MIN and fraction > DENSE_ABOVE_FRACTION
+
+
 def too_dense(index: SparseIndex, n: int, on_cuda: bool) -> Optional[float]:
     """The computed fraction when it says dense attention would be faster (CUDA, long inputs,
     not while a CUDA graph is being captured); else None."""
@@ -73,7 +79,7 @@ def too_dense(index: SparseIndex, n: int, on_cuda: bool) -> Optional[float]:
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return None  # a host read would break the capture
     fraction = float(computed_fraction(index, n))
-    return fraction if fraction > DENSE_ABOVE_FRACTION else None
+    return fraction if dense_is_faster(fraction, n) else None
 
 
 def dense_by_fraction(index: SparseIndex, n: int, on_cuda: bool) -> bool:

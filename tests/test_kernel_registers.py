@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The compile needs Triton's compiler, not its interpreter: a process of its own without
 # TRITON_INTERPRET (README's test command sets it for the whole suite).
 PROBE = """
-import json, sys
+import json
 from benchmarks.kernel_walk_probe import registers
 print(json.dumps({d: registers(head_dim=d, kb=2048)["package"] for d in (64, 128)}))
 """

@@ -91,8 +91,8 @@ def test_kernel_rate_leaves_out_layers_sent_to_dense(tmp_path):
     """A layer whose index covers more than the op's density threshold runs dense attention (its
     timed 'kernel' is dense attention's), so the kernel's rate is taken over the other layers, and
     the time plot draws that layer as dense."""
-    from benchmarks.recall_frontier import plot_time, ran_dense, summary
-    from mcompile.ops import DENSE_ABOVE_FRACTION, FRACTION_CHECK_MIN
+    from benchmarks.recall_frontier import plot_time, summary
+    from mcompile.ops import DENSE_ABOVE_FRACTION, FRACTION_CHECK_MIN, dense_is_faster
 
     n = max(FRACTION_CHECK_MIN, 131072)
     oracle = {f"{kind}@{t}": [0.1] for kind in ("tile", "key") for t in (0.9, 0.95, 0.97, 0.98, 0.99)}
@@ -103,7 +103,8 @@ def test_kernel_rate_leaves_out_layers_sent_to_dense(tmp_path):
                                          "kernel_ms": kernel_ms, "layer_ms": layer_ms}}}
 
     dense, sparse = DENSE_ABOVE_FRACTION + 0.2, 0.2
-    assert ran_dense(n, dense) and not ran_dense(n, sparse) and not ran_dense(FRACTION_CHECK_MIN - 1, dense)
+    assert dense_is_faster(dense, n) and not dense_is_faster(sparse, n)
+    assert not dense_is_faster(dense, FRACTION_CHECK_MIN - 1)
     results = [layer(0, dense, 48.0, 46.0), layer(3, sparse, 10.0, 14.0)]
     (row,) = summary(results)
     assert row["dense_layers"] == 1

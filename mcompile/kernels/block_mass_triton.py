@@ -61,8 +61,6 @@ SPLIT = 32  # key tiles per program (2048 keys); see benchmarks/block_mass_kerne
 SELECT_CHUNK = 1024  # estimates the selection holds at a time
 MASS_CHUNK = 256  # key tiles the averaging kernel holds at a time
 TILE_SUM_BYTES = 1 << 29  # bound on the per-row tile sums kept between the two kernels
-BISECTION_STEPS = 31  # enough to pin any non-negative fp32 bit pattern
-
 
 def search_steps(arity: int) -> int:
     """Passes of an ``arity``-ary search that pin any non-negative fp32 bit pattern (31 bits):

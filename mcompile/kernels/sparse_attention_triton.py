@@ -183,17 +183,13 @@ def _contiguous_tile(acc, l_i, m_i, q, k_base, v_base, kp_base, start, end, rows
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DV)
     keys = start + offs
-    keys64 = keys.to(tl.int64)  # row offsets can pass 2**31 at N = 1M with strided layouts
-    k_ptrs = k_base + keys64[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = v_base + keys64[:, None] * stride_vn + offs_dv[None, :] * stride_vd
     if MASKED:
         in_range = keys < end
-        kc = tl.minimum(keys, end - 1).to(tl.int64)
-        k = tl.load(k_base + kc[:, None] * stride_kn + offs_d[None, :] * stride_kd)
-        v = tl.load(v_base + kc[:, None] * stride_vn + offs_dv[None, :] * stride_vd)
+        keys64 = tl.minimum(keys, end - 1).to(tl.int64)  # the rows loaded
     else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
+        keys64 = keys.to(tl.int64)  # row offsets can pass 2**31 at N = 1M with strided layouts
+    k = tl.load(k_base + keys64[:, None] * stride_kn + offs_d[None, :] * stride_kd)
+    v = tl.load(v_base + keys64[:, None] * stride_vn + offs_dv[None, :] * stride_vd)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
         if crosses:
