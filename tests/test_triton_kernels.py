@@ -765,3 +765,11 @@ def test_kernel_walk_probe_against_a_revision():
     then = kernel_walk_probe.kernel_at("HEAD")
     assert then.__name__ == "mcompile.kernels._sparse_attention_at_HEAD" and then is not attn_triton
     kernel_walk_probe.main(["256", "--against", "HEAD"])
+
+
+@pytest.mark.parametrize("arity", [1, 3, 128])
+def test_select_arity_must_be_a_power_of_two_up_to_64(arity):
+    from mcompile.kernels.block_mass_triton import select_tiles_triton
+
+    with pytest.raises(ValueError, match="arity must be a power of two"):
+        select_tiles_triton(torch.zeros(1, 1, 1, 1), torch.ones(1), 0, 1, arity=arity)
