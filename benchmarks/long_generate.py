@@ -155,7 +155,7 @@ def main():
     args = p.parse_args()
     for case in args.cases:
         parse(case)
-    args.model, args.fit = "llama8b", False
+    args.model, args.fit, args.structured = "llama8b", False, False  # e2e.build_model's options
     args.device = "cpu" if args.smoke else "cuda"
     args.dtype = torch.float32 if args.smoke else torch.bfloat16
     if args.smoke:

@@ -3,7 +3,8 @@
 What the CPU suite cannot reach: the Triton kernels compiled for a GPU, in bf16, at real shapes
 (Llama-3-8B heads at 8K keys), through the graph ops, inlined into Inductor's code, and the whole
 backend on CUDA. Run them on a GPU machine with ``python -m pytest tests/test_gpu.py`` (a few
-minutes on an H100, most of it Triton autotuning and Inductor compiles). Timings stay in
+minutes on an H100, most of it Triton autotuning and Inductor compiles), with the package
+installed: the tests that ask for ``backend="minference"`` by name need its entry point. Timings stay in
 benchmarks/ (gpu_check_kernels.py, gpu_check_inline.py, kernels.py).
 
 Attention tolerance (flash-attention's rule): the error of the kernel (or op) against an fp32

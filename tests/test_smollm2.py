@@ -24,6 +24,28 @@ def _prompt(tok, n, depth=0.5):
     return needle_prompt(tok, n, depth)
 
 
+def test_each_load_builds_its_own_model_from_one_read(smollm2):
+    """The GGUF is read once per process; every ``load_smollm2`` call still returns a model of
+    its own (weights copied, the head tied to the embedding as transformers ties it), equal to
+    the first, and YaRN changes the rotary table of that model only."""
+    from mcompile.tools.models import load_smollm2
+
+    model, tok = smollm2
+    again, tok_again = load_smollm2()
+    yarn, _ = load_smollm2(yarn_factor=16)
+    assert tok_again is tok
+    assert again.lm_head.weight is again.model.embed_tokens.weight
+    assert again.model.embed_tokens.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    ids = _prompt(tok, 200).input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
+                                   atol=0, rtol=0)
+        again.model.layers[0].mlp.up_proj.weight.zero_()
+        assert model.model.layers[0].mlp.up_proj.weight.abs().sum() > 0
+    assert yarn.config.rope_parameters["rope_type"] == "yarn" != model.config.rope_parameters.get("rope_type")
+    assert not torch.equal(yarn.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq)
+
+
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_covering_budgets_equal_eager(smollm2, impl):
     model, tok = smollm2

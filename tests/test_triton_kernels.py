@@ -716,16 +716,25 @@ def test_estimate_index_triton_with_neighbours_equals_the_reference():
         assert torch.equal(getattr(ref, name), getattr(tri, name)), name
 
 
-def test_estimate_index_triton_builds_the_block_mass_index_of_the_reference():
+@pytest.mark.parametrize("nq,capacity", [(230, None), (100, (1, 0, 3)), (230, (1, 0, 3))])
+def test_estimate_index_triton_builds_the_block_mass_index_of_the_reference(nq, capacity):
+    """Every table of the index equals the reference's: the selection written into the index and
+    the finishing kernel (diffuse heads dense when the capacity is small, their run and
+    diagonal prefix), a chunk after a cached prefix, a repeated call (the cached head tables)."""
     from mcompile.patterns import Pattern, encode
 
     b, h, hk, n, d = 2, 4, 2, 230, 16
     q, k, _ = inputs(b, h, hk, n, d, seed=5)
-    pats = [Pattern.from_dict({"kind": "block_mass", "recall": r, "samples": 4}) for r in (0.6, 0.8, 0.9, 1.0)]
-    ref = estimate_index_ref(q, k, None, *encode(pats), d ** -0.5)
-    tri = est_triton.estimate_index_triton(q, k, None, *encode(pats), d ** -0.5)
-    for name in ("run_count", "block_count", "blocks"):
-        assert torch.equal(getattr(ref, name), getattr(tri, name)), name
+    q = q[:, :, n - nq:].contiguous()
+    pats = [Pattern.from_dict({"kind": "block_mass", "recall": r, "samples": 4, "neighbours": i % 2})
+            for i, r in enumerate((0.6, 0.8, 0.9, 1.0))]
+    ref = estimate_index_ref(q, k, None, *encode(pats), d ** -0.5, capacity=capacity)
+    for _ in range(2):
+        tri = est_triton.estimate_index_triton(q, k, None, *encode(pats), d ** -0.5, capacity=capacity)
+        for name in ref._fields:
+            assert torch.equal(getattr(ref, name), getattr(tri, name)), name
+    if capacity is not None:
+        assert 0 < int(ref.run_count.sum()) < b * h  # some heads dense, some not
 
 
 def test_estimate_dispatch_names_the_head_dim_it_cannot_run(monkeypatch):

@@ -58,6 +58,25 @@ def sample_offsets(samples: int, device=None) -> torch.Tensor:
     return torch.tensor(offs, dtype=torch.long, device=device)
 
 
+def finish_index(block_count: torch.Tensor, m0: int, capacity: int, runs: torch.Tensor, run_count: torch.Tensor,
+                 diag_prefix: torch.Tensor) -> None:
+    """The end of an index whose heads are all block-mass, in place: ``block_count`` (B, H, M) holds
+    the selection's counts from query block ``m0`` on, not clamped (0 before). A head with a block
+    over ``capacity`` tiles is dense: its counts become 0, its one run (``runs`` (B, H, R, 2),
+    SENTINEL-filled) covers every diagonal, ``run_count`` (B, H) is 1 and ``diag_prefix``
+    (B, H, N + 1) counts the diagonals (index.runs_to_diag_prefix of that run); other heads keep
+    their counts, no run, a zero prefix."""
+    n = diag_prefix.shape[-1] - 1
+    counts = block_count[:, :, m0:]
+    dense = (counts > capacity).any(-1)
+    counts.copy_(torch.where(dense[..., None], 0, counts.clamp(max=capacity)))
+    runs[:, :, 0, 0] = torch.where(dense, 0, SENTINEL)
+    runs[:, :, 0, 1] = torch.where(dense, n - 1, SENTINEL)
+    run_count.copy_(dense)
+    diag = torch.arange(n + 1, dtype=torch.int32, device=diag_prefix.device)
+    diag_prefix.copy_(torch.where(dense[..., None], diag, 0))
+
+
 def tile_mass(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch.Tensor], scale: float,
               heads: torch.Tensor, samples: int, score: str = "mass") -> torch.Tensor:
     """Estimated tile masses (B, Hm, M, NB) fp32 of query heads ``heads`` for the M query blocks
@@ -136,7 +155,7 @@ def share_neighbours(est: torch.Tensor, m0: int) -> torch.Tensor:
 
 
 def select_tiles(est: torch.Tensor, recall: torch.Tensor, m0: int, capacity: int, out: Optional[tuple] = None,
-                 shared: Optional[torch.Tensor] = None) -> tuple:
+                 shared: Optional[torch.Tensor] = None, flags: bool = True) -> tuple:
     """From estimates (B, Hm, M, NB) of query blocks m0.., the kept tiles per block:
     (tiles (B, Hm, M, capacity) int32 ascending SENTINEL-padded, counts (B, Hm, M) int32,
     dense (B, Hm) bool: heads with a block needing more than ``capacity`` tiles).
@@ -148,7 +167,8 @@ def select_tiles(est: torch.Tensor, recall: torch.Tensor, m0: int, capacity: int
     estimates ``>= tau`` sum to what the forced tiles leave (the fewest largest tiles, ties at
     ``tau`` kept together). Tiles whose estimate is 0 are never chosen, except at recall 1,
     which keeps every causal tile. ``shared`` (Hm,) bool: heads whose estimate is first
-    ``share_neighbours``'d (block-mass's ``neighbours=1``).
+    ``share_neighbours``'d (block-mass's ``neighbours=1``). ``flags=False``: None in place of the
+    dense flags (``finish_index`` finds them in the counts).
     """
     if shared is not None:
         est = torch.where(shared.view(1, -1, 1, 1), share_neighbours(est, m0), est)
@@ -169,7 +189,7 @@ def select_tiles(est: torch.Tensor, recall: torch.Tensor, m0: int, capacity: int
     every = (recall >= 1.0).view(1, -1, 1, 1)
     keep = causal & (forced | chosen | every)
     counts = keep.sum(-1, dtype=torch.int32)
-    dense = (counts > capacity).any(-1)
+    dense = (counts > capacity).any(-1) if flags else None
     ids = torch.where(keep, cols.to(torch.int32), SENTINEL).sort(-1).values[..., :capacity]
     tiles = torch.nn.functional.pad(ids, (0, capacity - ids.shape[-1]), value=SENTINEL)
     if out is not None:

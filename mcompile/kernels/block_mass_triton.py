@@ -34,7 +34,8 @@ Three kernels:
    order by a running prefix sum. No sort, no (B, Hm, M, NB) temporaries. The search is a
    bisection (31 passes over the block's estimates, each ending in a block-wide sum) or, with
    ``arity``, ``arity - 1`` thresholds a pass (16: 8 passes; 64: 6): the same threshold in
-   fewer dependent reductions, to be timed against the bisection (benchmarks/block_mass_kernel.py).
+   fewer dependent reductions, but each pass sums against ``arity - 1`` thresholds, and the
+   bisection is the faster (``SELECT_ARITY``; benchmarks/block_mass_kernel.py times both).
 
 Head dims outside HEAD_DIMS (up to 128) are zero-padded, as in sparse_attention_triton.
 """
@@ -61,6 +62,9 @@ SPLIT = 32  # key tiles per program (2048 keys); see benchmarks/block_mass_kerne
 SELECT_CHUNK = 1024  # estimates the selection holds at a time
 MASS_CHUNK = 256  # key tiles the averaging kernel holds at a time
 TILE_SUM_BYTES = 1 << 29  # bound on the per-row tile sums kept between the two kernels
+FINISH_CHUNK = 1024  # entries of the diagonal prefix per program of the finishing kernel
+SENTINEL_I = tl.constexpr(SENTINEL)  # index.SENTINEL inside the kernels
+SELECT_ARITY = 2  # the selection's threshold search: bisection, faster than 16- or 64-ary (docs/BENCHMARKS.md)
 
 def search_steps(arity: int) -> int:
     """Passes of an ``arity``-ary search that pin any non-negative fp32 bit pattern (31 bits):
@@ -325,6 +329,54 @@ def _share_kernel(Est, Out, Shared, M, M0, NB, HM, CHUNK: tl.constexpr):
             tl.store(out + t, tl.load(own + t, mask=t < NB, other=0.0), mask=t < NB)
 
 
+@triton.jit
+def _finish_kernel(BlockCount, Runs, RunCount, DiagPrefix, M0, M, N, CAP, HM,
+                   stride_cb, stride_ch, stride_rb, stride_rh, stride_pb, stride_ph,
+                   CHUNK: tl.constexpr):
+    """``block_mass.finish_index`` for one head (program_id 0) and one slice of its diagonal
+    prefix (program_id 1): the head is dense when some query block needs more than CAP tiles;
+    then its block counts are 0, its one run covers every diagonal and its prefix counts them."""
+    bh = tl.program_id(0)
+    part = tl.program_id(1)
+    b = (bh // HM).to(tl.int64)
+    h = bh % HM
+    counts = BlockCount + b * stride_cb + h * stride_ch
+    c = tl.arange(0, CHUNK)
+    over = 0
+    for c0 in range(M0, M, CHUNK):
+        t = c0 + c
+        over += tl.sum((tl.load(counts + t, mask=t < M, other=0) > CAP).to(tl.int32), 0)
+    dense = over > 0
+    if part == 0:
+        for c0 in range(M0, M, CHUNK):
+            t = c0 + c
+            kept = tl.load(counts + t, mask=t < M, other=0)
+            tl.store(counts + t, tl.where(dense, 0, tl.minimum(kept, CAP)), mask=t < M)
+        runs = Runs + b * stride_rb + h * stride_rh
+        tl.store(runs, tl.where(dense, 0, SENTINEL_I))
+        tl.store(runs + 1, tl.where(dense, N - 1, SENTINEL_I))
+        tl.store(RunCount + bh, dense.to(tl.int32))
+    prefix = DiagPrefix + b * stride_pb + h * stride_ph
+    i = part * CHUNK + c
+    tl.store(prefix + i, tl.where(dense, i, 0), mask=i < N + 1)
+
+
+def finish_index_triton(block_count: torch.Tensor, m0: int, capacity: int, runs: torch.Tensor,
+                        run_count: torch.Tensor, diag_prefix: torch.Tensor) -> None:
+    """``block_mass.finish_index`` in one launch (in place): block_count (B, H, M) int32 with the
+    selection's unclamped counts from row ``m0`` on (rows before it 0), runs (B, H, R, 2) and
+    run_count (B, H) contiguous int32, diag_prefix (B, H, N + 1) int32, all written."""
+    b, h, m_rows = block_count.shape
+    n = diag_prefix.shape[-1] - 1
+    if b * h == 0:
+        return
+    launch = {} if interpreting() else dict(num_warps=4)
+    _finish_kernel[(b * h, triton.cdiv(n + 1, FINISH_CHUNK))](
+        block_count, runs, run_count, diag_prefix, m0, m_rows, n, capacity, h,
+        block_count.stride(0), block_count.stride(1), runs.stride(0), runs.stride(1),
+        diag_prefix.stride(0), diag_prefix.stride(1), CHUNK=FINISH_CHUNK, **launch)
+
+
 def tile_mass_triton(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch.Tensor], scale: float,
                      heads: torch.Tensor, samples: int, split: int = SPLIT, *, score: str = "mass",
                      rows: Optional[int] = None, num_warps: Optional[int] = None,
@@ -404,7 +456,8 @@ def share_neighbours_triton(est: torch.Tensor, m0: int, shared: torch.Tensor, ch
 
 def select_tiles_triton(est: torch.Tensor, recall: torch.Tensor, m0: int, capacity: int,
                         chunk: int = SELECT_CHUNK, out: Optional[tuple] = None,
-                        shared: Optional[torch.Tensor] = None, arity: int = 2) -> tuple:
+                        shared: Optional[torch.Tensor] = None, arity: Optional[int] = None,
+                        flags: bool = True) -> tuple:
     """Same contract and result as ``block_mass.select_tiles`` (up to fp32 summation order at
     the threshold); ``chunk`` (a power of two) estimates held at a time. ``out``: (tiles, counts)
     to write into, (B, Hm, M, capacity) SENTINEL-filled and (B, Hm, M) int32 with unit strides
@@ -412,7 +465,10 @@ def select_tiles_triton(est: torch.Tensor, recall: torch.Tensor, m0: int, capaci
     are not clamped to the capacity. ``shared`` (Hm,) bool: heads whose estimate is first
     shared with the neighbouring blocks' (``share_neighbours_triton``). ``arity``: the threshold
     search's branching, 2 (bisection, 31 passes over a block's estimates) or a power of two up
-    to 64 (``arity - 1`` thresholds a pass, ``search_steps(arity)`` passes): the same threshold."""
+    to 64 (``arity - 1`` thresholds a pass, ``search_steps(arity)`` passes): the same threshold;
+    ``SELECT_ARITY`` when not given. ``flags=False``: no dense flags (None in their place; the
+    caller finishes the index with ``finish_index_triton``)."""
+    arity = SELECT_ARITY if arity is None else arity
     if arity < 2 or arity > 64 or arity & (arity - 1):
         raise ValueError(f"arity must be a power of two in [2, 64], got {arity}")
     if shared is not None:
@@ -432,5 +488,5 @@ def select_tiles_triton(est: torch.Tensor, recall: torch.Tensor, m0: int, capaci
                                          counts.stride(1), LOCAL=LOCAL_TILES, CHUNK=chunk, STEPS=search_steps(arity),
                                          ARITY=arity,
                                          **launch)
-    dense = (counts > capacity).any(-1)
+    dense = (counts > capacity).any(-1) if flags else None
     return tiles, counts if out is not None else counts.clamp(max=capacity), dense

@@ -24,13 +24,14 @@ fp32 score tensors stay under ``SCORE_BYTES``.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional, Sequence
 
 import torch
 
 from ..index import BLOCK, SENTINEL, SparseIndex, column_counts, index_rows, num_blocks, runs_to_diag_prefix
 from ..patterns import LAST_Q, LOCAL_DIAGONALS, NEIGHBOURS, RECALL_SCALE, SCORE_MAX, SINK_COLUMNS, PatternKind
-from .block_mass import select_tiles, tile_mass
+from .block_mass import finish_index, select_tiles, tile_mass
 
 SCORE_BYTES = 1 << 30  # cap on one chunk's fp32 score tensor during estimation
 
@@ -189,6 +190,23 @@ def _device_ints(values: Sequence[int], device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
+@functools.lru_cache(maxsize=256)
+def _device_table(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``values`` as a ``dtype`` tensor on ``device``, made once per layer's patterns and shared by
+    every later call (never written to): the per-call table and its copy are host work on the
+    estimate's path, which at 32K costs more than its kernels (docs/BENCHMARKS.md)."""
+    with torch.inference_mode(False):  # a table made under inference mode serves later calls outside it
+        t = torch.tensor(values, dtype=dtype)
+        return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
+@functools.lru_cache(maxsize=256)
+def _recall_table(targets: tuple, device: torch.device) -> torch.Tensor:
+    """Block-mass targets (encoded, patterns.RECALL_SCALE) as the fp32 shares the selection takes."""
+    return _device_table(tuple((torch.tensor(targets, dtype=torch.float32) / RECALL_SCALE).tolist()), torch.float32,
+                         device)
+
+
 def _forced_columns(key_padding: Optional[torch.Tensor], n: int, device) -> tuple:
     """(forced, allowed) key masks for vertical scores: the first SINK_COLUMNS unpadded keys are
     always kept (attention sinks sit at the first real tokens, also under left padding)."""
@@ -204,13 +222,14 @@ def assemble_index(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch
                    kinds: Sequence[int], p0: Sequence[int], p1: Sequence[int], scale: float,
                    vs_scores: Callable = vertical_slash_scores,
                    capacity: Optional[tuple] = None, mass_scores: Callable = tile_mass,
-                   mass_select: Callable = select_tiles) -> SparseIndex:
+                   mass_select: Callable = select_tiles, mass_finish: Callable = finish_index) -> SparseIndex:
     """Sparse index of every head of a layer. q (B, H, Nq, D), k (B, Hk, N, D), key_padding (B, N);
     Nq <= N (a chunk after a cached prefix; the index is over N, index.py).
 
     ``vs_scores(q, k, key_padding, scale, heads)`` computes the vertical-slash scores and
     ``mass_scores(q, k, key_padding, scale, heads, samples, score)`` block-mass's tile estimates and
-    ``mass_select`` its selection (block_mass.select_tiles's contract); the rest
+    ``mass_select`` its selection (block_mass.select_tiles's contract), ``mass_finish`` the end of
+    an all-block-mass index (block_mass.finish_index's contract); the rest
     is shared by every implementation. Per-head tables are built on the host from the pattern
     lists: no host sync, no loop over heads. ``capacity`` (R, C, KB) sizes the index when the
     budgets were scaled down from larger ones (ops.estimate_index); by default it is
@@ -223,7 +242,8 @@ def assemble_index(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch
     nb = num_blocks(n)
     kinds_l = [int(x) for x in kinds]
     if all(x == PatternKind.BLOCK_MASS for x in kinds_l):
-        return block_mass_index(q, k, key_padding, p0, p1, scale, (r_cap, c_cap, kb_cap), mass_scores, mass_select)
+        return block_mass_index(q, k, key_padding, p0, p1, scale, (r_cap, c_cap, kb_cap), mass_scores, mass_select,
+                                mass_finish)
     heads_of = {kd: [i for i, x in enumerate(kinds_l) if x == kd] for kd in PatternKind}
 
     # Dense: one run over every diagonal. A-shape: ``sink`` columns and one run of ``local`` diagonals.
@@ -278,39 +298,47 @@ def assemble_index(q: torch.Tensor, k: torch.Tensor, key_padding: Optional[torch
                        column_counts(columns, n), blocks, block_count)
 
 
-def _block_mass_into(q, k, key_padding, scale: float, heads: Sequence[int], p0, p1, index: tuple,
-                     mass_scores: Callable, mass_select: Callable) -> torch.Tensor:
-    """Block-mass heads ``heads`` of a layer written into (runs, run_count, blocks, block_count):
-    their tiles for the query blocks that hold queries, and for a diffuse head (more tiles in some
-    block than the index holds) one run of every diagonal instead. Returns the (B, Hm) dense flags.
-    When ``heads`` is every head the selection writes straight into the index."""
-    runs, run_count, blocks, block_count = index
+def _mass_tiles(q, k, key_padding, scale: float, heads: Sequence[int], p0, p1, capacity: int, out: Optional[tuple],
+                mass_scores: Callable, mass_select: Callable, flags: bool = True) -> tuple:
+    """Block-mass heads ``heads``'s tile estimates and selection: (tiles, counts, dense) of the
+    query blocks that hold queries (``mass_select``'s contract; ``flags=False``: no dense flags)."""
     h, n, dev = q.shape[1], k.shape[2], q.device
-    nb, kb_cap = num_blocks(n), blocks.shape[-1]
     m0 = (n - q.shape[2]) // BLOCK
     every = len(heads) == h
-    sel = slice(None) if every else _device_ints(heads, dev).long()
-    recall = _device_ints([p0[i] for i in heads], dev).float() / RECALL_SCALE
+    recall = _recall_table(tuple(p0[i] for i in heads), dev)
     samples = max(p1[i] & (SCORE_MAX - 1) for i in heads)
     scores = ["max" if p1[i] & SCORE_MAX else "mass" for i in heads]
     if len(set(scores)) == 1:
-        est = mass_scores(q, k, key_padding, scale, torch.arange(h, device=dev) if every else sel, samples,
+        est = mass_scores(q, k, key_padding, scale, _device_table(tuple(heads), torch.long, dev), samples,
                           score=scores[0])
     else:  # heads of both scores in one layer: each score's heads estimated apart
         parts = {sc: [j for j, x in enumerate(scores) if x == sc] for sc in set(scores)}
         est = None
         for sc, pos in parts.items():
-            part = mass_scores(q, k, key_padding, scale, _device_ints([heads[j] for j in pos], dev).long(), samples,
-                              score=sc)
+            part = mass_scores(q, k, key_padding, scale, _device_table(tuple(heads[j] for j in pos), torch.long, dev),
+                               samples, score=sc)
             if est is None:
                 est = part.new_zeros(part.shape[0], len(heads), *part.shape[2:])
-            est[:, _device_ints(pos, dev).long()] = part
-    shared = [int(bool(p1[i] & NEIGHBOURS)) for i in heads]
-    shared = _device_ints(shared, dev).bool() if any(shared) else None
-    out = (blocks[:, :, m0:nb], block_count[:, :, m0:nb]) if every else None
-    tiles, counts, dense = mass_select(est, recall, m0, kb_cap, out=out, shared=shared)
-    if not every:
-        blocks[:, sel, m0:nb] = tiles
+            est[:, _device_table(tuple(pos), torch.long, dev)] = part
+    shared = tuple(bool(p1[i] & NEIGHBOURS) for i in heads)
+    shared = _device_table(shared, torch.bool, dev) if any(shared) else None
+    return mass_select(est, recall, m0, capacity, out=out, shared=shared, flags=flags)
+
+
+def _block_mass_into(q, k, key_padding, scale: float, heads: Sequence[int], p0, p1, index: tuple,
+                     mass_scores: Callable, mass_select: Callable) -> torch.Tensor:
+    """Block-mass heads ``heads`` of a layer (some of its heads) written into (runs, run_count,
+    blocks, block_count): their tiles for the query blocks that hold queries, and for a diffuse
+    head (more tiles in some block than the index holds) one run of every diagonal instead.
+    Returns the (B, Hm) dense flags."""
+    runs, run_count, blocks, block_count = index
+    n = k.shape[2]
+    nb, kb_cap = num_blocks(n), blocks.shape[-1]
+    m0 = (n - q.shape[2]) // BLOCK
+    sel = _device_table(tuple(heads), torch.long, q.device)
+    tiles, counts, dense = _mass_tiles(q, k, key_padding, scale, heads, p0, p1, kb_cap, None, mass_scores,
+                                       mass_select)
+    blocks[:, sel, m0:nb] = tiles
     block_count[:, sel, m0:nb] = torch.where(dense[..., None], 0, counts.clamp(max=kb_cap))
     runs[:, sel, 0, 0] = torch.where(dense, 0, SENTINEL).to(torch.int32)
     runs[:, sel, 0, 1] = torch.where(dense, n - 1, SENTINEL).to(torch.int32)
@@ -319,20 +347,25 @@ def _block_mass_into(q, k, key_padding, scale: float, heads: Sequence[int], p0, 
 
 
 def block_mass_index(q, k, key_padding, p0, p1, scale: float, capacity: tuple, mass_scores: Callable = tile_mass,
-                     mass_select: Callable = select_tiles) -> SparseIndex:
+                     mass_select: Callable = select_tiles, mass_finish: Callable = finish_index) -> SparseIndex:
     """``assemble_index`` of a layer whose heads are all block-mass (the default): no columns,
-    no static runs, and the diagonal prefix of its only possible run (every diagonal, for a
-    diffuse head) without the general scans: a handful of launches (the general assembly's small
-    ops cost about as much as the estimate itself at 32K: docs/BENCHMARKS.md)."""
+    no static runs; the selection writes into the index and ``mass_finish`` (block_mass.finish_index's
+    contract) turns diffuse heads dense and writes the runs and the diagonal prefix: a handful of
+    launches (the general assembly's small ops cost about as much as the estimate itself at 32K:
+    docs/BENCHMARKS.md)."""
     b, h = q.shape[:2]
     n = k.shape[2]
     r_cap, c_cap, kb_cap = capacity
+    nb = num_blocks(n)
+    m0 = (n - q.shape[2]) // BLOCK
     i32 = dict(dtype=torch.int32, device=q.device)
-    index = (torch.full((b, h, r_cap, 2), SENTINEL, **i32), torch.zeros(b, h, **i32),
-             torch.full((b, h, index_rows(n), kb_cap), SENTINEL, **i32), torch.zeros(b, h, index_rows(n), **i32))
-    dense = _block_mass_into(q, k, key_padding, scale, range(h), p0, p1, index, mass_scores, mass_select)
-    runs, run_count, blocks, block_count = index
-    diag_prefix = torch.where(dense[..., None], torch.arange(n + 1, **i32), 0).to(torch.int32)  # = runs_to_diag_prefix
+    runs, run_count = torch.full((b, h, r_cap, 2), SENTINEL, **i32), torch.empty(b, h, **i32)
+    blocks = torch.full((b, h, index_rows(n), kb_cap), SENTINEL, **i32)
+    block_count = torch.zeros(b, h, index_rows(n), **i32)
+    diag_prefix = torch.empty(b, h, n + 1, **i32)
+    _mass_tiles(q, k, key_padding, scale, range(h), p0, p1, kb_cap, (blocks[:, :, m0:nb], block_count[:, :, m0:nb]),
+                mass_scores, mass_select, flags=False)
+    mass_finish(block_count[:, :, :nb], m0, kb_cap, runs, run_count, diag_prefix)
     return SparseIndex(runs, run_count, diag_prefix, torch.full((b, h, c_cap), SENTINEL, **i32),
                        torch.zeros(b, h, index_rows(n), **i32), blocks, block_count)
 

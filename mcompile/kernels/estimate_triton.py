@@ -45,7 +45,7 @@ import triton.language as tl
 
 from ..index import SparseIndex
 from ..patterns import LAST_Q
-from .block_mass_triton import select_tiles_triton, tile_mass_triton
+from .block_mass_triton import finish_index_triton, select_tiles_triton, tile_mass_triton
 from .estimate import assemble_index
 from .triton_common import HEAD_DIMS, LOG2E, MAX_HEAD_DIM, NEG_INIT, interpreting, pad_head_dim, padded_head_dim
 from .estimate import estimate_index_ref  # noqa: F401  (the reference this module matches)
@@ -261,4 +261,4 @@ def estimate_index_triton(q: torch.Tensor, k: torch.Tensor, key_padding: Optiona
     fused kernels above, the index assembly is the shared one."""
     _check(q, k, key_padding, kinds, p0, p1)
     return assemble_index(q, k, key_padding, kinds, p0, p1, scale, vertical_slash_scores_triton, capacity,
-                          tile_mass_triton, select_tiles_triton)
+                          tile_mass_triton, select_tiles_triton, finish_index_triton)

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import functools
 import importlib.util
 import os
 from pathlib import Path
@@ -29,22 +32,45 @@ def smollm2_dir() -> Path:
     return path
 
 
+@functools.lru_cache(maxsize=1)
+def _smollm2_parts(folder: Path):
+    """(tokenizer, config, fp32 state dict) read from the GGUF once per process: reading it takes
+    about 20 s on a CPU (the tokenizer and config parse its metadata, the weights are de-quantized),
+    building a model from the parts under a second. The state dict (0.5 GB) stays in memory."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    config = AutoConfig.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, config=config, dtype=torch.float32)
+    return tok, config, model.state_dict()
+
+
+def _no_init_weights():
+    try:  # transformers >= 5.18; before it, the model's random initialisation runs (a few seconds)
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        return contextlib.nullcontext()
+    return no_init_weights()
+
+
 def load_smollm2(dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
                  yarn_factor: Optional[float] = None, device: str = "cpu"):
     """(model, tokenizer) for SmolLM2-135M-Instruct; ``yarn_factor`` extends RoPE with YaRN
-    (the 8K context becomes ``8K * factor``)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    (the 8K context becomes ``8K * factor``). Each call builds a new model with its own weights;
+    the GGUF is read once per process (``_smollm2_parts``)."""
+    from transformers import AutoModelForCausalLM
 
-    folder = smollm2_dir()
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    config = AutoConfig.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    tok, base, state = _smollm2_parts(smollm2_dir())
+    config = copy.deepcopy(base)
     if yarn_factor:
         theta = config.rope_parameters.get("rope_theta", 100000.0)
         config.rope_parameters = {"rope_type": "yarn", "factor": float(yarn_factor), "rope_theta": theta,
                                   "original_max_position_embeddings": SMOLLM2_CONTEXT}
         config.max_position_embeddings = int(SMOLLM2_CONTEXT * yarn_factor)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, config=config, dtype=dtype,
-                                                 attn_implementation=attn_implementation)
+    with _no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    model.tie_weights()  # skipped with the initialisation: the head shares the embedding's tensor
+    model.load_state_dict(state, strict=True)  # copies (and casts) into the model's own tensors
     return model.to(device).eval(), tok
 
 
