@@ -66,8 +66,12 @@ def answer(model, ids, cache, new_tokens, keep_one, chunk=0):
     # the chunks are cut outside inference mode, as the whole prompt is: one kind of input tensor
     chunks = ids.split(chunk, dim=1) if 0 < chunk < ids.shape[1] else (ids,)
     with torch.inference_mode():
-        for part in chunks:
+        for i, part in enumerate(chunks):
             out = model(part, **kw)
+            if len(chunks) > 1:  # progress of a long prefill (a sync per chunk: the GPU is busy anyway)
+                e2e.sync()
+                print(f"    chunk {i + 1}/{len(chunks)}: {time.perf_counter() - t0:8.1f} s, "
+                      f"{cache.get_seq_length()} tokens cached", flush=True)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         del out
         e2e.sync()

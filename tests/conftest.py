@@ -9,6 +9,7 @@ import torch
 # variable set), never in the process that collects the rest of the suite.
 INTERPRETER_PROCESS = "MCOMPILE_TRITON_INTERPRETER_PROCESS"
 collect_ignore = [] if os.environ.get(INTERPRETER_PROCESS) == "1" else ["test_triton_kernels.py"]
+SHARD = "MCOMPILE_TEST_SHARD"  # "i/n": this process runs every n-th collected test from the i-th
 
 
 @pytest.fixture(autouse=True)
@@ -34,3 +35,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # Each xdist worker gets one intra-op thread: two workers with two threads each on CI's two
     # cores oversubscribe them.
     torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``long`` (minutes each on two CPU cores) run first: with ``-n 2`` each
+    worker starts on one while the other tests fill the rest, instead of one of them starting
+    last and running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)  # stable: the rest keep their order
+    shard = os.environ.get(SHARD)
+    if shard:
+        i, n = (int(x) for x in shard.split("/"))
+        config.hook.pytest_deselected(items=[t for j, t in enumerate(items) if j % n != i])
+        items[:] = [t for j, t in enumerate(items) if j % n == i]

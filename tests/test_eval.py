@@ -183,6 +183,7 @@ def test_run_eval_rejects_unknown_part():
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_fast_subset_on_smollm2(tmp_path):
     """CI's subset of the documented full run: one length, two depths, a short perplexity
     window, recall on every layer. The targets checked are those that hold at this length;

@@ -196,8 +196,8 @@ def _device_table(values: tuple, dtype: torch.dtype, device: torch.device) -> to
     every later call (never written to): the per-call table and its copy are host work on the
     estimate's path, which at 32K costs more than its kernels (docs/BENCHMARKS.md)."""
     with torch.inference_mode(False):  # a table made under inference mode serves later calls outside it
-        t = torch.tensor(values, dtype=dtype)
-        return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+        # a blocking copy, once: a later call on another stream must not read it before it lands
+        return torch.tensor(values, dtype=dtype).to(device)
 
 
 @functools.lru_cache(maxsize=256)
