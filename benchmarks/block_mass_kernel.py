@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import torch
 
@@ -89,12 +90,20 @@ def timing(lengths, splits, configs=((None, None, None),), scores=("mass",), sam
             kinds, p0, p1 = encode([pattern] * 9)
             whole = do_bench(lambda: torch.ops.mcompile.estimate_index(q, k, None, kinds, p0, p1, 0.125),
                              return_mode="median")
+            # the host's share: calls issued back to back without waiting for the GPU (50 calls of a
+            # few launches each stay within the launch queue, so none waits for the GPU either)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(50):
+                torch.ops.mcompile.estimate_index(q, k, None, kinds, p0, p1, 0.125)
+            host = (time.perf_counter() - t) / 50 * 1e3
+            torch.cuda.synchronize()
             rows.append({"n": n, "score": score, "samples": samples, "select_ms": sel, "select_torch_ms": sel_ref,
                          **{f"select_arity{a}_ms": ms for a, ms in sel_k.items()},
-                         "estimate_index_ms": whole, "cudnn_ms": dense})
+                         "estimate_index_ms": whole, "estimate_index_host_ms": host, "cudnn_ms": dense})
             print(f"N={n:>6} {score} samples {samples}: selection {sel:.3f} ms (16-ary {sel_k[16]:.3f}, 64-ary "
                   f"{sel_k[64]:.3f}, torch sort {sel_ref:.3f} ms), whole "
-                  f"estimate_index {whole:.3f} ms ({whole / dense:.3f} of dense)", flush=True)
+                  f"estimate_index {whole:.3f} ms ({whole / dense:.3f} of dense; host {host:.3f} ms a call)", flush=True)
     return rows
 
 
