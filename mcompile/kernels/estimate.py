@@ -183,7 +183,9 @@ def block_topk(q, k, key_padding, scale: float, heads: torch.Tensor, budgets: to
 
 
 def _device_ints(values: Sequence[int], device: torch.device) -> torch.Tensor:
-    """A small per-head table on ``device`` without a blocking copy."""
+    """A small per-call table on ``device`` without a blocking copy: for tables that depend on
+    the input's length (budgets clipped to it), which ``_device_table`` would make again, with a
+    host sync, at every new length."""
     t = torch.tensor(list(values), dtype=torch.int32)
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
@@ -192,8 +194,9 @@ def _device_ints(values: Sequence[int], device: torch.device) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=256)
 def _device_table(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``values`` as a ``dtype`` tensor on ``device``, made once per layer's patterns and shared by
-    every later call (never written to): the per-call table and its copy are host work on the
+    """A small per-head table (``values`` as ``dtype``) on ``device`` that does not depend on the
+    input's length (heads, targets, flags), made once per layer's patterns and shared by every
+    later call, so never written to: building and copying it at every call is host work on the
     estimate's path, which at 32K costs more than its kernels (docs/BENCHMARKS.md)."""
     with torch.inference_mode(False):  # a table made under inference mode serves later calls outside it
         # a blocking copy, once: a later call on another stream must not read it before it lands
@@ -302,9 +305,8 @@ def _mass_tiles(q, k, key_padding, scale: float, heads: Sequence[int], p0, p1, c
                 mass_scores: Callable, mass_select: Callable, flags: bool = True) -> tuple:
     """Block-mass heads ``heads``'s tile estimates and selection: (tiles, counts, dense) of the
     query blocks that hold queries (``mass_select``'s contract; ``flags=False``: no dense flags)."""
-    h, n, dev = q.shape[1], k.shape[2], q.device
+    n, dev = k.shape[2], q.device
     m0 = (n - q.shape[2]) // BLOCK
-    every = len(heads) == h
     recall = _recall_table(tuple(p0[i] for i in heads), dev)
     samples = max(p1[i] & (SCORE_MAX - 1) for i in heads)
     scores = ["max" if p1[i] & SCORE_MAX else "mass" for i in heads]

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import importlib.util
@@ -45,20 +44,13 @@ def _smollm2_parts(folder: Path):
     return tok, config, model.state_dict()
 
 
-def _no_init_weights():
-    try:  # transformers >= 5.18; before it, the model's random initialisation runs (a few seconds)
-        from transformers.initialization import no_init_weights
-    except ImportError:
-        return contextlib.nullcontext()
-    return no_init_weights()
-
-
 def load_smollm2(dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
                  yarn_factor: Optional[float] = None, device: str = "cpu"):
     """(model, tokenizer) for SmolLM2-135M-Instruct; ``yarn_factor`` extends RoPE with YaRN
     (the 8K context becomes ``8K * factor``). Each call builds a new model with its own weights;
-    the GGUF is read once per process (``_smollm2_parts``)."""
+    the GGUF is read once per process (``_smollm2_parts``) and the tokenizer is shared."""
     from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     tok, base, state = _smollm2_parts(smollm2_dir())
     config = copy.deepcopy(base)
@@ -67,7 +59,7 @@ def load_smollm2(dtype: torch.dtype = torch.float32, attn_implementation: str = 
         config.rope_parameters = {"rope_type": "yarn", "factor": float(yarn_factor), "rope_theta": theta,
                                   "original_max_position_embeddings": SMOLLM2_CONTEXT}
         config.max_position_embeddings = int(SMOLLM2_CONTEXT * yarn_factor)
-    with _no_init_weights():
+    with no_init_weights():  # the weights come from the state dict
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     model.tie_weights()  # skipped with the initialisation: the head shares the embedding's tensor
     model.load_state_dict(state, strict=True)  # copies (and casts) into the model's own tensors
