@@ -85,6 +85,56 @@ def test_one_graph_branches_between_dense_and_sparse_at_run_time(pattern):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+class _Chunk(torch.nn.Module):
+    """A chunk of queries after cached keys: the key length is ``past + chunk``, a compound size
+    (the chunk's bottom-right causal mask built from positions, as (Nq, N))."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(32, 96, bias=False)
+
+    def forward(self, x, k_past, v_past):
+        c = x.shape[1]
+        q, k, v = self.proj(x).view(1, c, 6, 16).transpose(1, 2).split([2, 2, 2], dim=1)
+        k, v = torch.cat([k_past, k], 2), torch.cat([v_past, v], 2)
+        keys, rows = torch.arange(k.shape[2]), torch.arange(c) + (k.shape[2] - c)
+        mask = keys[None, :] <= rows[:, None]
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+
+
+@pytest.mark.parametrize("dense_below", [0, 300])
+def test_chunk_after_cached_keys_compiles_with_its_compound_key_length(dense_below):
+    """The key length ``past + chunk`` is no size of its own: the conditional and the shared region
+    take its symbols as operands (conditional._free_symbols), else Inductor cannot generate the
+    branches' code. Inductor's output equals the rewritten graph run eagerly at every (past, chunk),
+    dense (under ``dense_below``) and sparse, and dense attention where the pattern covers every key."""
+    torch.manual_seed(0)
+    module = _Chunk()
+    cases = [(200, 150), (300, 170), (40, 100)]  # sparse, sparse, dense under 300 keys
+    outs = {}
+    for pattern in ({"kind": "a_shape", "sink": 64, "local": 128}, {"kind": "a_shape", "sink": 1000, "local": 1000}):
+        for compiler in ("inductor", "eager"):
+            torch._dynamo.reset()
+            counters.clear()
+            compiled = torch.compile(module, backend="minference", dynamic=True,
+                                     options={"dense_below": dense_below, "pattern_db": None,
+                                              "default_pattern": pattern, "compiler": compiler})
+            for past, chunk in cases:
+                g = torch.Generator().manual_seed(past)
+                x, k_past, v_past = torch.randn(1, chunk, 32, generator=g), *torch.randn(2, 1, 2, past, 16, generator=g)
+                with torch.no_grad():
+                    outs[pattern["sink"], compiler, past] = (compiled(x, k_past, v_past), module(x, k_past, v_past))
+            assert counters["mcompile"]["rewritten"] == 1
+    for past, _ in cases:
+        inductor, dense = outs[64, "inductor", past]
+        torch.testing.assert_close(inductor, outs[64, "eager", past][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(outs[1000, "inductor", past][0], dense, rtol=1e-5, atol=1e-5)
+        if past == 40:  # 140 keys: under dense_below, or all within 64 sink + 128 local keys
+            torch.testing.assert_close(inductor, dense, rtol=1e-5, atol=1e-5)
+        else:
+            assert (inductor - dense).abs().max() > 1e-2  # sparse: keys the A-shape leaves out
+
+
 @pytest.mark.parametrize("b", [1, 3])
 def test_fused_projection_views_and_batches(b):
     compiled = torch.compile(_Fused(), backend="minference", options={**OPTS, "inline_kernels": True})

@@ -145,6 +145,21 @@ def sliced_mask(q, k):
     return full[..., :1]  # one key column broadcast over every key
 
 
+def two_dims(q, k):
+    qi, ki = _positions(q, k)
+    return ki[None, :] <= qi[:, None]  # (Nq, N): broadcast over batch and heads from the right
+
+
+def three_dims(q, k):
+    qi, ki = _positions(q, k)
+    return ki[None, None, :] <= qi[None, :, None]
+
+
+def two_dims_future(q, k):
+    qi, ki = _positions(q, k)
+    return ki[None, :] >= qi[:, None]  # every query sees itself and the keys after it
+
+
 CASES = [
     ("setitem_prefix", setitem_prefix, "changed in place"),
     ("masked_fill_", masked_fill_, "changed in place"),
@@ -163,6 +178,9 @@ CASES = [
     ("one_query_row", one_query_row, "broadcast"),
     ("tril_one_row", tril_one_row, "square"),
     ("sliced_mask", sliced_mask, "broadcast"),
+    ("two_dims", two_dims, None),
+    ("three_dims", three_dims, None),
+    ("two_dims_future", two_dims_future, "non-causal"),
 ]
 
 

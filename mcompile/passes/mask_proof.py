@@ -360,14 +360,15 @@ class _Interpreter:
         if isinstance(v, Positions) and v.dim is None and isinstance(index, tuple):
             if Ellipsis in index or sum(1 for i in index if isinstance(i, slice)) != 1:
                 raise _Unproven("a position range indexed in an unrecognised way")
-            if len(index) != MASK_DIMS:
+            if len(index) > MASK_DIMS:
                 raise _Unproven(f"a position range broadcast to {len(index)} dims")
-            pos = next(i for i, s in enumerate(index) if isinstance(s, slice))
-            if index[pos] != slice(None, None, None):
+            at = next(i for i, s in enumerate(index) if isinstance(s, slice))
+            if index[at] != slice(None, None, None):
                 raise _Unproven("a sliced position range")
             if not all(i is None or i == slice(None) for i in index):
                 raise _Unproven("a position range indexed by values")
-            return Positions(pos, v.offset, v.length)
+            # broadcasting aligns dims from the right: (Nq, N) and (B, H, Nq, N) masks alike
+            return Positions(at + MASK_DIMS - len(index), v.offset, v.length)
         if isinstance(v, (Predicate, Additive)) and isinstance(index, tuple) \
                 and all(isinstance(i, slice) and i.start in (None, 0) and i.step in (None, 1) for i in index):
             before, after = example(base), example(node)
