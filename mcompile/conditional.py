@@ -89,6 +89,10 @@ def _free_symbols(sizes: list) -> list:
     mode = get_proxy_mode()
     if mode is None:
         env = sizes[0].node.shape_env
+        unbacked = [x for x in wanted if x not in env.var_to_val]
+        if unbacked:
+            raise ValueError(f"the size symbols {unbacked} of a conditional's operands have no value "
+                             "(data-dependent sizes)")
         return [env.create_symintnode(x, hint=int(env.var_to_val[x])) for x in wanted]
     known = {}
     for node in mode.tracer.symnode_tracker.sym_node_dict:
