@@ -51,7 +51,7 @@ def flat_cond(pred, true_fn: Callable, false_fn: Callable, tensors: tuple, extra
         for s in shape:
             if isinstance(s, torch.SymInt) and not any(s.node.expr == t.node.expr for t in sizes):
                 sizes.append(s)
-    sizes = _free_symbols(sizes) + sizes
+    sizes = _free_symbols(sizes, extra) + sizes
     copy = _share_storage(tensors)  # cond rejects aliased operands
     orders = [memory_order(t) for t in tensors]
     flat = tuple((t.permute(p).clone(memory_format=torch.contiguous_format) if copy
@@ -71,24 +71,28 @@ def flat_cond(pred, true_fn: Callable, false_fn: Callable, tensors: tuple, extra
     return cond_op(pred, unflatten(true_fn), unflatten(false_fn), (*sizes, *flat, *extra))[0]
 
 
-def _free_symbols(sizes: list) -> list:
-    """SymInts of the plain symbols that compound ``sizes`` are made of (a chunk's key length
-    ``past + chunk``) and that no size in ``sizes`` is on its own. The generated code of a
-    conditional's branch or a shared region binds its size symbols from its SymInt operands and
-    computes compound sizes from them, so each symbol must cross on its own. While tracing they
-    are the SymInts the tracer knows (it binds the graph's size inputs); outside a trace
-    (AOTAutograd's metadata pass over fake tensors) any SymInt of the symbol will do.
-    ``ValueError`` where the tracer does not know one."""
-    plain = {s.node.expr for s in sizes if s.node.expr.is_symbol}
-    wanted = list(dict.fromkeys(x for s in sizes for x in sorted(s.node.expr.free_symbols, key=str)
-                                if x not in plain))
+def _free_symbols(sizes: list, tensors: tuple) -> list:
+    """SymInts of the plain symbols that compound sizes or strides are made of (a chunk's key
+    length ``past + chunk``, the strides of a slice of the cache) and that nothing binds on its
+    own: neither one of ``sizes`` (SymInts crossing as operands) nor a whole dim of one of
+    ``tensors`` (tensors crossing as they are). The generated code of a conditional's branch or
+    a shared region binds its size symbols from its operands and computes compound sizes from
+    them, so each symbol must cross on its own. While tracing they are the SymInts the tracer
+    knows (it binds the graph's size inputs); outside a trace (AOTAutograd's metadata pass over
+    fake tensors) any SymInt of the symbol will do. ``ValueError`` where the tracer knows none."""
+    tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+    dims = [d for t in tensors for d in (*t.shape, *t.stride()) if isinstance(d, torch.SymInt)]
+    bound = {d.node.expr for d in [*sizes, *(d for t in tensors for d in t.shape if isinstance(d, torch.SymInt))]
+             if d.node.expr.is_symbol}
+    wanted = list(dict.fromkeys(x for d in [*sizes, *dims] for x in sorted(d.node.expr.free_symbols, key=str)
+                                if x not in bound))
     if not wanted:
         return []
     from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
     mode = get_proxy_mode()
     if mode is None:
-        env = sizes[0].node.shape_env
+        env = [*sizes, *dims][0].node.shape_env
         unbacked = [x for x in wanted if x not in env.var_to_val]
         if unbacked:
             raise ValueError(f"the size symbols {unbacked} of a conditional's operands have no value "
@@ -96,7 +100,9 @@ def _free_symbols(sizes: list) -> list:
         return [env.create_symintnode(x, hint=int(env.var_to_val[x])) for x in wanted]
     known = {}
     for node in mode.tracer.symnode_tracker.sym_node_dict:
-        known.setdefault(node.expr, node)
+        # the symbol as traced, not as simplified (``expr`` reads s1 for a node of s2 once s2 == s1 is
+        # known, and the generated code would bind s2 from it)
+        known.setdefault(getattr(node, "_expr", node.expr), node)
     missing = [x for x in wanted if x not in known]
     if missing:
         raise ValueError(f"the size symbols {missing} of a conditional's operands are not traced values")
@@ -176,8 +182,7 @@ def shared_region(name: str, fn: Callable, operands: tuple, key: tuple) -> torch
     from torch._higher_order_ops.invoke_subgraph import invoke_subgraph
 
     # the symbols compound sizes are made of cross on their own, as for flat_cond (_free_symbols)
-    sizes = [d for x in operands if isinstance(x, torch.Tensor) for d in x.shape if isinstance(d, torch.SymInt)]
-    symbols = tuple(_free_symbols(sizes))
+    symbols = tuple(_free_symbols([], operands))
     text = repr((name, key, len(symbols), tuple(_operand_key(x) for x in operands)))
     ident = f"mcompile_{name}_{hashlib.sha1(text.encode()).hexdigest()[:16]}"
     regions = ctx.__dict__.setdefault("_mcompile_regions", {})

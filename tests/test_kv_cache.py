@@ -141,3 +141,21 @@ def test_generate_chunked_prefill_compiled():
     for out, ref in zip(outs, refs):
         assert torch.equal(out, ref)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_generate_chunked_prefill_through_inductor():
+    """The same through Inductor, with ``dense_below`` between the chunks' key lengths so that the
+    graph holds the conditional: a chunk's key length is ``past + chunk`` (each layer's cache its
+    own past symbol, some known equal), whose symbols cross the shared region on their own
+    (conditional._free_symbols); Inductor could not generate the region's code before."""
+    model = tiny_llama("sdpa")
+    prompt = _ids(1, 300)
+    kw = {"max_new_tokens": 4, "do_sample": False, "prefill_chunk_size": 128}
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref = model.generate(prompt, past_key_values=FP8Cache(model.config), **kw)
+        model.compile(backend="minference", dynamic=True, options={**COVER, "dense_below": 200, "compiler": "inductor"})
+        rewritten = counters["mcompile"]["rewritten"]
+        out = model.generate(prompt, past_key_values=FP8Cache(model.config), **kw)
+    assert counters["mcompile"]["rewritten"] - rewritten > 2  # the chunk graphs too
+    assert torch.equal(out, ref)
