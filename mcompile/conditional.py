@@ -18,7 +18,9 @@ rewrites need (torch 2.11 and 2.13), shared by the attention lowering and the ML
   fresh copies instead, so that none aliases another.
 - The branch graphs are traced on their own and may use only sizes they are handed: the
   symbolic dims of ``tensors`` cross as SymInt operands (the generated code binds its size
-  symbols from them). Static dims stay constants.
+  symbols from them). Static dims stay constants. A compound size (a chunk's key length
+  ``past + chunk``) binds nothing: the symbols it is made of cross on their own
+  (``_free_symbols``), for shared regions too.
 - ``extra`` tensors (fixed layouts: weights, custom-op outputs) cross as they are.
 - Branches return one tensor; cond's lowering wants tuples, which this wraps.
 

@@ -3,7 +3,7 @@ release moves or changes one, its test here fails by name instead of a rewrite f
 Run on both stacks the package supports (torch 2.13 on CPU in CI; torch 2.11 on the GPU machine).
 
 Where each is used: conditional.py (cond_op, invoke_subgraph, TracingContext, functional
-tensors, guard_scalar and SymT for constant_float), cache.py (CustomGraphPass), passes/realize.py (inductor_force_stride_order),
+tensors, guard_scalar and SymT for constant_float, the tracer's SymNodes for _free_symbols), cache.py (CustomGraphPass), passes/realize.py (inductor_force_stride_order),
 passes/frame.py (InstructionTranslator.current_tx), passes/mutation.py and passes/match.py
 (torch._ops classes), backend.py (TensorifyScalarRestartAnalysis, compile_fx, lookup_backend),
 config.py (list_mode_options), explain.py (OptimizedModule), ops.py (triton_op, wrap_triton,
@@ -53,6 +53,32 @@ def test_symfloat_specialised_to_a_constant():
     n = env.create_symintnode(env.create_symbol(300, ConstantSource("n"), DimDynamic.DYNAMIC), hint=300)
     dense = ops.runs_dense(n, n, 200)
     assert isinstance(dense, torch.SymBool) and not env.guards[guards + 1:]
+
+
+def test_symbols_the_tracer_knows():
+    """conditional._free_symbols: under make_fx the proxy mode's tracer keeps its SymInts in
+    ``symnode_tracker.sym_node_dict`` keyed by SymNode, a SymNode's ``_expr`` is the symbol as
+    traced (``expr`` the simplified one), and outside a trace ``ShapeEnv.create_symintnode``
+    makes a SymInt of a backed symbol from ``var_to_val``."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    seen = {}
+
+    def f(x, y):
+        mode = get_proxy_mode()
+        seen["exprs"] = {getattr(n, "_expr", None) for n in mode.tracer.symnode_tracker.sym_node_dict}
+        seen["symbols"] = {x.shape[0].node.expr, y.shape[0].node.expr}
+        return torch.cat([x, y])
+
+    make_fx(f, tracing_mode="symbolic")(torch.randn(3), torch.randn(5))
+    assert seen["symbols"] <= seen["exprs"] and len(seen["symbols"]) == 2
+    assert get_proxy_mode() is None
+    env = ShapeEnv()
+    sym = env.create_symbol(300, ConstantSource("n"), DimDynamic.DYNAMIC)
+    n = env.create_symintnode(sym, hint=int(env.var_to_val[sym]))
+    assert isinstance(n, torch.SymInt) and n.node.expr == sym and n.node._expr == sym
 
 
 def test_invoke_subgraph_and_tracing_context():
