@@ -124,14 +124,18 @@ def test_generate_chunked_prefill_compiled():
     """generate(prefill_chunk_size=...) over the FP8 cache: each chunk after the first attends to the
     cached keys through a rewritten (sparse) attention, the tokens equal eager generation chunked the
     same way, and the graphs stop growing: a chunk the size of its offset may get one graph of its own
-    (Dynamo's duck sizing), after that a new prompt length compiles nothing."""
+    (Dynamo's duck sizing), after that a new prompt length compiles nothing. Through Inductor, with
+    ``dense_below`` between the chunks' key lengths so that the graph holds the conditional: a
+    chunk's key length is ``past + chunk`` (each layer's cache its own past symbol, some known
+    equal), whose symbols cross the shared region on their own (conditional._free_symbols);
+    Inductor could not generate the region's code before."""
     model = tiny_llama("sdpa")
     prompts = [_ids(1, 300), _ids(1, 420, seed=1), _ids(1, 530, seed=2)]
     kw = {"max_new_tokens": 5, "do_sample": False, "prefill_chunk_size": 128}
     torch._dynamo.reset()
     with torch.no_grad():
         refs = [model.generate(p, past_key_values=FP8Cache(model.config), **kw) for p in prompts]
-        model.compile(backend="minference", dynamic=True, options=COVER)
+        model.compile(backend="minference", dynamic=True, options={**COVER, "dense_below": 200, "compiler": "inductor"})
         rewritten = counters["mcompile"]["rewritten"]
         outs = [model.generate(prompts[0], past_key_values=FP8Cache(model.config), **kw)]
         assert counters["mcompile"]["rewritten"] - rewritten > 2  # the chunk graphs too, not the prefill's alone
@@ -142,20 +146,3 @@ def test_generate_chunked_prefill_compiled():
         assert torch.equal(out, ref)
     assert counters["stats"]["unique_graphs"] == graphs
 
-
-def test_generate_chunked_prefill_through_inductor():
-    """The same through Inductor, with ``dense_below`` between the chunks' key lengths so that the
-    graph holds the conditional: a chunk's key length is ``past + chunk`` (each layer's cache its
-    own past symbol, some known equal), whose symbols cross the shared region on their own
-    (conditional._free_symbols); Inductor could not generate the region's code before."""
-    model = tiny_llama("sdpa")
-    prompt = _ids(1, 300)
-    kw = {"max_new_tokens": 4, "do_sample": False, "prefill_chunk_size": 128}
-    torch._dynamo.reset()
-    with torch.no_grad():
-        ref = model.generate(prompt, past_key_values=FP8Cache(model.config), **kw)
-        model.compile(backend="minference", dynamic=True, options={**COVER, "dense_below": 200, "compiler": "inductor"})
-        rewritten = counters["mcompile"]["rewritten"]
-        out = model.generate(prompt, past_key_values=FP8Cache(model.config), **kw)
-    assert counters["mcompile"]["rewritten"] - rewritten > 2  # the chunk graphs too
-    assert torch.equal(out, ref)

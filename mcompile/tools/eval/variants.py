@@ -1,7 +1,8 @@
 """The two ways a model is compiled for evaluation, and proof of what the sparse one rewrote.
 
 A ``Variant`` is "dense" (plain ``backend="inductor"``, or ``"eager"`` / ``"aot_eager"`` on a CPU
-where Inductor takes minutes to compile 30 layers) or "minference" (the ``minference`` backend
+where Inductor takes minutes to compile 30 layers; "eager" runs the module uncompiled, the same
+operations without Dynamo's tracing) or "minference" (the ``minference`` backend
 with the options under evaluation). ``compiled(module, variant)`` compiles with
 ``module.compile(backend=..., dynamic=True, options=...)`` (one prefill graph for every length,
 as ``cli.demo`` does) and collects the backend's ``RewriteReport`` of every graph, so a result
@@ -47,7 +48,7 @@ class Variant:
 
     def describe(self) -> dict:
         if self.name == DENSE:
-            return {"name": DENSE, "backend": self.compiler}
+            return {"name": DENSE, "backend": self.compiler if self.compiler != "eager" else "eager (not compiled)"}
         c = self.config
         return {"name": MINFERENCE, "compiler": self.compiler, "pattern_db": c.pattern_db,
                 "default_pattern": c.default_pattern.to_dict(), "dense_below": c.dense_below,
@@ -79,7 +80,8 @@ def compiled(module: torch.nn.Module, variant: Variant):
     result = Compiled(variant)
     torch._dynamo.reset()
     if variant.name == DENSE:
-        module.compile(backend=variant.compiler, dynamic=True)
+        if variant.compiler != "eager":  # Dynamo's eager backend runs the module's own operations: run it as is
+            module.compile(backend=variant.compiler, dynamic=True)
     else:
         sink: list[RewriteReport] = result.reports
         backend = functools.partial(minference_backend, report_sink=sink.append)
