@@ -56,7 +56,8 @@ def add_commands(sub) -> None:
     p.add_argument("--budget-length", type=int, default=None, help="reference length of the pattern's budgets")
     p.add_argument("--budget-exponent", type=float, default=None, help="exponent of the budget scaling")
     p.add_argument("--compiler", default="auto", choices=["auto", "inductor", "aot_eager", "eager"],
-                   help="dense backend and minference compiler (auto: inductor on GPU, eager on CPU)")
+                   help="dense backend and minference compiler (auto: inductor on GPU, eager on CPU; "
+                        "eager runs the dense model uncompiled)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: float32 on CPU, bfloat16 on GPU")
