@@ -101,7 +101,8 @@ def _free_symbols(sizes: list, tensors: tuple) -> list:
                              "(data-dependent sizes)")
         return [env.create_symintnode(x, hint=int(env.var_to_val[x])) for x in wanted]
     known = {}
-    for node in mode.tracer.symnode_tracker.sym_node_dict:
+    tracker = mode.tracer.symnode_tracker  # keyed by SymNode (a dict of them since torch 2.5)
+    for node in list(getattr(tracker, "sym_node_dict", tracker)):
         # the symbol as traced, not as simplified (``expr`` reads s1 for a node of s2 once s2 == s1 is
         # known, and the generated code would bind s2 from it)
         known.setdefault(getattr(node, "_expr", node.expr), node)
