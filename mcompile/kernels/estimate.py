@@ -204,10 +204,23 @@ def _device_table(values: tuple, dtype: torch.dtype, device: torch.device) -> to
 
 
 @functools.lru_cache(maxsize=256)
-def _recall_table(targets: tuple, device: torch.device) -> torch.Tensor:
-    """Block-mass targets (encoded, patterns.RECALL_SCALE) as the fp32 shares the selection takes."""
-    return _device_table(tuple((torch.tensor(targets, dtype=torch.float32) / RECALL_SCALE).tolist()), torch.float32,
-                         device)
+def _mass_plan(heads: tuple, p0: tuple, p1: tuple, device: torch.device) -> tuple:
+    """What block-mass heads ``heads`` take from the layer's encoded patterns ``p0``/``p1``, read
+    once per layer's patterns (no loop over heads at every call): (targets (Hm,) fp32 as the
+    selection takes them, samples, parts, shared (Hm,) bool or None). ``parts``: per tile score,
+    (score, its heads' table, their positions among ``heads``, None when every head has it)."""
+    targets = (torch.tensor([p0[i] for i in heads], dtype=torch.float32) / RECALL_SCALE).tolist()
+    samples = max(p1[i] & (SCORE_MAX - 1) for i in heads)
+    scores = ["max" if p1[i] & SCORE_MAX else "mass" for i in heads]
+    if len(set(scores)) == 1:
+        parts = ((scores[0], _device_table(heads, torch.long, device), None),)
+    else:  # heads of both scores in one layer: each score's heads estimated apart
+        pos = {sc: tuple(j for j, x in enumerate(scores) if x == sc) for sc in sorted(set(scores))}
+        parts = tuple((sc, _device_table(tuple(heads[j] for j in at), torch.long, device),
+                       _device_table(at, torch.long, device)) for sc, at in pos.items())
+    shared = tuple(bool(p1[i] & NEIGHBOURS) for i in heads)
+    return (_device_table(tuple(targets), torch.float32, device), samples, parts,
+            _device_table(shared, torch.bool, device) if any(shared) else None)
 
 
 def _forced_columns(key_padding: Optional[torch.Tensor], n: int, device) -> tuple:
@@ -305,34 +318,25 @@ def _mass_tiles(q, k, key_padding, scale: float, heads: Sequence[int], p0, p1, c
                 mass_scores: Callable, mass_select: Callable, flags: bool = True) -> tuple:
     """Block-mass heads ``heads``'s tile estimates and selection: (tiles, counts, dense) of the
     query blocks that hold queries (``mass_select``'s contract; ``flags=False``: no dense flags)."""
-    n, dev = k.shape[2], q.device
-    m0 = (n - q.shape[2]) // BLOCK
-    recall = _recall_table(tuple(p0[i] for i in heads), dev)
-    samples = max(p1[i] & (SCORE_MAX - 1) for i in heads)
-    scores = ["max" if p1[i] & SCORE_MAX else "mass" for i in heads]
-    if len(set(scores)) == 1:
-        est = mass_scores(q, k, key_padding, scale, _device_table(tuple(heads), torch.long, dev), samples,
-                          score=scores[0])
-    else:  # heads of both scores in one layer: each score's heads estimated apart
-        parts = {sc: [j for j, x in enumerate(scores) if x == sc] for sc in set(scores)}
+    m0 = (k.shape[2] - q.shape[2]) // BLOCK
+    recall, samples, parts, shared = _mass_plan(tuple(heads), tuple(p0), tuple(p1), q.device)
+    if len(parts) == 1:
+        est = mass_scores(q, k, key_padding, scale, parts[0][1], samples, score=parts[0][0])
+    else:
         est = None
-        for sc, pos in parts.items():
-            part = mass_scores(q, k, key_padding, scale, _device_table(tuple(heads[j] for j in pos), torch.long, dev),
-                               samples, score=sc)
+        for score, part_heads, at in parts:
+            part = mass_scores(q, k, key_padding, scale, part_heads, samples, score=score)
             if est is None:
                 est = part.new_zeros(part.shape[0], len(heads), *part.shape[2:])
-            est[:, _device_table(tuple(pos), torch.long, dev)] = part
-    shared = tuple(bool(p1[i] & NEIGHBOURS) for i in heads)
-    shared = _device_table(shared, torch.bool, dev) if any(shared) else None
+            est[:, at] = part
     return mass_select(est, recall, m0, capacity, out=out, shared=shared, flags=flags)
 
 
 def _block_mass_into(q, k, key_padding, scale: float, heads: Sequence[int], p0, p1, index: tuple,
-                     mass_scores: Callable, mass_select: Callable) -> torch.Tensor:
+                     mass_scores: Callable, mass_select: Callable) -> None:
     """Block-mass heads ``heads`` of a layer (some of its heads) written into (runs, run_count,
     blocks, block_count): their tiles for the query blocks that hold queries, and for a diffuse
-    head (more tiles in some block than the index holds) one run of every diagonal instead.
-    Returns the (B, Hm) dense flags."""
+    head (more tiles in some block than the index holds) one run of every diagonal instead."""
     runs, run_count, blocks, block_count = index
     n = k.shape[2]
     nb, kb_cap = num_blocks(n), blocks.shape[-1]
@@ -345,7 +349,6 @@ def _block_mass_into(q, k, key_padding, scale: float, heads: Sequence[int], p0, 
     runs[:, sel, 0, 0] = torch.where(dense, 0, SENTINEL).to(torch.int32)
     runs[:, sel, 0, 1] = torch.where(dense, n - 1, SENTINEL).to(torch.int32)
     run_count[:, sel] = dense.to(torch.int32)
-    return dense
 
 
 def block_mass_index(q, k, key_padding, p0, p1, scale: float, capacity: tuple, mass_scores: Callable = tile_mass,
