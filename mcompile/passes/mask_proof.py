@@ -20,7 +20,8 @@ proof with the reason.
   ``padding[b, key]`` for 2-D mask nodes. ``Predicate()`` is all-true.
 - ``Additive(predicate)``: ``where(predicate, 0, very negative)``, the float form of a mask.
 
-The attention mask has layout (B, H, Q, K): dim 0 is the batch, 2 the query, 3 the key.
+The attention mask has layout (B, H, Q, K): dim 0 is the batch, 2 the query, 3 the key. A mask
+of fewer dims ((Q, K), (H, Q, K)) is aligned from the right, as broadcasting aligns it.
 
 What the proof checks besides the values, each a way a mask can look causal and not be:
 
