@@ -13,7 +13,10 @@ Cases are ``PATTERN:CACHE``:
                     an estimate to find, so a fixed pattern stands in for a structured model's index)
            dense    plain Inductor (cuDNN SDPA)
            dense-mem minference with every head dense: cuDNN SDPA with the memory passes
-  CACHE    fp8      mcompile.kv_cache.FP8Cache: K/V in float8 e4m3 (64 KiB per token for this shape)
+  CACHE    fp8      mcompile.kv_cache.FP8Cache: K/V in float8 e4m3 (64 KiB per token for this shape),
+                    each layer's store allocated for the prompt and its new tokens before the prefill
+                    and written in place (``--grow-cache``: grown by concatenation instead, which
+                    holds the cache twice while a chunk's graph runs)
            bf16     transformers' DynamicCache (128 KiB per token)
 
 A case stops at its first out-of-memory length. ``--check-length``: the first decoded step's
@@ -47,10 +50,15 @@ def parse(case: str) -> tuple[str, str]:
     return pattern, cache
 
 
-def new_cache(kind, config):
+def new_cache(kind, config, tokens: int, args):
+    """The case's cache for ``tokens`` tokens (prompt and new tokens)."""
     from transformers import DynamicCache
 
-    return FP8Cache(config) if kind == "fp8" else DynamicCache(config=config)
+    if kind != "fp8":
+        return DynamicCache(config=config)
+    if args.grow_cache:
+        return FP8Cache(config)
+    return FP8Cache(config, max_length=tokens, device=args.device)
 
 
 def answer(model, ids, cache, new_tokens, keep_one, chunk=0):
@@ -100,13 +108,13 @@ def run_case(model, case, tokens, args, out_rows, check_ref):
     model.compile(backend=backend, dynamic=True)
     t = time.perf_counter()
     # compiles the prefill and decode graphs, and with --prefill-chunk the graph of a chunk after cached keys
-    answer(model, tokens[:, :args.check_length], new_cache(kind, model.config), 2, keep_one,
+    answer(model, tokens[:, :args.check_length], new_cache(kind, model.config, args.check_length + 2, args), 2, keep_one,
            3 * args.check_length // 4 if args.prefill_chunk else 0)  # a chunk unlike its prefix in length: no duck-sized graph
     compile_s = time.perf_counter() - t
     for n in [args.check_length] + sorted(args.lengths if pattern != "dense" else args.dense_lengths):
         chunk = args.prefill_chunk if n > args.check_length else 0
         row = {"case": case, "length": n, "prefill_chunk": chunk}
-        cache = new_cache(kind, model.config)
+        cache = new_cache(kind, model.config, n + args.new_tokens, args)
         try:
             ttft, steps, toks, first, peak_prefill, peak = answer(model, tokens[:, :n], cache, args.new_tokens, keep_one,
                                                                   chunk)
@@ -156,6 +164,8 @@ def main():
     p.add_argument("--prefill-chunk", type=int, default=0,
                    help="prefill prompts longer than --check-length this many tokens at a time against "
                         "the cache (0: the whole prompt in one forward)")
+    p.add_argument("--grow-cache", action="store_true",
+                   help="fp8: grow the cache by concatenation instead of preallocating it")
     p.add_argument("--smoke", action="store_true", help="tiny random Llama on the CPU, fp32")
     p.add_argument("--out", default=None)
     args = p.parse_args()

@@ -95,11 +95,13 @@ def _free_symbols(sizes: list, tensors: tuple) -> list:
     mode = get_proxy_mode()
     if mode is None:
         env = [*sizes, *dims][0].node.shape_env
-        unbacked = [x for x in wanted if x not in env.var_to_val]
+        values = getattr(env, "backed_var_to_val", None)  # var_to_val on older torch (deprecated on 2.13)
+        values = env.var_to_val if values is None else values
+        unbacked = [x for x in wanted if x not in values]
         if unbacked:
             raise ValueError(f"the size symbols {unbacked} of a conditional's operands have no value "
                              "(data-dependent sizes)")
-        return [env.create_symintnode(x, hint=int(env.var_to_val[x])) for x in wanted]
+        return [env.create_symintnode(x, hint=int(values[x])) for x in wanted]
     known = {}
     tracker = mode.tracer.symnode_tracker  # keyed by SymNode (a dict of them since torch 2.5)
     for node in list(getattr(tracker, "sym_node_dict", tracker)):

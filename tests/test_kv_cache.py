@@ -39,11 +39,13 @@ def test_out_of_range_values_clamp_not_nan():
 
 def test_prefill_returns_its_states_decode_returns_the_cache():
     layer = FP8Layer()
-    k, v = torch.randn(1, 2, 50, 8), torch.randn(1, 2, 50, 8)
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(1, 2, 50, 8, generator=g), torch.randn(1, 2, 50, 8, generator=g)
     k_out, v_out = layer.update(k, v)
     assert k_out is k and v_out is v  # the prefill attends to exact K/V
     assert layer.keys.dtype == torch.float8_e4m3fn and layer.get_seq_length() == 50
-    k1, v1 = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8)
+    # within the range the first update's scales cover (past it values clamp: another test)
+    k1, v1 = 0.7 * k[:, :, 7:8], -0.3 * v[:, :, 9:10]
     k_all, v_all = layer.update(k1, v1)
     assert k_all.shape == (1, 2, 51, 8) and k_all.dtype == torch.float32
     ref = torch.cat([k, k1], dim=-2)
@@ -146,3 +148,65 @@ def test_generate_chunked_prefill_compiled():
         assert torch.equal(out, ref)
     assert counters["stats"]["unique_graphs"] == graphs
 
+
+
+def test_preallocated_cache_writes_in_place():
+    """FP8Cache(max_length=...): each float8 layer's store is allocated once and every update is
+    written into it (keys / values view its filled part); what each update returns equals the
+    growing cache's; an update past max_length is a clear error; beam reordering and batch
+    selection keep the layer on a store; bad arguments are refused."""
+    model = tiny_llama(layers=2)
+    grow, pre = FP8Cache(model.config), FP8Cache(model.config, max_length=100, batch_size=2)
+    layer = pre.layers[0]
+    store = layer.key_store
+    assert store.shape == (2, 100, 2, 16) and store.dtype == torch.float8_e4m3fn  # (B, tokens, KV heads, D)
+    g = torch.Generator().manual_seed(0)
+    for n in (40, 1, 29):
+        k, v = torch.randn(2, 2, n, 16, generator=g), torch.randn(2, 2, n, 16, generator=g)
+        for a, b in zip(grow.layers[0].update(k, v), layer.update(k, v)):
+            assert torch.equal(a, b)
+    assert layer.key_store is store and layer.keys._base is store and layer.get_seq_length() == 70
+    assert torch.equal(layer.keys.view(torch.uint8), grow.layers[0].keys.view(torch.uint8))
+    # both layers' stores (K and V, held from the start) + layer 0's scales
+    assert cache_bytes(pre) == 2 * 2 * (2 * 2 * 100 * 16) + 2 * 2 * 16 * 4
+    with pytest.raises(ValueError, match="max_length=100 tokens per layer; this update needs 101"):
+        layer.update(torch.randn(2, 2, 31, 16), torch.randn(2, 2, 31, 16))
+    layer.reorder_cache(torch.tensor([1, 0]))
+    grow.layers[0].reorder_cache(torch.tensor([1, 0]))
+    assert layer.keys._base is layer.key_store and torch.equal(layer.keys.view(torch.uint8),
+                                                                grow.layers[0].keys.view(torch.uint8))
+    layer.batch_select_indices(torch.tensor([1]))
+    assert layer.key_store.shape == (1, 100, 2, 16) and layer.get_seq_length() == 70
+    k, v = torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16)
+    assert layer.update(k, v)[0].shape == (1, 2, 73, 16)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="max_length must be a positive int"):
+            FP8Cache(model.config, max_length=bad)
+    with pytest.raises(ValueError, match="needs the model's config"):
+        FP8Cache(max_length=10)
+
+
+
+def test_preallocated_cache_chunked_prefill_compiled():
+    """A prefill in chunks compiled over FP8Cache(max_length=...): the tokens equal eager generation
+    with the growing cache, every chunk lands in the stores allocated before the call (the graphs
+    write into them; through Inductor in place, so that a chunk's graph holds the cache once: the
+    memory is measured on the GPU, docs/BENCHMARKS.md), and caches of other lengths and capacities
+    compile nothing new."""
+    model = tiny_llama("sdpa", layers=1)
+    prompts = [_ids(1, 330, seed=2), _ids(1, 250)]
+    kw = {"max_new_tokens": 3, "do_sample": False, "prefill_chunk_size": 96}
+    torch._dynamo.reset()
+    with torch.no_grad():
+        refs = [model.generate(p, past_key_values=FP8Cache(model.config), **kw) for p in prompts]
+        model.compile(backend="minference", dynamic=True, options={**COVER, "dense_below": 200})
+        graphs = None
+        for p, ref, extra in ((prompts[0], refs[0], 0), (prompts[1], refs[1], 40)):
+            cache = FP8Cache(model.config, max_length=p.shape[1] + 2 + extra)
+            stores = [(l.key_store.data_ptr(), l.value_store.data_ptr()) for l in cache.layers]
+            assert torch.equal(model.generate(p, past_key_values=cache, **kw), ref)
+            assert [(l.key_store.data_ptr(), l.value_store.data_ptr()) for l in cache.layers] == stores
+            assert all(l.keys._base is l.key_store and l.get_seq_length() == p.shape[1] + 2 for l in cache.layers)
+            graphs = graphs or counters["stats"]["unique_graphs"]
+    assert counters["mcompile"]["rewritten"] > 2
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -59,7 +59,8 @@ def test_symbols_the_tracer_knows():
     """conditional._free_symbols: under make_fx the proxy mode's tracer keeps its SymInts in
     ``symnode_tracker.sym_node_dict`` keyed by SymNode, a SymNode's ``_expr`` is the symbol as
     traced (``expr`` the simplified one), and outside a trace ``ShapeEnv.create_symintnode``
-    makes a SymInt of a backed symbol from ``var_to_val``."""
+    makes a SymInt of a backed symbol from ``backed_var_to_val`` (``var_to_val``
+    on older torch, deprecated on 2.13)."""
     from torch._dynamo.source import ConstantSource
     from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
@@ -77,7 +78,9 @@ def test_symbols_the_tracer_knows():
     assert get_proxy_mode() is None
     env = ShapeEnv()
     sym = env.create_symbol(300, ConstantSource("n"), DimDynamic.DYNAMIC)
-    n = env.create_symintnode(sym, hint=int(env.var_to_val[sym]))
+    values = getattr(env, "backed_var_to_val", None)  # the name conditional._free_symbols reads first
+    values = env.var_to_val if values is None else values
+    n = env.create_symintnode(sym, hint=int(values[sym]))
     assert isinstance(n, torch.SymInt) and n.node.expr == sym and n.node._expr == sym
 
 
