@@ -63,7 +63,8 @@ def timings(lengths):
                   f"{row['opaque_fallback']} / {row['inlined_fallback']} |", flush=True)
             del q, k, v
             torch.cuda.empty_cache()
-    print("autotuned configurations of the opaque path (key: head dims, length bucket, dtypes):")
+    print("autotuned configurations (only where a caller asked for autotune=True; the opaque path launches "
+          "fixed_config like the inlined one) (key: head dims, length bucket, dtypes):")
     for key, cfg in tri._sparse_attention_tuned.cache.items():
         print(f"  {tuple(key)[:3]}: BLOCK_N={cfg.kwargs['BLOCK_N']} warps={cfg.num_warps} stages={cfg.num_stages}")
     print("inlined launch configuration (bf16): "

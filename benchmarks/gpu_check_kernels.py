@@ -168,8 +168,8 @@ def time_case(n, label, make_qk):
         print(f"    estimate kernel failed ({type(exc).__name__}: {str(exc)[:160]}); using estimate_index_ref")
         index = estimate_index_ref(q, k, None, kinds, p0, p1, scale)
         est = f"    n/a/{est_ref_ms:7.2f}"
-    attn.sparse_attention_triton(q, k, v, index, scale)  # autotune
-    kernel_ms = bench(lambda: attn.sparse_attention_triton(q, k, v, index, scale))
+    attn.sparse_attention_triton(q, k, v, index, scale, autotune=True)  # autotune
+    kernel_ms = bench(lambda: attn.sparse_attention_triton(q, k, v, index, scale, autotune=True))
     block_n = attn.tuned_block_n(q, v) or 64
     kept, computed = index_stats(index, n, block_n)
     density = kept / (h * n * (n + 1) / 2)

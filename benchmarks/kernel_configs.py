@@ -104,7 +104,7 @@ def main():
                        "cudnn_ms": dense_ms(q, k, v, scale, SDPBackend.CUDNN_ATTENTION), "configs": {}}
                 for config, name in zip(CONFIGS + [None], names):
                     if config is None:
-                        fn = lambda: attn.sparse_attention_triton(q, k, v, index, scale)  # noqa: E731
+                        fn = lambda: attn.sparse_attention_triton(q, k, v, index, scale, autotune=True)  # noqa: E731
                     else:
                         fn = lambda c=config: run_config(q, k, v, index, scale, c)  # noqa: E731
                     try:

@@ -3,7 +3,7 @@
 What the CPU suite cannot reach: the Triton kernels compiled for a GPU, in bf16, at real shapes
 (Llama-3-8B heads at 8K keys), through the graph ops, inlined into Inductor's code, and the whole
 backend on CUDA. Run them on a GPU machine with ``python -m pytest tests/test_gpu.py`` (a few
-minutes on an H100, most of it Triton autotuning and Inductor compiles), with the package
+minutes on an H100, most of it Inductor and Triton compiles), with the package
 installed: the tests that ask for ``backend="minference"`` by name need its entry point. Timings stay in
 benchmarks/ (gpu_check_kernels.py, gpu_check_inline.py, kernels.py).
 
@@ -224,6 +224,22 @@ def test_ops_after_prefix_match_fp32_dense_over_the_mask(b, h, hk, n, nq, d, dty
     assert out.shape == (b, h, nq, d)
     assert torch.isfinite(out).all()
     assert err <= 2 * base + FLOOR[dtype], f"op err {err:.2e}, torch {dtype} err {base:.2e}"
+
+
+def test_opaque_op_launches_the_fixed_config_not_the_autotuner():
+    """The opaque op (chunks after a cached prefix, key padding, block-mass indices) launches the
+    kernel with ``fixed_config``, as the inlined path does: no config compiled and timed at the
+    first call of each length bucket, seconds that would land in a request's latency. The tuner
+    runs where asked (``autotune=True``) and gives the same output up to rounding."""
+    q, k, v, kp = _op_inputs(1, 4, 2, 4096, 4096, 64, BF16, False, seed=5)
+    scale = 64 ** -0.5
+    fields = ops.estimate_index(q, k, None, *_patterns(4), scale)
+    before = dict(attn_triton._sparse_attention_tuned.cache)
+    out = ops.sparse_attention(q, k, v, *fields, None, scale)
+    assert attn_triton._sparse_attention_tuned.cache == before
+    tuned = attn_triton.sparse_attention_triton(q, k, v, SparseIndex(*fields), scale, autotune=True)
+    assert attn_triton.tuned_block_n(q, v) in (64, 128)
+    torch.testing.assert_close(out, tuned, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("n, nq", [(8192, 1), (8192, 63)])

@@ -499,13 +499,17 @@ def _check_contract(q, k, v, index: SparseIndex, key_padding):
 
 def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SparseIndex,
                             scale: float, key_padding: Optional[torch.Tensor] = None,
-                            block_n: Optional[int] = None, window: int = 0) -> torch.Tensor:
+                            block_n: Optional[int] = None, window: int = 0, autotune: bool = False) -> torch.Tensor:
     """q (B, H, Nq, D), k/v (B, Hk, N, D), Nq <= N, key_padding (B, N) bool -> (B, H, Nq, Dv) in
     q's dtype. Query row i is at position N - Nq + i (a chunk after a cached prefix).
 
     Same contract as ``sparse_attention_ref``, with ``scale > 0`` (it is folded into the base-2
-    exponent, where a sign flip would turn the running max into a min). ``block_n`` pins the key tile width (64 or 128)
-    instead of autotuning; under TRITON_INTERPRET it defaults to ``INTERPRET_BLOCK_N``. Head
+    exponent, where a sign flip would turn the running max into a min). ``block_n``: the key tile
+    width (64 or 128; by default 64, under TRITON_INTERPRET ``INTERPRET_BLOCK_N``), launched with
+    ``fixed_config``, as the inlined launch is. ``autotune=True`` (without ``block_n``) tunes the
+    launch per head dim, dtype and length bucket instead: every config compiles at the first call
+    and each new bucket is timed, seconds at long lengths that would land in a request's latency
+    (the fixed config is within noise of the tuned one on every index measured, docs/BENCHMARKS.md). Head
     dims outside HEAD_DIMS (up to MAX_HEAD_DIM) are zero-padded (module docstring). ``window`` > 0
     keeps only keys less than ``window`` positions behind their query (a sliding window).
     """
@@ -521,7 +525,7 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     dp, dvp = padded_head_dim(d), padded_head_dim(dv)
     if dp != d or dvp != dv:
         out = sparse_attention_triton(pad_head_dim(q, dp), pad_head_dim(k, dp), pad_head_dim(v, dvp), index,
-                                      scale, key_padding, block_n, window)
+                                      scale, key_padding, block_n, window, autotune)
         return out[..., :dv].contiguous()
     out = torch.empty(b, h, nq, dv, dtype=q.dtype, device=q.device)
     if nq == 0 or b * h == 0:
@@ -529,10 +533,10 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     grid, args, meta = launch_args(q, k, v, out, index, scale, key_padding, _length_bucket(n), window)
     if block_n is None and interpreting():
         block_n = INTERPRET_BLOCK_N
-    if block_n is None:
+    if block_n is None and autotune:
         _sparse_attention_tuned[grid](*args, **meta)
     else:
-        _sparse_attention_kernel[grid](*args, **meta, **fixed_config(d, dv, q.dtype, block_n))
+        _sparse_attention_kernel[grid](*args, **meta, **fixed_config(d, dv, q.dtype, block_n or 64))
     return out
 
 

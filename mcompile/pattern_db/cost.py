@@ -139,7 +139,7 @@ def kernel_pairs(index: SparseIndex, n: int) -> torch.Tensor:
 
     Counts every key of every run tile (clipped to keys ``[0, min((m+1) * BLOCK, n))``), every
     gathered column left of the block's end and every listed key block, times the block's rows.
-    Key tiles are not rounded up to the kernel's ``BLOCK_N`` (an autotuned 64 or 128).
+    Key tiles are not rounded up to the kernel's ``BLOCK_N`` (64 by default, 128 where pinned).
     """
     nb = num_blocks(n)
     dev = index.runs.device
