@@ -110,6 +110,11 @@ def run_case(model, case, tokens, args, out_rows, check_ref):
     # compiles the prefill and decode graphs, and with --prefill-chunk the graph of a chunk after cached keys
     answer(model, tokens[:, :args.check_length], new_cache(kind, model.config, args.check_length + 2, args), 2, keep_one,
            3 * args.check_length // 4 if args.prefill_chunk else 0)  # a chunk unlike its prefix in length: no duck-sized graph
+    warm = 3 * args.dense_below
+    if args.prefill_chunk and pattern != "dense" and warm > args.check_length and warm <= max(args.lengths):
+        # the check's chunks are shorter than dense_below, so they ran dense: run the sparse branches once
+        # (the prefill graph's and a chunk's) so that their Triton kernels compile here, not in the first TTFT
+        answer(model, tokens[:, :warm], new_cache(kind, model.config, warm + 1, args), 1, keep_one, 2 * warm // 3)
     compile_s = time.perf_counter() - t
     for n in [args.check_length] + sorted(args.lengths if pattern != "dense" else args.dense_lengths):
         chunk = args.prefill_chunk if n > args.check_length else 0
