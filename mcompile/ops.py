@@ -236,10 +236,19 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: to
     index covers so much that dense is faster (``dense_by_fraction``; never with a window, whose
     index is the window itself)."""
     _check_inputs(q, k, v, key_padding=key_padding, window=window)
-    with _no_autocast(q):
-        index = SparseIndex(runs, run_count, diag_prefix, columns, column_count, blocks, block_count)
-        if not window and dense_by_fraction(index, k.shape[2], q.is_cuda):
+    index = SparseIndex(runs, run_count, diag_prefix, columns, column_count, blocks, block_count)
+    if not window and dense_by_fraction(index, k.shape[2], q.is_cuda):
+        with _no_autocast(q):
             return _dense_attention(q, k, v, key_padding, scale)
+    return run_sparse(q, k, v, index, key_padding, scale, window)
+
+
+def run_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SparseIndex,
+               key_padding: Optional[torch.Tensor], scale: float, window: int = 0) -> torch.Tensor:
+    """The sparse kernel (or its PyTorch reference off CUDA) over ``index``, with no density check:
+    ``sparse_attention``'s body, for callers that decided dense or sparse themselves (the serving
+    path reads every request's density in one host read)."""
+    with _no_autocast(q):
         return dispatch.attention_impl(q)(q, k, v, index, scale, key_padding, window=window)
 
 
@@ -367,4 +376,4 @@ def mlp_ref(x, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None, activa
 
 
 __all__ = ["estimate_index", "sparse_attention", "dense_attention", "sparse_attention_kernel", "dense_check",
-           "chunked_mlp", "runs_dense", "act_mul", "mlp_ref", "estimate_index_ref", "sparse_attention_ref"]
+           "chunked_mlp", "runs_dense", "run_sparse", "act_mul", "mlp_ref", "estimate_index_ref", "sparse_attention_ref"]

@@ -177,3 +177,28 @@ def test_length_reader_reads_once_per_step_and_again_after_any_change():
         iq[1] = 3
         assert reader.read(iq, ik) == [0, 3, 0, 7]  # no version counter: read every time
     assert counters["mcompile"]["packed_lengths_reused"] == 1
+
+
+def test_density_checks_of_a_layer_in_one_host_read(monkeypatch):
+    """A layer's requests are planned first and their density checks read from the device together:
+    a request whose index covers so much that dense attention is faster goes dense (counted), one
+    that keeps little stays sparse, a request already dense (no plan) is left alone, and all of it
+    costs one host read. Off CUDA or with a sliding window nothing is checked."""
+    from mcompile import serving
+    from mcompile.patterns import Pattern, PatternKind, encode
+
+    n = ops.FRACTION_CHECK_MIN
+    q, k = torch.randn(1, 2, 128, 8), torch.randn(1, 1, n, 8)
+
+    def plan(pattern):
+        return ops.estimate_index(q, k, None, *encode([pattern] * 2), 8 ** -0.5)
+
+    plans = [(plan(Pattern(PatternKind.DENSE, 0, 0)), n), (plan(Pattern(PatternKind.A_SHAPE, 64, 256)), n),
+             (None, n), (plan(Pattern(PatternKind.DENSE, 0, 0)), n - 1)]  # the last below the check's length
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or tolist(t))
+    before = counters["mcompile"]["dense_by_fraction"]
+    assert serving._dense_by_fraction(plans, True) == [True, False, False, False]
+    assert reads == [torch.Size([2])] and counters["mcompile"]["dense_by_fraction"] == before + 1
+    assert serving._dense_by_fraction(plans, False) == [False] * 4 and len(reads) == 1
