@@ -175,6 +175,9 @@ def test_preallocated_cache_writes_in_place():
     grow.layers[0].reorder_cache(torch.tensor([1, 0]))
     assert layer.keys._base is layer.key_store and torch.equal(layer.keys.view(torch.uint8),
                                                                 grow.layers[0].keys.view(torch.uint8))
+    layer.crop(-5)  # a view of the store, 5 tokens shorter; the next update writes after it
+    layer.update(torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16))
+    assert layer.get_seq_length() == 70 and layer.keys._base is layer.key_store
     layer.batch_select_indices(torch.tensor([1]))
     assert layer.key_store.shape == (1, 100, 2, 16) and layer.get_seq_length() == 70
     k, v = torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16)
