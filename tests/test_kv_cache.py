@@ -122,6 +122,15 @@ def test_cache_contiguous_one_decode_graph():
     assert counters["stats"]["unique_graphs"] - before == 2  # the prefill and the decode step
 
 
+# torch 2.11's Inductor generates C++ for this graph on the CPU that does not compile (a vectorized
+# bounds check names a temporary it never declared, in the kernel that reads the float8 cache and
+# the positions; run on the GPU machine's CPU, docs/results/gpu_machine_cpu_chunk_tests_torch211_2026-12-08.log);
+# torch 2.13 compiles it. On CUDA Inductor generates Triton instead.
+_OLD_CPU_INDUCTOR = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13)
+
+
+@pytest.mark.xfail(_OLD_CPU_INDUCTOR, reason="torch < 2.13: Inductor's C++ code for this graph does not compile",
+                   strict=False)
 def test_generate_chunked_prefill_compiled():
     """generate(prefill_chunk_size=...) over the FP8 cache: each chunk after the first attends to the
     cached keys through a rewritten (sparse) attention, the tokens equal eager generation chunked the
