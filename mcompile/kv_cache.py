@@ -61,11 +61,6 @@ def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8, memory_format=torch.contiguous_format)
 
 
-def _quantize_as_is(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``quantize`` in x's own layout (the preallocated store takes it as it comes)."""
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-
-
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (q.float() * scale).to(dtype)
 
@@ -124,7 +119,7 @@ class FP8Layer(DynamicLayer):
             raise ValueError(f"FP8Cache holds max_length={store.shape[1]} tokens per layer; this update needs {end} "
                              f"({start} cached + {k.shape[-2]} new): give the cache a larger max_length")
         if k.dtype != FP8:
-            k, v = _quantize_as_is(k, self.key_scale), _quantize_as_is(v, self.value_scale)
+            k, v = quantize(k, self.key_scale), quantize(v, self.value_scale)
         self.key_store[:, start:end].copy_(k.transpose(1, 2))
         self.value_store[:, start:end].copy_(v.transpose(1, 2))
         self.keys = self.key_store[:, :end].transpose(1, 2)
@@ -133,10 +128,9 @@ class FP8Layer(DynamicLayer):
     def _restore(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """A store of the layer's new batch (beam reordering, batch selection or repetition), filled
         with ``keys`` / ``values``, which ``keys`` / ``values`` then view."""
-        n, cap = keys.shape[-2], self.key_store.shape[1]
-        self.allocate(keys.shape[0], keys.shape[1], cap, keys.shape[3], values.shape[3], keys.device)
+        self.allocate(keys.shape[0], keys.shape[1], self.key_store.shape[1], keys.shape[3], values.shape[3],
+                      keys.device)
         self._write(keys, values, 0)
-        assert self.keys.shape[-2] == n
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
@@ -182,10 +176,9 @@ class FP8Cache(DynamicCache):
         self.layers = [FP8Layer() if type(layer) is DynamicLayer else layer for layer in self.layers]
         if max_length is None:
             return
-        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
-            raise ValueError(f"FP8Cache: max_length must be a positive int, got {max_length!r}")
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"FP8Cache: batch_size must be a positive int, got {batch_size!r}")
+        for name, value in (("max_length", max_length), ("batch_size", batch_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"FP8Cache: {name} must be a positive int, got {value!r}")
         text = config.get_text_config(decoder=True)
         heads = text.num_key_value_heads or text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads

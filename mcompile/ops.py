@@ -71,26 +71,43 @@ def dense_is_faster(fraction: float, n: int) -> bool:
     return n >= FRACTION_CHECK_MIN and fraction > DENSE_ABOVE_FRACTION
 
 
-def too_dense(index: SparseIndex, n: int, on_cuda: bool) -> Optional[float]:
-    """The computed fraction when it says dense attention would be faster (CUDA, long inputs,
-    not while a CUDA graph is being captured); else None."""
-    if not on_cuda or n < FRACTION_CHECK_MIN:
-        return None
+def too_dense_many(items: list, on_cuda: bool) -> list:
+    """For each (index or None, key length n): the computed fraction where it says dense attention
+    would be faster (CUDA, long inputs, not while a CUDA graph is being captured), else None. Every
+    checked index's fraction comes back in one host read."""
+    out = [None] * len(items)
+    checked = [i for i, (index, n) in enumerate(items) if index is not None and n >= FRACTION_CHECK_MIN]
+    if not on_cuda or not checked:
+        return out
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        return None  # a host read would break the capture
-    fraction = float(computed_fraction(index, n))
-    return fraction if dense_is_faster(fraction, n) else None
+        return out  # a host read would break the capture
+    fractions = torch.stack([computed_fraction(items[i][0], items[i][1]) for i in checked]).tolist()
+    for i, fraction in zip(checked, fractions):
+        if dense_is_faster(fraction, items[i][1]):
+            out[i] = fraction
+    return out
+
+
+def too_dense(index: SparseIndex, n: int, on_cuda: bool) -> Optional[float]:
+    """``too_dense_many`` of one index."""
+    return too_dense_many([(index, n)], on_cuda)[0]
+
+
+def dense_by_fraction_many(items: list, on_cuda: bool) -> list:
+    """``too_dense_many`` as booleans, each that fires logged and counted
+    (``counters["mcompile"]["dense_by_fraction"]``)."""
+    fractions = too_dense_many(items, on_cuda)
+    for (_, n), fraction in zip(items, fractions):
+        if fraction is not None:
+            counters["mcompile"]["dense_by_fraction"] += 1
+            log.info("mcompile: sparse index covers %.0f%% of the causal pairs at N=%d (> %.0f%%): dense attention "
+                     "is faster, running it", 100 * fraction, n, 100 * DENSE_ABOVE_FRACTION)
+    return [fraction is not None for fraction in fractions]
 
 
 def dense_by_fraction(index: SparseIndex, n: int, on_cuda: bool) -> bool:
-    """``too_dense``, logged and counted (``counters["mcompile"]["dense_by_fraction"]``) when it fires."""
-    fraction = too_dense(index, n, on_cuda)
-    if fraction is None:
-        return False
-    counters["mcompile"]["dense_by_fraction"] += 1
-    log.info("mcompile: sparse index covers %.0f%% of the causal pairs at N=%d (> %.0f%%): dense attention is "
-             "faster, running it", 100 * fraction, n, 100 * DENSE_ABOVE_FRACTION)
-    return True
+    """``dense_by_fraction_many`` of one index."""
+    return dense_by_fraction_many([(index, n)], on_cuda)[0]
 
 
 def runs_dense(nq, nk, dense_below: int):
@@ -376,4 +393,4 @@ def mlp_ref(x, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None, activa
 
 
 __all__ = ["estimate_index", "sparse_attention", "dense_attention", "sparse_attention_kernel", "dense_check",
-           "chunked_mlp", "runs_dense", "run_sparse", "act_mul", "mlp_ref", "estimate_index_ref", "sparse_attention_ref"]
+           "chunked_mlp", "runs_dense", "run_sparse", "dense_by_fraction_many", "act_mul", "mlp_ref", "estimate_index_ref", "sparse_attention_ref"]

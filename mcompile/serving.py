@@ -47,7 +47,7 @@ from torch._dynamo.utils import counters
 
 from . import ops
 from .config import MInferenceConfig
-from .index import SparseIndex, computed_fraction
+from .index import SparseIndex
 from .patterns import Pattern, PatternKind, encode, scale_lists
 
 log = logging.getLogger(__name__)
@@ -87,41 +87,23 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
                 for i in range(len(cq) - 1) if cq[i + 1] > cq[i]]
     # every request's index first, then one host read for all their density checks (not one per
     # request: each read stalls the host until the GPU has caught up), then the kernels
-    plans = [None if _runs_dense(q, k, config) else plan_request(q, k, scale, config, window) for q, k, _, _ in requests]
-    dense = _dense_by_fraction([(p, k.shape[2]) for (_, k, _, _), p in zip(requests, plans)],
-                               query.is_cuda and not window)
+    plans = [None if _runs_dense(q, k, k.shape[2], config) else SparseIndex(*plan_request(q, k, scale, config, window))
+             for q, k, _, _ in requests]
+    dense = ops.dense_by_fraction_many([(index, k.shape[2]) for (_, k, _, _), index in zip(requests, plans)],
+                                       query.is_cuda and not window)
     for (q, k, v, r0), index, to_dense in zip(requests, plans, dense):
         if index is None or to_dense:
             o = ops.dense_attention(q, k, v, None, scale, window)
         else:
             counters["mcompile"]["packed_sparse"] += 1
-            o = ops.run_sparse(q, k, v, SparseIndex(*index), None, scale, window)
+            o = ops.run_sparse(q, k, v, index, None, scale, window)
         out[:, :, r0:r0 + q.shape[2]] = o
     return out.transpose(1, 2).contiguous(), None
 
 
-def _runs_dense(q: torch.Tensor, k: torch.Tensor, config: MInferenceConfig, prompt_length: Optional[int] = None):
-    """A short context or chunk (``ops.runs_dense``) or a context below ``dense_below``."""
-    n = k.shape[2] if prompt_length is None else max(prompt_length, k.shape[2])
+def _runs_dense(q: torch.Tensor, k: torch.Tensor, n: int, config: MInferenceConfig) -> bool:
+    """A short context or chunk (``ops.runs_dense``) or a prompt of ``n`` tokens below ``dense_below``."""
     return bool(ops.runs_dense(q.shape[2], k.shape[2], 0)) or n < config.dense_below
-
-
-def _dense_by_fraction(plans: list, check: bool) -> list[bool]:
-    """For each (index or None, key length): whether the density check sends it to dense attention
-    (``ops.dense_is_faster``, counted in ``counters["mcompile"]["dense_by_fraction"]``), from one
-    host read of every checked index's computed fraction. ``check`` False (off CUDA, a sliding
-    window): never."""
-    checked = [i for i, (index, n) in enumerate(plans)
-               if check and index is not None and n >= ops.FRACTION_CHECK_MIN]
-    result = [False] * len(plans)
-    if not checked or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
-        return result
-    fractions = torch.stack([computed_fraction(SparseIndex(*plans[i][0]), plans[i][1]) for i in checked]).tolist()
-    for i, fraction in zip(checked, fractions):
-        if ops.dense_is_faster(fraction, plans[i][1]):
-            counters["mcompile"]["dense_by_fraction"] += 1
-            result[i] = True
-    return result
 
 
 def request_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, config: MInferenceConfig,
@@ -134,7 +116,7 @@ def request_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     where the caller knows it (context parallelism): ``dense_below`` and the budgets' scaling
     then follow it, as for the prompt prefilled at once, instead of the keys seen so far."""
     n = k.shape[2] if prompt_length is None else max(prompt_length, k.shape[2])
-    if _runs_dense(q, k, config, prompt_length):
+    if _runs_dense(q, k, n, config):
         return ops.dense_attention(q, k, v, None, scale, window)
     if index is None:
         index = plan_request(q, k, scale, config, window, n)

@@ -194,6 +194,10 @@ def test_preallocated_cache_writes_in_place():
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="max_length must be a positive int"):
             FP8Cache(model.config, max_length=bad)
+        with pytest.raises(ValueError, match="batch_size must be a positive int"):
+            FP8Cache(model.config, max_length=10, batch_size=bad)
+    with pytest.raises(ValueError, match="do not fit the layer's store"):  # K/V of another head count
+        FP8Cache(model.config, max_length=10).layers[0].update(torch.randn(1, 3, 2, 16), torch.randn(1, 3, 2, 16))
     with pytest.raises(ValueError, match="needs the model's config"):
         FP8Cache(max_length=10)
 

@@ -180,18 +180,19 @@ def test_length_reader_reads_once_per_step_and_again_after_any_change():
 
 
 def test_density_checks_of_a_layer_in_one_host_read(monkeypatch):
-    """A layer's requests are planned first and their density checks read from the device together:
+    """A layer's requests (serving.packed_attention) are planned first and their density checks read
+    from the device together (ops.dense_by_fraction_many, the opaque op's check for many indices):
     a request whose index covers so much that dense attention is faster goes dense (counted), one
     that keeps little stays sparse, a request already dense (no plan) is left alone, and all of it
     costs one host read. Off CUDA or with a sliding window nothing is checked."""
-    from mcompile import serving
+    from mcompile.index import SparseIndex
     from mcompile.patterns import Pattern, PatternKind, encode
 
     n = ops.FRACTION_CHECK_MIN
     q, k = torch.randn(1, 2, 128, 8), torch.randn(1, 1, n, 8)
 
     def plan(pattern):
-        return ops.estimate_index(q, k, None, *encode([pattern] * 2), 8 ** -0.5)
+        return SparseIndex(*ops.estimate_index(q, k, None, *encode([pattern] * 2), 8 ** -0.5))
 
     plans = [(plan(Pattern(PatternKind.DENSE, 0, 0)), n), (plan(Pattern(PatternKind.A_SHAPE, 64, 256)), n),
              (None, n), (plan(Pattern(PatternKind.DENSE, 0, 0)), n - 1)]  # the last below the check's length
@@ -199,6 +200,6 @@ def test_density_checks_of_a_layer_in_one_host_read(monkeypatch):
     tolist = torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or tolist(t))
     before = counters["mcompile"]["dense_by_fraction"]
-    assert serving._dense_by_fraction(plans, True) == [True, False, False, False]
+    assert ops.dense_by_fraction_many(plans, True) == [True, False, False, False]
     assert reads == [torch.Size([2])] and counters["mcompile"]["dense_by_fraction"] == before + 1
-    assert serving._dense_by_fraction(plans, False) == [False] * 4 and len(reads) == 1
+    assert ops.dense_by_fraction_many(plans, False) == [False] * 4 and len(reads) == 1
